@@ -1,0 +1,106 @@
+"""Small distribution classes: log_prob, kl, sample(eps, temperature). Noise can always be handed in."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class DiagGaussian:
+    """N(mu, diag(std^2)); log_std kept alongside std so no log is taken twice."""
+
+    def __init__(self, mu: torch.Tensor, std: torch.Tensor):
+        self.mu = mu
+        self.std = std
+        self.log_std = torch.log(std)
+
+    @classmethod
+    def from_raw(cls, raw: torch.Tensor, min_std: float, dim: int = 1) -> "DiagGaussian":
+        """Split raw network output into mean and std = softplus(.) + min_std (any std > min_std)."""
+        mu, s = raw.chunk(2, dim=dim)
+        return cls(mu, F.softplus(s) + min_std)
+
+    @classmethod
+    def standard(cls, like: torch.Tensor) -> "DiagGaussian":
+        return cls(torch.zeros_like(like), torch.ones_like(like))
+
+    def sample(self, eps: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """Reparameterised draw mu + temperature * std * eps (temperature scales the std, Figs. 10-11)."""
+        return self.mu + temperature * self.std * eps
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Elementwise log density."""
+        return -0.5 * (((z - self.mu) / self.std) ** 2 + LOG_2PI) - self.log_std
+
+    def kl(self, other: "DiagGaussian") -> torch.Tensor:
+        """Elementwise KL(self || other), analytic."""
+        var_ratio = (self.std / other.std) ** 2
+        return other.log_std - self.log_std + 0.5 * (var_ratio + ((self.mu - other.mu) / other.std) ** 2 - 1.0)
+
+
+class Bernoulli:
+    """Bernoulli likelihood over binary pixels, parameterised by logits."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return -F.binary_cross_entropy_with_logits(self.logits, x, reduction="none")
+
+    def mean(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
+
+    @staticmethod
+    def n_params(channels: int, n_mixtures: int) -> int:
+        return channels
+
+
+class DiscretizedLogisticMixture:
+    """Discretised logistic mixture over 8-bit pixels (Salimans et al., 2017, PixelCNN++).
+
+    One set of mixture weights per pixel shared by the channels; each channel has its own location and
+    scale per component (PixelCNN++'s linear channel coupling is left out, so channels are conditionally
+    independent given the mixture component). Pixels are in [0, 1] with 256 bins.
+    """
+
+    bins = 256
+
+    def __init__(self, params: torch.Tensor, channels: int, n_mixtures: int):
+        b, _, h, w = params.shape
+        m = n_mixtures
+        self.logit_pi = params[:, :m]  # (B, M, H, W)
+        rest = params[:, m:].reshape(b, 2, m, channels, h, w)
+        self.loc = torch.tanh(rest[:, 0])  # (B, M, C, H, W) in [-1, 1]
+        self.log_scale = torch.clamp(rest[:, 1], min=-7.0)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel log p, (B, H, W): sums over channels inside each component, then log-sum-exp."""
+        xs = (x * 2.0 - 1.0).unsqueeze(1)  # (B, 1, C, H, W) in [-1, 1]
+        half = 1.0 / (self.bins - 1)
+        centred = xs - self.loc
+        inv_s = torch.exp(-self.log_scale)
+        plus = inv_s * (centred + half)
+        minus = inv_s * (centred - half)
+        cdf_plus = torch.sigmoid(plus)
+        cdf_minus = torch.sigmoid(minus)
+        log_cdf_plus = plus - F.softplus(plus)  # log F(x+) for the x = 0 edge
+        log_one_minus_cdf_minus = -F.softplus(minus)  # log(1 - F(x-)) for the x = 255 edge
+        mid = inv_s * centred
+        log_pdf_mid = mid - self.log_scale - 2.0 * F.softplus(mid) + math.log(2.0 * half)
+        delta = cdf_plus - cdf_minus
+        inner = torch.where(delta > 1e-5, torch.log(torch.clamp(delta, min=1e-12)), log_pdf_mid)
+        lp = torch.where(xs < -0.999, log_cdf_plus, torch.where(xs > 0.999, log_one_minus_cdf_minus, inner))
+        lp = lp.sum(dim=2) + torch.log_softmax(self.logit_pi, dim=1)  # (B, M, H, W)
+        return torch.logsumexp(lp, dim=1)
+
+    def mean(self) -> torch.Tensor:
+        """Mixture mean per channel, in [0, 1]: (B, C, H, W)."""
+        pi = torch.softmax(self.logit_pi, dim=1).unsqueeze(2)  # (B, M, 1, H, W)
+        return ((pi * self.loc).sum(dim=1) + 1.0) / 2.0
+
+    @staticmethod
+    def n_params(channels: int, n_mixtures: int) -> int:
+        return n_mixtures * (1 + 2 * channels)

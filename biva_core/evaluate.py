@@ -1,0 +1,109 @@
+"""`biva-eval`: L_1, L_K, L^{>k}, LLR^{>k} and KL per latent on a data set, in nats and bits/dim.
+
+    biva-eval --ckpt models/default28.pt --data fashion-mnist:test --iw 1000 --k 0,1,2 --limit 500 --json
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_model
+from .data import DATA_SPEC_HELP, load_for_model
+from .model import Biva
+from .noise import NoiseStream
+from .objectives import bits_per_dim, evaluate_bounds
+
+
+def parse_k_list(text: str, n_layers: int) -> tuple[int, ...]:
+    """'0,2,4' -> (0, 2, 4); each k must lie in 0..L."""
+    try:
+        ks = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--k must be a comma-separated list of integers, got {text!r}") from None
+    bad = [k for k in ks if not 0 <= k <= n_layers]
+    if bad:
+        raise ValueError(f"--k values {bad} out of range: expected 0..{n_layers} (L = {n_layers})")
+    return ks
+
+
+def _mean_se(v: np.ndarray) -> tuple[float, float]:
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+@torch.no_grad()
+def evaluate(model: Biva, images: np.ndarray, iw: int = 1, ks: tuple[int, ...] = (), batch_size: int = 100,
+             seed: int = 0, chunk: int = 64, progress: bool = False) -> dict:
+    """Per-data-set summary; each batch draws its noise from one stream seeded with (seed, batch index)."""
+    per = {"elbo": [], "iw": [], "kl": [], **{f"l_gt_{k}": [] for k in ks}}
+    starts = range(0, len(images), batch_size)
+    for b, i in enumerate(tqdm(starts, disable=not progress, desc="eval")):
+        x = torch.from_numpy(images[i:i + batch_size])
+        res = evaluate_bounds(model, x, NoiseStream(seed + b), iw, ks, chunk=max(1, min(chunk, 4096 // len(x))))
+        per["elbo"].append(res.elbo.numpy())
+        per["iw"].append(res.iw.numpy())
+        per["kl"].append(res.kl.numpy())
+        for k in ks:
+            per[f"l_gt_{k}"].append(res.l_gt_k[k].numpy())
+    cat = {k: np.concatenate(v) for k, v in per.items()}
+    n_dims = int(np.prod(images.shape[1:]))
+    elbo, elbo_se = _mean_se(cat["elbo"])
+    out = {"n_images": len(images), "elbo_nats": elbo, "elbo_se": elbo_se,
+           "bits_per_dim": float(bits_per_dim(elbo, n_dims)),
+           "kl_per_layer": dict(zip(model.group_names(), map(float, cat["kl"].mean(axis=0)))),
+           "kl_total": float(cat["kl"].sum(axis=1).mean()),
+           "l_gt_k": {str(k): _mean_se(cat[f"l_gt_{k}"])[0] for k in ks},
+           "llr_gt_k": {str(k): float((cat["elbo"] - cat[f"l_gt_{k}"]).mean()) for k in ks}}
+    if iw > 1:
+        m, se = _mean_se(cat["iw"])
+        out.update({"iw_samples": iw, "iw_nats": m, "iw_se": se, "iw_bits_per_dim": float(bits_per_dim(m, n_dims))})
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--ckpt", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Checkpoint (model.pt).")
+@click.option("--data", required=True, help="Data spec.\n\n\b\n" + DATA_SPEC_HELP)
+@click.option("--iw", default=1, show_default=True, help="Importance samples K for L_K (1..1000 and more).")
+@click.option("--k", "k_list", default="", help="Comma-separated k for L^{>k} and LLR^{>k}, each in 0..L.")
+@click.option("--limit", default=0, show_default=True, help="Score only the first N images (0: all).")
+@click.option("--batch-size", default=100, show_default=True, help="Images per forward pass.")
+@click.option("--seed", default=0, show_default=True, help="Noise seed.")
+@click.option("--threads", default=0, show_default=True, help="torch threads (0: torch's default).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(ckpt, data, iw, k_list, limit, batch_size, seed, threads, as_json, debug):
+    """Evaluate a checkpoint's bounds on a data set."""
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if iw < 1:
+            raise ValueError(f"--iw must be >= 1, got {iw}")
+        model, meta = load_model(ckpt)
+        ks = parse_k_list(k_list, model.cfg.n_layers)
+        images = load_for_model(data, meta, limit or None)
+        res = evaluate(model, images, iw, ks, batch_size, seed, progress=not as_json and sys.stderr.isatty())
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        if debug:
+            raise
+        raise click.ClickException(str(e)) from None
+    res = {"ckpt": str(ckpt), "data": data, **res}
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    click.echo(f"{data}: {res['n_images']} images")
+    click.echo(f"  L_1    {res['elbo_nats']:.2f} +- {res['elbo_se']:.2f} nats  ({res['bits_per_dim']:.4f} bits/dim)")
+    if iw > 1:
+        click.echo(f"  L_{iw:<4} {res['iw_nats']:.2f} +- {res['iw_se']:.2f} nats  ({res['iw_bits_per_dim']:.4f} bits/dim)")
+    for k in ks:
+        click.echo(f"  L^>{k}  {res['l_gt_k'][str(k)]:.2f} nats   LLR^>{k} {res['llr_gt_k'][str(k)]:.2f}")
+    click.echo("  KL per latent: " + ", ".join(f"{n} {v:.2f}" for n, v in res["kl_per_layer"].items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""BIVA (Maaloe et al., 2019), Appendix B, with the LVAE / LVAE+ ablations of Table 1.
+
+Data flow of one pass, a deterministic function of (x, noise):
+
+    bottom_up(x, eps_bu):  x -> g_1 -> h_1 -> z_1^BU -> <z_1^BU; h_1> -> g_2 -> ... -> h_L -> q(z_L | x, z_<L^BU)
+    top_down(...):         z_L -> f_L -> d_{L-1} -> p(z_{L-1} | z_>L-1), q(z_{L-1}^TD | <h_{L-1}; d_{L-1}>)
+                           -> z_{L-1} = (z^BU, z^TD) -> f_{L-1} -> ... -> d_0 -> p(x | z)
+
+Latent layout (the "flat layout" used at every tensor boundary): a (B, D) tensor holding, for
+i = 1 .. L-1, z_i^BU (BIVA only) then z_i^TD, then z_L; each group flattened row-major
+(dense: (z_dim,), conv: (z_dim, H_i, W_i)). Noise is (B, D + D_bu): the first D entries drive the
+top-down pass in the same layout (posterior draws of z^TD and z_L, and any prior draw), the last D_bu
+drive the bottom-up draws of z_i^BU.
+
+`k` (0..L) takes the bottom k stochastic layers from the conditional prior p(z_<=k | z_>k) instead of
+the posterior, which is what L^{>k} (eq. 2) and the Figure 12 regenerations need. With k > 0, the
+z_i^BU for i <= k are still drawn from q in the bottom-up pass, because q(z_>k | x) is conditioned on
+them; they are then replaced by a fresh prior draw (from the top-down noise) in the generative pass, and
+only q(z_>k | x, z_<=k^BU) enters the ratio.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import BivaConfig
+from .distributions import Bernoulli, DiagGaussian, DiscretizedLogisticMixture
+from .layers import Block, GaussianHead, LatentEmbed
+
+
+@dataclass(frozen=True)
+class Group:
+    """One latent variable in the flat layout."""
+
+    name: str  # "bu", "td" or "top"
+    level: int  # stochastic layer i, 1..L
+    size: int  # flat size
+    offset: int  # start in the flat layout
+
+
+class BottomUp(NamedTuple):
+    h: list[torch.Tensor]  # h_{i,M} for i = 1..L (the tilde-d of the paper)
+    q_bu: list[DiagGaussian | None]  # q(z_i^BU | .) for i = 1..L-1 (None without BU latents)
+    z_bu: list[torch.Tensor | None]  # their draws
+    q_top: DiagGaussian  # q(z_L | x, z_<L^BU)
+
+
+class Pass(NamedTuple):
+    z: torch.Tensor  # (B, D) the latents used, flat layout
+    q_mu: torch.Tensor  # (B, D) posterior means (0 where no posterior was computed)
+    q_log_std: torch.Tensor  # (B, D)
+    log_ratio: torch.Tensor  # (B, G) log p(z_g | z_>g) - log q(z_g | .), zero for groups taken from the prior
+    kl: torch.Tensor  # (B, G) analytic KL(q || p) per group (posterior groups only)
+    log_px: torch.Tensor  # (B,) log p(x | z), zeros when no x was given
+    x_mean: torch.Tensor  # (B, C, H, W) mean of p(x | z)
+
+    @property
+    def log_w(self) -> torch.Tensor:
+        """Per-sample log importance weight: log p(x|z) + sum over posterior groups of log p - log q."""
+        return self.log_px + self.log_ratio.sum(dim=1)
+
+
+def _prior_mask(level: int, k: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
+    """1.0 where stochastic layer `level` is drawn from the prior (level <= k), else 0.0."""
+    if isinstance(k, torch.Tensor):
+        return (k >= level).to(like.dtype)
+    return 1.0 if level <= k else 0.0
+
+
+class Biva(nn.Module):
+    def __init__(self, cfg: BivaConfig):
+        super().__init__()
+        self.cfg = cfg
+        L, stages, res = cfg.n_layers, cfg.stages, cfg.resolutions()
+        x_ch = cfg.image_shape[0]
+        ch = [s.channels for s in stages]
+        bn = cfg.dense_bottleneck
+        self.groups = self._layout()
+        self.latent_dim = sum(g.size for g in self.groups)
+        self.bu_noise_dim = sum(g.size for g in self.groups if g.name == "bu")
+        self.noise_dim = self.latent_dim + self.bu_noise_dim
+
+        # Bottom-up path: blocks g_1..g_L, q heads for z_i^BU (i < L) and z_L.
+        self.bu_embed = nn.ModuleList()
+        self.bu_blocks = nn.ModuleList()
+        for i, s in enumerate(stages, 1):
+            in_ch = x_ch
+            if i > 1:
+                in_ch = ch[i - 2]
+                if cfg.bu_latents:
+                    p = stages[i - 2]
+                    self.bu_embed.append(LatentEmbed(p.z_dim, 1, p.dense, res[i - 1], ch[i - 2], bn))
+                    in_ch += self.bu_embed[-1].out_ch
+            skip_ch = ch[i - 2] if (cfg.skip and i > 1) else 0
+            self.bu_blocks.append(Block(in_ch, s.channels, s.kernel, s.stride, False, cfg.m_layers, skip_ch,
+                                        [s.stride] * cfg.m_layers, cfg.dropout_inf))
+        self.q_bu_heads = nn.ModuleList(
+            GaussianHead(ch[i - 1], res[i], stages[i - 1].z_dim, stages[i - 1].dense, 1, cfg.min_std, bn)
+            for i in range(1, L) if cfg.bu_latents
+        )
+        top = stages[-1]
+        self.q_top_head = GaussianHead(ch[-1], res[L], top.z_dim, top.dense, 1, cfg.min_std, bn)
+
+        # Top-down path, shared by the generative and the inference model: td_blocks[s-1] maps z_s
+        # (and the skips d_{s,j}) to d_{s-1}; td_blocks[0] produces d_0 for p(x | z).
+        self.td_embed = nn.ModuleList()
+        self.td_blocks = nn.ModuleList()
+        for s_idx, s in enumerate(stages, 1):
+            n_groups = self._n_groups(s_idx)
+            self.td_embed.append(LatentEmbed(s.z_dim, n_groups, s.dense, res[s_idx], s.channels, bn))
+            out_ch = ch[max(s_idx - 1, 1) - 1]
+            skip_ch = s.channels if (cfg.skip and s_idx < L) else 0
+            # the skips come from block s+1, whose inner layers run at R_{s+1} and whose last layer at R_s
+            above = stages[s_idx].stride if s_idx < L else 1
+            ratios = [above] * (cfg.m_layers - 1) + [s.stride]
+            self.td_blocks.append(Block(self.td_embed[-1].out_ch, out_ch, s.kernel, s.stride, True, cfg.m_layers,
+                                        skip_ch, ratios, cfg.dropout_gen))
+        self.p_heads = nn.ModuleList(
+            GaussianHead(ch[i - 1], res[i], stages[i - 1].z_dim, stages[i - 1].dense, self._n_groups(i),
+                         cfg.min_std, bn)
+            for i in range(1, L)
+        )
+        self.q_td_heads = nn.ModuleList(
+            GaussianHead(2 * ch[i - 1], res[i], stages[i - 1].z_dim, stages[i - 1].dense, 1, cfg.min_std, bn)
+            for i in range(1, L)
+        )
+        lik = Bernoulli if cfg.likelihood == "bernoulli" else DiscretizedLogisticMixture
+        self.out_head = nn.Conv2d(ch[0], lik.n_params(x_ch, cfg.n_mixtures), 3, padding=1)
+        self.out_head = torch.nn.utils.parametrizations.weight_norm(self.out_head)
+
+    # ---- layout ---------------------------------------------------------------------------------
+    def _n_groups(self, level: int) -> int:
+        return 2 if (self.cfg.bu_latents and level < self.cfg.n_layers) else 1
+
+    def _layout(self) -> list[Group]:
+        cfg, res = self.cfg, self.cfg.resolutions()
+        groups, off = [], 0
+        for i, s in enumerate(cfg.stages, 1):
+            size = s.z_dim if s.dense else s.z_dim * res[i][0] * res[i][1]
+            names = ["top"] if i == cfg.n_layers else (["bu", "td"] if cfg.bu_latents else ["td"])
+            for name in names:
+                groups.append(Group(name, i, size, off))
+                off += size
+        return groups
+
+    def _slice(self, t: torch.Tensor, g: Group) -> torch.Tensor:
+        return t[:, g.offset:g.offset + g.size]
+
+    def _bu_noise(self, eps: torch.Tensor, level: int) -> torch.Tensor:
+        off = self.latent_dim
+        for g in self.groups:
+            if g.name == "bu":
+                if g.level == level:
+                    return eps[:, off:off + g.size]
+                off += g.size
+        raise KeyError(level)
+
+    # ---- passes ---------------------------------------------------------------------------------
+    def bottom_up(self, x: torch.Tensor, eps: torch.Tensor) -> BottomUp:
+        """BU inference path (eqs. 7-9). x in [0, 1], (B, C, H, W); eps (B, noise_dim)."""
+        L = self.cfg.n_layers
+        inp, skips = x * 2.0 - 1.0, None
+        hs, q_bu, z_bu = [], [], []
+        for i in range(1, L + 1):
+            if i > 1:
+                inp = hs[-1]
+                if self.cfg.bu_latents:
+                    inp = torch.cat([inp, self.bu_embed[i - 2](z_bu[-1])], dim=1)  # (B, C + C_z, H, W)
+            outs = self.bu_blocks[i - 1](inp, skips if self.cfg.skip else None)
+            skips = outs
+            hs.append(outs[-1])
+            if i < L and self.cfg.bu_latents:
+                q = self.q_bu_heads[i - 1](outs[-1])[0]
+                q_bu.append(q)
+                z_bu.append(q.sample(self._bu_noise(eps, i)))
+            else:
+                q_bu.append(None)
+                z_bu.append(None)
+        return BottomUp(hs, q_bu[:L - 1], z_bu[:L - 1], self.q_top_head(hs[-1])[0])
+
+    def top_down(self, bu: BottomUp | None, eps: torch.Tensor, k: int | torch.Tensor = 0,
+                 temperature: float | torch.Tensor = 1.0, z_given: torch.Tensor | None = None,
+                 x: torch.Tensor | None = None) -> Pass:
+        """TD path (eqs. 4-6, 10). Layers <= k come from the prior; the others from the posterior
+        (bu given) or from z_given (flat layout, for regeneration). eps: (B, >= D)."""
+        L = self.cfg.n_layers
+        B = eps.shape[0]
+        zs, mus, log_stds, ratios, kls = [], [], [], [], []
+        by_level: dict[int, list[Group]] = {}
+        for g in self.groups:
+            by_level.setdefault(g.level, []).append(g)
+
+        d_skips, z_above = None, None
+        for level in range(L, 0, -1):
+            groups = by_level[level]
+            if level == L:
+                priors = [DiagGaussian.standard(self._slice(eps, groups[0]))]
+                posts = [bu.q_top if bu is not None else None]
+            else:
+                d_outs = self.td_blocks[level](self.td_embed[level](z_above), d_skips if self.cfg.skip else None)
+                d_skips = d_outs
+                d = d_outs[-1]
+                priors = self.p_heads[level - 1](d)
+                posts = []
+                for g in groups:
+                    if bu is None:
+                        posts.append(None)
+                    elif g.name == "bu":
+                        posts.append(bu.q_bu[level - 1])
+                    else:
+                        posts.append(self.q_td_heads[level - 1](torch.cat([bu.h[level - 1], d], dim=1))[0])
+            m = _prior_mask(level, k, eps)
+            level_z = []
+            for g, p, q in zip(groups, priors, posts):
+                e = self._slice(eps, g)
+                z_prior = p.sample(e, temperature)
+                if q is not None:
+                    z_post = bu.z_bu[level - 1] if g.name == "bu" else q.sample(e)
+                    ratio = (p.log_prob(z_post) - q.log_prob(z_post)).sum(dim=1)
+                    kls.append(q.kl(p).sum(dim=1))
+                    mus.append(q.mu)
+                    log_stds.append(q.log_std)
+                else:
+                    z_post = z_given[:, g.offset:g.offset + g.size] if z_given is not None else z_prior
+                    ratio = torch.zeros(B, dtype=eps.dtype, device=eps.device)
+                    kls.append(ratio)
+                    mus.append(torch.zeros_like(e))
+                    log_stds.append(torch.zeros_like(e))
+                z = m * z_prior + (1.0 - m) * z_post if not isinstance(m, float) else (z_prior if m else z_post)
+                ratios.append(ratio * (1.0 - m))
+                level_z.append(z)
+                zs.append(z)
+            z_above = torch.cat(level_z, dim=1) if len(level_z) > 1 else level_z[0]
+
+        d0 = self.td_blocks[0](self.td_embed[0](z_above), d_skips if self.cfg.skip else None)[-1]
+        lik = self._likelihood(self.out_head(F.elu(d0)))
+        log_px = (lik.log_prob(x).flatten(1).sum(dim=1) if x is not None
+                  else torch.zeros(B, dtype=eps.dtype, device=eps.device))
+        order = self._td_order()
+        return Pass(
+            z=torch.cat([zs[j] for j in order], dim=1),
+            q_mu=torch.cat([mus[j] for j in order], dim=1),
+            q_log_std=torch.cat([log_stds[j] for j in order], dim=1),
+            log_ratio=torch.stack([ratios[j] for j in order], dim=1),
+            kl=torch.stack([kls[j] for j in order], dim=1),
+            log_px=log_px,
+            x_mean=lik.mean(),
+        )
+
+    def _td_order(self) -> list[int]:
+        """Permutation from top-down visiting order to the flat layout's group order."""
+        visit = [g for level in range(self.cfg.n_layers, 0, -1) for g in self.groups if g.level == level]
+        return [visit.index(g) for g in self.groups]
+
+    def _likelihood(self, params: torch.Tensor):
+        if self.cfg.likelihood == "bernoulli":
+            return Bernoulli(params)
+        return DiscretizedLogisticMixture(params, self.cfg.image_shape[0], self.cfg.n_mixtures)
+
+    # ---- conveniences ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, k: int | torch.Tensor = 0) -> Pass:
+        """Inference + generative pass: x (B, C, H, W) in [0, 1], eps (B, noise_dim)."""
+        return self.top_down(self.bottom_up(x, eps), eps, k, 1.0, x=x)
+
+    def sample(self, eps: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> Pass:
+        """Unconditional samples from the prior: eps (B, >= D)."""
+        return self.top_down(None, eps, self.cfg.n_layers, temperature)
+
+    def regenerate(self, z: torch.Tensor, k: int | torch.Tensor, eps: torch.Tensor,
+                   temperature: float | torch.Tensor = 1.0) -> Pass:
+        """Keep z_>k from `z` (flat layout), redraw z_<=k from the conditional prior (Figure 12)."""
+        return self.top_down(None, eps, k, temperature, z_given=z)
+
+    def group_names(self) -> list[str]:
+        return [f"z{g.level}_{g.name}" if g.name != "top" else f"z{g.level}" for g in self.groups]
