@@ -65,9 +65,13 @@ class Pass(NamedTuple):
 
 
 def _prior_mask(level: int, k: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
-    """1.0 where stochastic layer `level` is drawn from the prior (level <= k), else 0.0."""
+    """1.0 where stochastic layer `level` is drawn from the prior (level <= k), else 0.0.
+
+    k is a Python int (one value for the batch) or a tensor: 0-d, or one k per row ((B,) or (B, 1)),
+    in which case the mask is (B, 1) or 0-d and broadcasts over the latent dimension."""
     if isinstance(k, torch.Tensor):
-        return (k >= level).to(like.dtype)
+        m = (k >= level).to(like.dtype)
+        return m.reshape(-1, 1) if m.dim() > 0 else m
     return 1.0 if level <= k else 0.0
 
 
@@ -230,8 +234,11 @@ class Biva(nn.Module):
                     kls.append(ratio)
                     mus.append(torch.zeros_like(e))
                     log_stds.append(torch.zeros_like(e))
-                z = m * z_prior + (1.0 - m) * z_post if not isinstance(m, float) else (z_prior if m else z_post)
-                ratios.append(ratio * (1.0 - m))
+                if isinstance(m, float):
+                    z, keep = (z_prior, 0.0) if m else (z_post, 1.0)
+                else:
+                    z, keep = m * z_prior + (1.0 - m) * z_post, (1.0 - m).reshape(-1)
+                ratios.append(ratio * keep)
                 level_z.append(z)
                 zs.append(z)
             z_above = torch.cat(level_z, dim=1) if len(level_z) > 1 else level_z[0]
