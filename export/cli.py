@@ -61,7 +61,7 @@ def _quiet_exporter(enabled: bool):
 def run_export(ckpt: Path, out: Path, backend: str = "python", opset: int = 18, max_batch_size: int = 1024,
                instances: int = 1, front_instances: int = 2, threads: int = 0, validate: bool = True,
                force: bool = False, atol_scale: float = 1.0, caps: dict | None = None,
-               log=click.echo, quiet: bool = True) -> dict:
+               log=click.echo, quiet: bool = True, exporter: str = "torchscript") -> dict:
     """Export, validate and write the repository; returns the report. Raises ExportError."""
     import onnx
     import onnxruntime
@@ -80,6 +80,7 @@ def run_export(ckpt: Path, out: Path, backend: str = "python", opset: int = 18, 
     caps = {**DEFAULT_CAPS, **(caps or {})}
     report = {
         "checkpoint": str(ckpt), "checkpoint_sha256": _sha256(ckpt), "backend": backend, "opset": opset,
+        "exporter": exporter,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},
         "validated": validate, "graphs": {},
@@ -90,7 +91,7 @@ def run_export(ckpt: Path, out: Path, backend: str = "python", opset: int = 18, 
             path = Path(tmp) / f"{name}.onnx"
             log(f"exporting {name} ...")
             with _quiet_exporter(quiet):
-                export_graph(spec, plain, path, opset)
+                export_graph(spec, plain, path, opset, exporter)
             onnx_files[name] = path
             entry = {"bytes": path.stat().st_size, "inputs": spec.input_names, "outputs": spec.output_names}
             if validate:
@@ -98,14 +99,11 @@ def run_export(ckpt: Path, out: Path, backend: str = "python", opset: int = 18, 
                 log("  " + rep.summary())
                 entry.update({"max_abs_diff": rep.max_abs_diff, "atol": rep.atol, "batches": rep.batches,
                               "ok": rep.ok})
+                if not rep.ok:  # fail fast: nothing is written, the remaining graphs are not exported
+                    details = ", ".join(f"{k} {v:.3g} > {rep.atol[k]:.3g}" for k, v in rep.max_abs_diff.items()
+                                        if v > rep.atol[k])
+                    raise ExportError(f"validation failed, {out} left untouched: {name}: max |ORT - torch| {details}")
             report["graphs"][name] = entry
-        failed = [n for n, e in report["graphs"].items() if validate and not e["ok"]]
-        if failed:
-            details = "; ".join(
-                f"{n}: " + ", ".join(f"{k} {v:.3g} > {report['graphs'][n]['atol'][k]:.3g}"
-                                     for k, v in report["graphs"][n]["max_abs_diff"].items()
-                                     if v > report["graphs"][n]["atol"][k]) for n in failed)
-            raise ExportError(f"validation failed, {out} left untouched: {details}")
 
         meta = {"image_shape": list(model.cfg.image_shape), "likelihood": model.cfg.likelihood,
                 "binarize": data_meta.get("binarize", "threshold"), "n_layers": model.cfg.n_layers,
@@ -139,6 +137,8 @@ def run_export(ckpt: Path, out: Path, backend: str = "python", opset: int = 18, 
               help="python: ONNX Runtime inside Triton's python backend (CPU, or CUDA with onnxruntime-gpu). "
                    "onnxruntime: native onnxruntime_onnx configs on KIND_GPU with TensorRT, for NVIDIA's container.")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset.")
+@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
+              help="torch.onnx exporter: the tracing one (fast) or dynamo/torch.export.")
 @click.option("--max-batch-size", default=1024, show_default=True,
               help="Rows per graph call (Triton max_batch_size of the graph models).")
 @click.option("--instances", default=1, show_default=True, help="Instances per graph model.")
@@ -152,14 +152,14 @@ def run_export(ckpt: Path, out: Path, backend: str = "python", opset: int = 18, 
 @click.option("--force", is_flag=True, help="Replace OUT even if it was not written by biva-export.")
 @click.option("--verbose", is_flag=True, help="Show the ONNX exporter's own output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt, out, backend, opset, max_batch_size, instances, front_instances, threads, validate, atol_scale, force,
+def main(ckpt, out, backend, opset, exporter, max_batch_size, instances, front_instances, threads, validate, atol_scale, force,
          verbose, debug):
     """Export a BIVA checkpoint to ONNX, validate it, and write the Triton model repository."""
     from biva_core.checkpoint import CheckpointError
 
     try:
         run_export(ckpt, out, backend, opset, max_batch_size, instances, front_instances, threads, validate, force,
-                   atol_scale, quiet=not verbose)
+                   atol_scale, quiet=not verbose, exporter=exporter)
     except (ExportError, CheckpointError, ValueError) as e:
         if debug:
             raise

@@ -43,17 +43,30 @@ def example_inputs(spec: GraphSpec, model: Biva, batch: int, seed: int) -> dict[
     return out
 
 
-def export_graph(spec: GraphSpec, model: Biva, path: Path, opset: int = DEFAULT_OPSET) -> None:
-    """Export one graph with a dynamic batch dimension; weights inside the file (graphs are < 2 GB)."""
+EXPORTERS = ("torchscript", "dynamo")
+
+
+def export_graph(spec: GraphSpec, model: Biva, path: Path, opset: int = DEFAULT_OPSET,
+                 exporter: str = "torchscript") -> None:
+    """Export one graph with a dynamic batch dimension; weights inside the file (graphs are < 2 GB).
+
+    "torchscript" (torch.onnx's tracing exporter, dynamo=False) is the default: about five times faster
+    to export these graphs than "dynamo" (torch.export), with the same numbers (both are validated).
+    """
     module = GRAPH_MODULES[spec.name](model).eval()
     ex = example_inputs(spec, model, 2, seed=0)
     args = tuple(torch.from_numpy(ex[n]) for n in spec.input_names)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    dynamic_shapes = tuple({0: batch} for _ in spec.inputs)
+    common = dict(input_names=spec.input_names, output_names=spec.output_names, opset_version=opset)
     with torch.no_grad():
-        torch.onnx.export(module, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
-                          opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes, external_data=False,
-                          optimize=True, verbose=False)
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            torch.onnx.export(module, args, str(path), dynamo=True, dynamic_shapes=tuple({0: batch} for _ in args),
+                              external_data=False, optimize=True, **common)
+        elif exporter == "torchscript":
+            axes = {n: {0: "batch"} for n in spec.input_names + spec.output_names}
+            torch.onnx.export(module, args, str(path), dynamo=False, dynamic_axes=axes, **common)
+        else:
+            raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 

@@ -1,0 +1,297 @@
+"""biva-export and the served repository: configs, validation, atomic replacement, and a real tritonserver
+answering over HTTP and gRPC with the numbers PyTorch gives for the same seeds."""
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from tritonclient.utils import InferenceServerException
+
+from biva_core.checkpoint import load_model
+from biva_core.config import preset
+from biva_core.model import Biva
+from biva_core.noise import NoiseStream
+from biva_core.objectives import evaluate_bounds
+from biva_export.cli import REPORT, ExportError, run_export
+from biva_export.graphs import graph_specs
+from biva_export.repository import front_config, front_specs, graph_config, parse_config
+
+torch.set_num_threads(1)
+NATS_TOL = 1e-3  # per image, PyTorch vs Triton
+IMAGE_TOL = 1e-4
+PROTOCOLS = {"http": thttp, "grpc": tgrpc}
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---- configs ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+def test_every_generated_config_parses_into_model_config(backend):
+    model = Biva(preset("tiny"))
+    for spec in graph_specs(model).values():
+        cfg = parse_config(graph_config(spec, backend, 512, 2, 1, (64, 256, 1024), 1000))
+        assert cfg.name == spec.name and cfg.max_batch_size == 512
+        assert [i.name for i in cfg.input] == spec.input_names
+        assert [o.name for o in cfg.output] == spec.output_names
+        assert list(cfg.dynamic_batching.preferred_batch_size) == [64, 256]
+        if backend == "onnxruntime":
+            assert cfg.platform == "onnxruntime_onnx" and cfg.instance_group[0].kind == 1  # KIND_GPU
+            assert cfg.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
+        else:
+            assert cfg.backend == "python" and cfg.instance_group[0].count == 2
+    for spec in front_specs((1, 28, 28), model.latent_dim, len(model.groups)).values():
+        cfg = parse_config(front_config(spec, {"caps": {}}, 2))
+        assert cfg.backend == "python" and cfg.max_batch_size == 0
+        assert {i.name for i in cfg.input if i.optional} == set(spec.optional)
+        assert json.loads(cfg.parameters["biva_meta"].string_value) == {"caps": {}}
+
+
+# ---- export ---------------------------------------------------------------------------------------
+
+def test_export_report_and_layout(tiny_repo):
+    report = json.loads((tiny_repo / REPORT).read_text())
+    assert report["validated"] and report["opset"] == 18
+    assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}
+    for name in ("biva_sampler", "biva_encoder", "biva_scorer"):
+        g = report["graphs"][name]
+        assert g["ok"] and all(g["max_abs_diff"][k] <= g["atol"][k] for k in g["atol"])
+        path = tiny_repo / name / "1" / "model.onnx"
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        parse_config((tiny_repo / name / "config.pbtxt").read_text())
+        assert (tiny_repo / name / "1" / "model.py").exists()
+    for name in ("biva_sample", "biva_regenerate", "biva_encode", "biva_score"):
+        parse_config((tiny_repo / name / "config.pbtxt").read_text())
+    assert not list(tiny_repo.parent.glob(".triton_models.*"))  # no staging left behind
+
+
+def test_failed_validation_leaves_previous_repository_intact(tiny_ckpt, tiny_repo, tmp_path):
+    repo = tmp_path / "triton_models"
+    shutil.copytree(tiny_repo, repo)
+    before = _tree_digest(repo)
+    with pytest.raises(ExportError) as e:
+        run_export(tiny_ckpt, repo, atol_scale=0.0, log=lambda *_: None)
+    msg = str(e.value)
+    assert "validation failed" in msg and "left untouched" in msg and "biva_sampler: max |ORT - torch|" in msg
+    assert " > 0" in msg
+    assert _tree_digest(repo) == before
+    assert not list(tmp_path.glob(".triton_models.*"))
+
+
+def test_export_refuses_a_foreign_directory(tiny_ckpt, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not written by biva-export"):
+        run_export(tiny_ckpt, foreign, validate=False, log=lambda *_: None)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_gives_the_same_graph_numbers(tiny_ckpt, tmp_path):
+    from biva_export.graphs import inference_copy
+    from biva_export.onnx_export import export_graph, validate_graph
+
+    model, _ = load_model(tiny_ckpt)
+    spec = graph_specs(model)["biva_sampler"]
+    export_graph(spec, inference_copy(model), tmp_path / "s.onnx", exporter="dynamo")
+    rep = validate_graph(spec, model, tmp_path / "s.onnx")
+    assert rep.ok, rep.summary()
+
+
+def test_cli_failure_is_one_line_and_nonzero(tiny_ckpt, tmp_path):
+    from click.testing import CliRunner
+
+    from biva_export.cli import main
+
+    res = CliRunner().invoke(main, ["--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1 and "no such checkpoint file" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+# ---- the live server --------------------------------------------------------------------------------
+
+def _client(server, protocol):
+    mod = PROTOCOLS[protocol]
+    url = server.http_url if protocol == "http" else server.grpc_url
+    return mod, mod.InferenceServerClient(url)
+
+
+def _infer(server, protocol, model, inputs, outputs):
+    mod, client = _client(server, protocol)
+    try:
+        ins = []
+        for name, a in inputs.items():
+            t = mod.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64")
+            t.set_data_from_numpy(a)
+            ins.append(t)
+        res = client.infer(model, ins, outputs=[mod.InferRequestedOutput(o) for o in outputs])
+        return [res.as_numpy(o) for o in outputs]
+    finally:
+        client.close()
+
+
+def _i64(v):
+    return np.array(v if isinstance(v, list) else [v], np.int64)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ckpt):
+    return load_model(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def tiny_images(tiny):
+    from biva_core.data import load_for_model
+    return load_for_model("digits", tiny[1], limit=6)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_sample_with_seed_is_reproducible_and_matches_pytorch(tiny_server, tiny, protocol):
+    model, _ = tiny
+    a, s = _infer(tiny_server, protocol, "biva_sample", {"n": _i64(5), "seed": _i64(123)}, ["images", "seed"])
+    b, _ = _infer(tiny_server, protocol, "biva_sample", {"n": _i64(5), "seed": _i64(123)}, ["images", "seed"])
+    assert np.array_equal(a, b) and s[0] == 123
+    with torch.no_grad():
+        ref = model.sample(NoiseStream(123).take((5, model.latent_dim))).x_mean.numpy()
+    assert np.abs(a - ref).max() <= IMAGE_TOL
+    t = np.array([0.5], np.float32)
+    c, _ = _infer(tiny_server, protocol, "biva_sample", {"n": _i64(5), "seed": _i64(123), "temperature": t},
+                  ["images", "seed"])
+    with torch.no_grad():
+        ref_t = model.sample(NoiseStream(123).take((5, model.latent_dim)), 0.5).x_mean.numpy()
+    assert np.abs(c - ref_t).max() <= IMAGE_TOL and not np.allclose(c, a)
+
+
+@pytest.mark.server
+def test_unseeded_requests_vary_and_report_their_seed(tiny_server, tiny):
+    a, sa = _infer(tiny_server, "http", "biva_sample", {"n": _i64(3)}, ["images", "seed"])
+    b, sb = _infer(tiny_server, "http", "biva_sample", {"n": _i64(3)}, ["images", "seed"])
+    assert sa[0] != sb[0] and not np.array_equal(a, b)
+    again, _ = _infer(tiny_server, "grpc", "biva_sample", {"n": _i64(3), "seed": sa}, ["images", "seed"])
+    assert np.array_equal(a, again)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_score_matches_pytorch(tiny_server, tiny, tiny_images, protocol):
+    model, _ = tiny
+    ks = [0, 1, 3]
+    x = tiny_images
+    elbo, iw, lgk, kl = _infer(tiny_server, protocol, "biva_score",
+                               {"images": x, "iw": _i64(40), "ks": _i64(ks), "seed": _i64(9)},
+                               ["elbo", "iw_bound", "l_gt_k", "kl"])
+    ref = evaluate_bounds(model, torch.from_numpy(x), NoiseStream(9), 40, tuple(ks))
+    assert np.abs(elbo - ref.elbo.numpy()).max() <= NATS_TOL
+    assert np.abs(iw - ref.iw.numpy()).max() <= NATS_TOL
+    for j, k in enumerate(ks):
+        assert np.abs(lgk[:, j] - ref.l_gt_k[k].numpy()).max() <= NATS_TOL
+    assert np.abs(kl - ref.kl.numpy()).max() <= NATS_TOL
+    assert np.array_equal(lgk[:, 0], elbo)  # L^{>0} = L_1 exactly, same graph run
+    assert (iw >= elbo - np.log(40)).all()
+
+
+@pytest.mark.server
+def test_iw_over_many_graph_slices(tiny_server, tiny, tiny_images):
+    """K x B rows far above the graph's max batch (64): the front model slices, the bound is unchanged."""
+    model, _ = tiny
+    x = tiny_images[:2]
+    (iw,) = _infer(tiny_server, "grpc", "biva_score", {"images": x, "iw": _i64(200), "seed": _i64(1)}, ["iw_bound"])
+    ref = evaluate_bounds(model, torch.from_numpy(x), NoiseStream(1), 200, chunk=7)
+    assert np.abs(iw - ref.iw.numpy()).max() <= NATS_TOL
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_encode_then_regenerate_bottom_layers(tiny_server, tiny, tiny_images, protocol):
+    model, _ = tiny
+    x = tiny_images
+    z, mu, log_std, kl = _infer(tiny_server, protocol, "biva_encode", {"images": x, "seed": _i64(5)},
+                                ["z", "q_mu", "q_log_std", "kl"])
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), NoiseStream(5).take((len(x), model.noise_dim)))
+    assert np.abs(z - ref.z.numpy()).max() <= IMAGE_TOL and np.abs(mu - ref.q_mu.numpy()).max() <= IMAGE_TOL
+    assert np.abs(kl - ref.kl.numpy()).max() <= NATS_TOL
+    for k in (1, 2):  # k < L: the top layers come from the encoder
+        (img,) = _infer(tiny_server, protocol, "biva_regenerate", {"z": z, "k": _i64(k), "seed": _i64(8)}, ["images"])
+        with torch.no_grad():
+            r = model.regenerate(torch.from_numpy(z), k, NoiseStream(8).take((len(x), model.latent_dim)))
+        assert np.abs(img - r.x_mean.numpy()).max() <= IMAGE_TOL
+        kept = [g for g in model.groups if g.level > k]
+        assert all(torch.equal(r.z[:, g.offset:g.offset + g.size], torch.from_numpy(z)[:, g.offset:g.offset + g.size])
+                   for g in kept)
+
+
+BAD_REQUESTS = [
+    ("biva_sample", {"n": _i64(0)}, "n: got 0"),
+    ("biva_sample", {"n": _i64(10**6)}, "n: got 1000000"),
+    ("biva_sample", {"n": _i64(2), "temperature": np.array([0.0], np.float32)}, "temperature: got 0"),
+    ("biva_sample", {"n": _i64(2), "temperature": np.array([np.nan], np.float32)}, "temperature: expected a finite"),
+    ("biva_sample", {"n": _i64(2), "seed": _i64(-3)}, "seed: expected one integer >= 0"),
+    ("biva_score", {"images": np.full((2, 1, 28, 28), 0.5, np.float32)}, "images: this model is binary"),
+    ("biva_score", {"images": np.full((2, 1, 28, 28), 2.0, np.float32)}, "images: values in [2, 2]"),
+    ("biva_score", {"images": np.full((2, 1, 28, 28), np.inf, np.float32)}, "images: contains NaN or Inf"),
+    # Triton checks declared shapes itself, before the model runs: its message names the input and shape
+    ("biva_score", {"images": np.zeros((2, 1, 32, 32), np.float32)}, "'images' for model 'biva_score'. Expected [-1,1,28,28]"),
+    ("biva_score", {"images": np.zeros((2, 28, 28), np.float32)}, "images"),
+    ("biva_score", {"images": np.zeros((2, 1, 28, 28), np.float32), "ks": _i64([0, 99])}, "ks: got [0, 99]"),
+    ("biva_score", {"images": np.zeros((2, 1, 28, 28), np.float32), "iw": _i64(0)}, "iw: got 0"),
+    ("biva_score", {"images": np.zeros((300, 1, 28, 28), np.float32), "iw": _i64(5000)}, "exceeds the cap"),
+    ("biva_regenerate", {"z": np.zeros((2, 3), np.float32), "k": _i64(1)}, "Expected [-1,22]"),
+    ("biva_regenerate", {"z": np.zeros((2, 22), np.float32), "k": _i64(7)}, "k: got 7"),
+]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(tiny_server, tiny, protocol):
+    model, _ = tiny
+    assert model.latent_dim == 22  # the regenerate case above uses the tiny model's D
+    for name, inputs, expected in BAD_REQUESTS:
+        with pytest.raises(InferenceServerException) as e:
+            _infer(tiny_server, protocol, name, inputs, ["seed"])
+        assert expected in e.value.message(), (name, e.value.message())
+        good, _ = _infer(tiny_server, protocol, "biva_sample", {"n": _i64(2), "seed": _i64(4)}, ["images", "seed"])
+        assert good.shape == (2, 1, 28, 28) and np.isfinite(good).all()
+
+
+# ---- the shipped default model ---------------------------------------------------------------------
+
+DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "models" / "default28.pt"
+
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.skipif(not DEFAULT_CKPT.exists(), reason="models/default28.pt not present")
+def test_default_model_exports_and_serves(tmp_path):
+    from biva_core.data import load_for_model
+    from biva_export.launcher import start_server
+
+    repo = tmp_path / "triton_models"
+    report = run_export(DEFAULT_CKPT, repo, threads=1, log=lambda *_: None)
+    assert all(g["ok"] for g in report["graphs"].values())
+    model, meta = load_model(DEFAULT_CKPT)
+    x = load_for_model("fashion-mnist:test", meta, limit=8)
+    with start_server(repo, log_path=tmp_path / "server.log") as server:
+        imgs, _ = _infer(server, "grpc", "biva_sample", {"n": _i64(4), "seed": _i64(2)}, ["images", "seed"])
+        with torch.no_grad():
+            ref = model.sample(NoiseStream(2).take((4, model.latent_dim))).x_mean.numpy()
+        assert np.abs(imgs - ref).max() <= IMAGE_TOL
+        elbo, iw, lgk = _infer(server, "http", "biva_score",
+                               {"images": x, "iw": _i64(16), "ks": _i64([0, 2]), "seed": _i64(3)},
+                               ["elbo", "iw_bound", "l_gt_k"])
+        ref = evaluate_bounds(model, torch.from_numpy(x), NoiseStream(3), 16, (0, 2))
+        assert np.abs(elbo - ref.elbo.numpy()).max() <= NATS_TOL
+        assert np.abs(iw - ref.iw.numpy()).max() <= NATS_TOL
+        assert np.abs(lgk[:, 1] - ref.l_gt_k[2].numpy()).max() <= NATS_TOL
+        assert server.stop() == 0
