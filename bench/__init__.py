@@ -1,0 +1,11 @@
+"""biva-bench: PyTorch eager vs ONNX Runtime vs Triton (HTTP, gRPC) on the three exported BIVA graphs,
+with perf_analyzer's measurement method, a concurrency sweep, and the fraction of the fp32 GEMM rate.
+
+    config.py    BenchConfig and the quick / full presets
+    measure.py   warm-up, windows, stability, percentiles (sync and concurrent clients)
+    backends.py  the timed calls: cases, in-process runners, Triton request bodies
+    triton.py    repository variants (dynamic batching off, threads, instances, queue), statistics deltas
+    flops.py     FLOPs per image (ONNX graph and PyTorch counter) and the GEMM rate
+    report.py    achieved fraction, ratios against the targets, JSON / markdown / PNG
+    run.py       run_bench: the whole pass;  cli.py: the biva-bench command
+"""

@@ -20,7 +20,7 @@ import click
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from .checkpoint import read_checkpoint, save_checkpoint
@@ -41,7 +41,7 @@ class TrainConfig:
     lr_decay: float = 1.0  # multiplied into the learning rate after every epoch
     free_bits: float = 2.0  # lambda, per latent group, on the loss only
     free_bits_until: float = 1.0  # fraction of the epochs after which lambda drops to 0 (the paper's finetuning)
-    ema: float = 0.999  # EMA decay of the parameters used for evaluation
+    ema: float = 0.999  # EMA decay of the parameters used for evaluation (warmed up: min(ema, (1+n)/(10+n)))
     epochs: int = 10
     max_minutes: float = 0.0  # stop at the first step past this wall time (0: no limit)
     seed: int = 0
@@ -83,7 +83,19 @@ def validate(model: Biva, x_val: np.ndarray, batch_size: int = 500, seed: int = 
     return {"val_elbo": elbo, "val_kl": kl / n, "val_bpd": float(bits_per_dim(elbo, int(np.prod(x_val.shape[1:]))))}
 
 
-def train(cfg: BivaConfig, tc: TrainConfig, out: Path, run_dir: Path, resume: bool = False) -> dict[str, float]:
+def ema_avg_fn(decay: float):
+    """EMA update with the usual warm-up, min(decay, (1 + n) / (10 + n)), so early weights fade fast."""
+
+    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        return d * averaged + (1.0 - d) * current
+
+    return avg
+
+
+def train(cfg: BivaConfig, tc: TrainConfig, out: Path, run_dir: Path, resume: bool = False,
+          reset_ema: bool = False) -> dict[str, float]:
     """Train and write the EMA checkpoint to `out`; returns the last metrics."""
     rank, world = _dist_info()
     torch.manual_seed(tc.seed)
@@ -99,14 +111,17 @@ def train(cfg: BivaConfig, tc: TrainConfig, out: Path, run_dir: Path, resume: bo
     # under DDP, calls go through the wrapper (gradient all-reduce); attributes still come from the model
     forward_model = _DDPView(torch.nn.parallel.DistributedDataParallel(model)) if world > 1 else model
     opt = torch.optim.Adamax(model.parameters(), lr=tc.lr)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True)
+    ema = AveragedModel(model, avg_fn=ema_avg_fn(tc.ema), use_buffers=True)
     start_epoch, step = 0, 0
     resume_path = run_dir / "last.pt"
     if resume and resume_path.exists():
         st = read_checkpoint(resume_path)["train_state"]
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
-        ema.load_state_dict(st["ema"])
+        if reset_ema:  # restart the average from the current weights (e.g. after a too-slow early EMA)
+            ema = AveragedModel(model, avg_fn=ema_avg_fn(tc.ema), use_buffers=True)
+        else:
+            ema.load_state_dict(st["ema"])
         start_epoch, step = int(st["epoch"]), int(st["step"])
         _log(f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
 
@@ -214,9 +229,10 @@ def _replica_max_diff(model: Biva) -> float:
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the resumable state and the log (default: OUT's folder / OUT's stem).")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt.")
+@click.option("--reset-ema", is_flag=True, help="With --resume: restart the EMA from the current weights.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(preset_name, variant, data, binarize_mode, epochs, batch_size, lr, lr_decay, free_bits, free_bits_until, ema,
-         val_fraction, max_minutes, limit, seed, threads, out, run_dir, resume, debug):
+         val_fraction, max_minutes, limit, seed, threads, out, run_dir, resume, reset_ema, debug):
     """Train BIVA and write a checkpoint (run under torchrun for data parallelism)."""
     if threads:
         torch.set_num_threads(threads)
@@ -230,7 +246,7 @@ def main(preset_name, variant, data, binarize_mode, epochs, batch_size, lr, lr_d
     run_dir = run_dir or out.parent / out.stem
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        train(cfg, tc, out, run_dir, resume)
+        train(cfg, tc, out, run_dir, resume, reset_ema)
     except (ValueError, FileNotFoundError) as e:
         if debug:
             raise
