@@ -61,7 +61,8 @@ def _quiet_exporter(enabled: bool):
 def run_export(ckpt: Path, out: Path, backend: str = "python", opset: int = 18, max_batch_size: int = 1024,
                instances: int = 1, front_instances: int = 2, threads: int = 0, validate: bool = True,
                force: bool = False, atol_scale: float = 1.0, caps: dict | None = None,
-               log=click.echo, quiet: bool = True, exporter: str = "torchscript") -> dict:
+               log=click.echo, quiet: bool = True, exporter: str = "torchscript",
+               preferred_batch_sizes: tuple[int, ...] = (), queue_delay_us: int = 500) -> dict:
     """Export, validate and write the repository; returns the report. Raises ExportError."""
     import onnx
     import onnxruntime
@@ -111,7 +112,8 @@ def run_export(ckpt: Path, out: Path, backend: str = "python", opset: int = 18, 
                 "graph_max_batch": max_batch_size, "caps": caps,
                 "graphs": {"sampler": "biva_sampler", "encoder": "biva_encoder", "scorer": "biva_scorer"}}
         report["meta"] = meta
-        configs = {name: graph_config(spec, backend, max_batch_size, instances, threads, (64, 256, 1024), 2000)
+        configs = {name: graph_config(spec, backend, max_batch_size, instances, threads, preferred_batch_sizes,
+                                   queue_delay_us)
                    for name, spec in specs.items()}
         configs.update({name: front_config(spec, meta, front_instances)
                         for name, spec in front_specs(tuple(model.cfg.image_shape), model.latent_dim,
@@ -142,6 +144,10 @@ def run_export(ckpt: Path, out: Path, backend: str = "python", opset: int = 18, 
 @click.option("--max-batch-size", default=1024, show_default=True,
               help="Rows per graph call (Triton max_batch_size of the graph models).")
 @click.option("--instances", default=1, show_default=True, help="Instances per graph model.")
+@click.option("--queue-delay-us", default=500, show_default=True,
+              help="Dynamic batcher: longest a request waits for others to join its batch (microseconds).")
+@click.option("--preferred-batch-size", "preferred", multiple=True, type=int,
+              help="Dynamic batcher preferred batch size (repeatable; default none: batch whatever has arrived).")
 @click.option("--front-instances", default=2, show_default=True, help="Instances per front (API) model.")
 @click.option("--threads", default=0, show_default=True,
               help="ONNX Runtime intra-op threads per python-backend graph instance (0: all cores).")
@@ -152,14 +158,15 @@ def run_export(ckpt: Path, out: Path, backend: str = "python", opset: int = 18, 
 @click.option("--force", is_flag=True, help="Replace OUT even if it was not written by biva-export.")
 @click.option("--verbose", is_flag=True, help="Show the ONNX exporter's own output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt, out, backend, opset, exporter, max_batch_size, instances, front_instances, threads, validate, atol_scale, force,
+def main(ckpt, out, backend, opset, exporter, max_batch_size, instances, queue_delay_us, preferred, front_instances, threads, validate, atol_scale, force,
          verbose, debug):
     """Export a BIVA checkpoint to ONNX, validate it, and write the Triton model repository."""
     from biva_core.checkpoint import CheckpointError
 
     try:
         run_export(ckpt, out, backend, opset, max_batch_size, instances, front_instances, threads, validate, force,
-                   atol_scale, quiet=not verbose, exporter=exporter)
+                   atol_scale, quiet=not verbose, exporter=exporter, preferred_batch_sizes=tuple(preferred),
+                   queue_delay_us=queue_delay_us)
     except (ExportError, CheckpointError, ValueError) as e:
         if debug:
             raise

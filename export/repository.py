@@ -87,9 +87,10 @@ def graph_config(spec: GraphSpec, backend: str, max_batch: int, instances: int, 
                  "  parameters { key: \"precision_mode\" value: \"FP32\" }\n"
                  "  parameters { key: \"max_workspace_size_bytes\" value: \"1073741824\" } } ] } }\n")
     pref = ", ".join(str(p) for p in preferred if p <= max_batch)
+    pref = f"preferred_batch_size: [ {pref} ] " if pref else ""
     return (head + f"max_batch_size: {max_batch}\n" + _tensor_block("input", spec.inputs)
             + _tensor_block("output", spec.outputs)
-            + f"dynamic_batching {{ preferred_batch_size: [ {pref} ] max_queue_delay_microseconds: {queue_delay_us} }}\n"
+            + f"dynamic_batching {{ {pref}max_queue_delay_microseconds: {queue_delay_us} }}\n"
             + f"instance_group [ {{ count: {instances} kind: {kind} }} ]\n" + extra)
 
 
@@ -135,10 +136,26 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def staging_dir(out: Path) -> Path:
-    """A fresh directory beside `out` (same file system, so the final swap is a rename)."""
+    """A fresh directory beside `out` (same file system, so the final swap is a rename).
+
+    Its name carries our pid; staging left by an export that was killed (pid gone) is removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    for stale in out.parent.glob(f".{out.name}.staging-*"):
+        pid = stale.name.rsplit("-", 2)[-2] if stale.name.count("-") >= 2 else ""
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
 
 
 def swap_into_place(staged: Path, out: Path) -> None:

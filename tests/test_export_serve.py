@@ -44,11 +44,15 @@ def test_every_generated_config_parses_into_model_config(backend):
         assert [i.name for i in cfg.input] == spec.input_names
         assert [o.name for o in cfg.output] == spec.output_names
         assert list(cfg.dynamic_batching.preferred_batch_size) == [64, 256]
+        assert cfg.dynamic_batching.max_queue_delay_microseconds == 1000
         if backend == "onnxruntime":
             assert cfg.platform == "onnxruntime_onnx" and cfg.instance_group[0].kind == 1  # KIND_GPU
             assert cfg.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
         else:
             assert cfg.backend == "python" and cfg.instance_group[0].count == 2
+    no_pref = parse_config(graph_config(graph_specs(model)["biva_scorer"], "python", 64, 1, 1, (), 500))
+    assert list(no_pref.dynamic_batching.preferred_batch_size) == []
+    assert no_pref.dynamic_batching.max_queue_delay_microseconds == 500
     for spec in front_specs((1, 28, 28), model.latent_dim, len(model.groups)).values():
         cfg = parse_config(front_config(spec, {"caps": {}}, 2))
         assert cfg.backend == "python" and cfg.max_batch_size == 0
@@ -295,3 +299,33 @@ def test_default_model_exports_and_serves(tmp_path):
         assert np.abs(iw - ref.iw.numpy()).max() <= NATS_TOL
         assert np.abs(lgk[:, 1] - ref.l_gt_k[2].numpy()).max() <= NATS_TOL
         assert server.stop() == 0
+
+
+@pytest.mark.slow
+def test_export_killed_mid_write_leaves_previous_repository_served(tiny_ckpt, tiny_repo, tmp_path):
+    """SIGKILL biva-export while it writes: the old repository is intact and still serves; the next
+    export cleans the dead staging folder up."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from biva_export.launcher import start_server
+
+    repo = tmp_path / "triton_models"
+    shutil.copytree(tiny_repo, repo)
+    before = _tree_digest(repo)
+    proc = subprocess.Popen([sys.executable, "-m", "biva_export.cli", "--ckpt", str(tiny_ckpt), "--out", str(repo),
+                             "--no-validate"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".triton_models.staging-*")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _tree_digest(repo) == before
+    with start_server(repo, log_path=tmp_path / "server.log") as server:
+        imgs, _ = _infer(server, "http", "biva_sample", {"n": _i64(2), "seed": _i64(1)}, ["images", "seed"])
+        assert imgs.shape == (2, 1, 28, 28)
+        server.stop()
+    run_export(tiny_ckpt, repo, validate=False, log=lambda *_: None)
+    assert not list(tmp_path.glob(".triton_models.staging-*"))

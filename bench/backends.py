@@ -1,0 +1,136 @@
+"""What is timed: one call of a graph case on one backend, with pre-generated random inputs.
+
+A *case* is a graph at some rows per image: the sampler, the encoder, the scorer with K = 1, and the
+scorer with K importance samples per image (the IW likelihood). For K > 1 the in-process backends run
+the same number of graph rows as Triton's biva_score front model does, in chunks of at most the graph's
+max batch (K x B rows, logsumexp over K), while Triton clients send one biva_score request with iw = K.
+
+Inputs come from biva_export.onnx_export.example_inputs (binary images, normal noise and latents, k and
+temperature drawn at random, never zeros); a small pool of distinct input sets is built before timing and
+rotated, so generating inputs is not timed, as with perf_analyzer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+import torch
+
+from biva_export.graphs import GraphSpec
+
+POOL = 3  # distinct input sets per shape
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # "sampler", "encoder", "scorer_k1", "scorer_iw"
+    graph: str  # ONNX graph and Triton graph model
+    rows_per_image: int  # graph rows per image: 1, or K importance samples
+    triton_model: str  # model the Triton clients call: the graph model, or the biva_score front model
+
+
+def make_cases(iw: int) -> dict[str, Case]:
+    return {
+        "sampler": Case("sampler", "biva_sampler", 1, "biva_sampler"),
+        "encoder": Case("encoder", "biva_encoder", 1, "biva_encoder"),
+        "scorer_k1": Case("scorer_k1", "biva_scorer", 1, "biva_scorer"),
+        "scorer_iw": Case("scorer_iw", "biva_scorer", iw, "biva_score"),
+    }
+
+
+def iw_chunks(k: int, batch: int, graph_max: int) -> list[int]:
+    """Importance samples per graph call, as the biva_score front model slices them (rows = samples x B)."""
+    per_call = max(1, graph_max // batch)
+    return [min(per_call, k - s) for s in range(0, k, per_call)]
+
+
+# ---- in process: PyTorch eager and ONNX Runtime ---------------------------------------------------
+
+class TorchRunner:
+    """PyTorch eager reference: torch.no_grad, eval mode, weight norm folded (the exported weights)."""
+
+    def __init__(self, module: torch.nn.Module, spec: GraphSpec):
+        self.module, self.names = module.eval(), spec.input_names
+
+    def prepare(self, feeds: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.from_numpy(feeds[n]) for n in self.names)
+
+    def __call__(self, prepared: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+        with torch.no_grad():
+            return [o.numpy() for o in self.module(*prepared)]
+
+
+class OrtRunner:
+    def __init__(self, session):
+        self.session = session
+
+    def prepare(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return feeds
+
+    def __call__(self, prepared: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, prepared)
+
+
+def _iw_feeds(make_inputs: Callable[[int, int], dict[str, np.ndarray]], batch: int, samples: int,
+              seed: int) -> dict[str, np.ndarray]:
+    """Scorer inputs for `samples` importance samples of `batch` images: images tiled, k = 0 (L_1)."""
+    feeds = make_inputs(samples * batch, seed)
+    feeds["images"] = np.tile(feeds["images"][:batch], (samples, 1, 1, 1))  # (samples * B, C, H, W)
+    feeds["k"] = np.zeros_like(feeds["k"])
+    return feeds
+
+
+def inprocess_call(runner, case: Case, make_inputs: Callable[[int, int], dict[str, np.ndarray]], batch: int,
+                   graph_max: int, seed: int) -> Callable[[int], Any]:
+    """A call(i) running `batch` images of `case` on `runner`; make_inputs(rows, seed) gives raw inputs."""
+    if case.rows_per_image == 1:
+        pool = [runner.prepare(make_inputs(batch, seed + j)) for j in range(POOL)]
+        return lambda i: runner(pool[i % POOL])
+    chunks = iw_chunks(case.rows_per_image, batch, graph_max)
+    pools = {c: [runner.prepare(_iw_feeds(make_inputs, batch, c, seed + 101 * j + c)) for j in range(2)]
+             for c in set(chunks)}
+
+    def call(i: int) -> np.ndarray:
+        log_w = np.concatenate([runner(pools[c][i % 2])[0][:, 0] for c in chunks])  # (K * B,)
+        log_w = log_w.reshape(case.rows_per_image, batch).astype(np.float64)  # (K, B)
+        m = log_w.max(axis=0)
+        return m + np.log(np.exp(log_w - m).mean(axis=0))  # log (1/K) sum_k w_k, per image
+    return call
+
+
+# ---- Triton clients -------------------------------------------------------------------------------
+
+def triton_inputs(client_mod, case: Case, make_inputs: Callable[[int, int], dict[str, np.ndarray]], batch: int,
+                  seed: int) -> list[list[Any]]:
+    """POOL request bodies (lists of InferInput) for tritonclient.http or .grpc (`client_mod`)."""
+    bodies = []
+    for j in range(POOL):
+        if case.rows_per_image == 1:
+            feeds = make_inputs(batch, seed + j)
+        else:  # biva_score: the front model draws the noise from the seed
+            rng = np.random.default_rng(seed + j)
+            feeds = {"images": make_inputs(batch, seed + j)["images"],
+                     "iw": np.array([case.rows_per_image], np.int64),
+                     "seed": rng.integers(0, 2**62, size=1, dtype=np.int64)}
+        body = []
+        for name, a in feeds.items():
+            t = client_mod.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64")
+            t.set_data_from_numpy(a)
+            body.append(t)
+        bodies.append(body)
+    return bodies
+
+
+def sync_call(client, client_mod, model: str, bodies: list[list[Any]], outputs: list[str]) -> Callable[[int], Any]:
+    """tritonclient.http / .grpc blocking infer; outputs are asked for in binary form."""
+    if client_mod.__name__.endswith("http"):
+        requested = [client_mod.InferRequestedOutput(o, binary_data=True) for o in outputs]
+    else:
+        requested = [client_mod.InferRequestedOutput(o) for o in outputs]
+    return lambda i: client.infer(model, bodies[i % len(bodies)], outputs=requested)
+
+
+def async_call(client, model: str, bodies: list[list[Any]]) -> Callable[[int], Awaitable[Any]]:
+    """tritonclient.grpc.aio infer, for closed-loop concurrent clients."""
+    return lambda i: client.infer(model, bodies[i % len(bodies)])

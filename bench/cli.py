@@ -1,0 +1,96 @@
+"""`biva-bench --ckpt model.pt`: PyTorch vs ONNX Runtime vs Triton (HTTP, gRPC), a concurrency sweep with
+and without dynamic batching, and the achieved fraction of the machine's fp32 GEMM rate.
+
+    biva-bench --ckpt models/default28.pt                  full run (the README's figures)
+    biva-bench --ckpt models/default28.pt --quick          tiny sizes, seconds (what the tests run)
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from .config import BACKENDS, CASES, ORT_LEVELS, PRESETS
+from .triton import Variant
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str | None, allowed: tuple[str, ...]) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise click.BadParameter(f"unknown {bad}; expected some of {', '.join(allowed)}")
+    return names
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--ckpt", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="BIVA checkpoint (copy it first if a training run may rewrite it).")
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model repository exported from CKPT by biva-export (default: export into a temporary folder).")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench_out"),
+              show_default=True, help="Where bench.json, bench.md, the PNG plots and the server logs go.")
+@click.option("--quick", is_flag=True, help="Tiny sizes and short windows: seconds, for smoke tests.")
+@click.option("--threads", type=int, default=None,
+              help="Intra-op threads for PyTorch, ONNX Runtime and each Triton graph instance [all usable cores].")
+@click.option("--batches", default=None, help="Images per request, comma-separated [full: 1,8,64,256].")
+@click.option("--iw", type=int, default=None, help="Importance samples per image for scorer_iw [full: 1000].")
+@click.option("--iw-batches", default=None, help="Images per request for scorer_iw [full: 1,8].")
+@click.option("--concurrency", default=None, help="Clients in the sweep, comma-separated [full: 1,4,16,64].")
+@click.option("--backends", default=None, help=f"Subset of {','.join(BACKENDS)}.")
+@click.option("--cases", default=None, help=f"Subset of {','.join(CASES)}.")
+@click.option("--window-s", type=float, default=None, help="Measurement window in seconds [full: 2].")
+@click.option("--max-windows", type=int, default=None, help="Give up on stability after this many windows [full: 10].")
+@click.option("--ort-level", type=click.Choice(ORT_LEVELS), default="all", show_default=True,
+              help="ONNX Runtime graph optimisation level in process.")
+@click.option("--ort-saved-graph", is_flag=True,
+              help="In process: optimise once, save the optimised graph and load it without re-optimising.")
+@click.option("--instances", type=int, default=0, show_default=True,
+              help="Instances per Triton graph model (0: as exported).")
+@click.option("--queue-delay-us", type=int, default=None, help="Dynamic batcher max queue delay (default: as exported).")
+@click.option("--preferred-batch", default=None,
+              help="Dynamic batcher preferred batch sizes, comma-separated; '' for none (default: as exported).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurrency, backends, cases, window_s,
+         max_windows, ort_level, ort_saved_graph, instances, queue_delay_us, preferred_batch, debug):
+    """Benchmark the exported BIVA graphs: PyTorch eager, ONNX Runtime in process, Triton over HTTP and gRPC."""
+    from biva_core.checkpoint import CheckpointError
+
+    from .run import BenchError, run_bench
+
+    try:
+        cfg = PRESETS["quick" if quick else "full"]
+        measure = cfg.measure
+        if window_s is not None:
+            measure = replace(measure, window_s=window_s)
+        if max_windows is not None:
+            measure = replace(measure, max_windows=max_windows)
+        overrides = {"batches": _ints(batches), "iw": iw, "iw_batches": _ints(iw_batches),
+                     "concurrency": _ints(concurrency), "backends": _names(backends, BACKENDS),
+                     "cases": _names(cases, CASES), "threads": threads}
+        cfg = replace(cfg, measure=measure, ort_level=ort_level, ort_saved_graph=ort_saved_graph,
+                      variant=Variant(threads=threads or 0, instances=instances, preferred=_ints(preferred_batch),
+                                      queue_delay_us=queue_delay_us),
+                      **{k: v for k, v in overrides.items() if v is not None})
+        run_bench(ckpt, out_dir, cfg, repo=repo, log=click.echo)
+    except (BenchError, CheckpointError, ValueError) as e:
+        if debug:
+            raise
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The benchmark's one frozen config and its two presets: quick (tiny sizes, seconds, for the tests) and
+full (the README's figures)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+from .measure import MeasureConfig
+from .triton import Variant
+
+BACKENDS = ("torch", "ort", "triton_http", "triton_grpc")
+CASES = ("sampler", "encoder", "scorer_k1", "scorer_iw")
+ORT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    mode: str  # "quick" or "full", recorded in the JSON
+    batches: tuple[int, ...]  # images per request for sampler, encoder, scorer_k1
+    iw: int  # importance samples per image of the scorer_iw case (the paper's K = 1000)
+    iw_batches: tuple[int, ...]  # images per request for scorer_iw (K x B graph rows each)
+    concurrency: tuple[int, ...]  # closed-loop clients in the sweep, each sending batch-1 requests
+    sweep_case: str  # the case whose graph model the sweep calls directly
+    measure: MeasureConfig  # windows for every cell but scorer_iw
+    iw_measure: MeasureConfig  # windows for scorer_iw, whose calls take seconds
+    gemm_n: int  # n of the n x n x n fp32 matmul that measures the GEMM rate
+    gemm_reps: int
+    threads: int = field(default_factory=default_threads)  # intra-op threads: torch, ORT, each Triton instance
+    backends: tuple[str, ...] = BACKENDS
+    cases: tuple[str, ...] = CASES
+    ort_level: str = "all"  # ONNX Runtime graph optimisation level, in process (Triton's model.py uses ALL)
+    ort_saved_graph: bool = False  # in process: optimise once, save, and load the saved graph (no re-optimising)
+    variant: Variant = Variant()  # Triton repository settings for the dynamic-batching server
+    seed: int = 20240601
+
+    def __post_init__(self) -> None:
+        for name, allowed, got in (("backend", BACKENDS, self.backends), ("case", CASES, self.cases)):
+            bad = set(got) - set(allowed)
+            if bad:
+                raise ValueError(f"unknown {name}s {sorted(bad)}; expected some of {list(allowed)}")
+        if self.ort_level not in ORT_LEVELS:
+            raise ValueError(f"ort_level must be one of {ORT_LEVELS}, got {self.ort_level!r}")
+        if self.sweep_case not in ("sampler", "encoder", "scorer_k1"):
+            raise ValueError(f"sweep_case must be a graph case, got {self.sweep_case!r}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+FULL = BenchConfig(
+    mode="full", batches=(1, 8, 64, 256), iw=1000, iw_batches=(1, 8), concurrency=(1, 4, 16, 64),
+    sweep_case="scorer_k1",
+    measure=MeasureConfig(warmup_s=1.0, window_s=2.0, max_windows=10, min_calls=3),
+    iw_measure=MeasureConfig(warmup_s=0.0, window_s=2.0, max_windows=5, min_calls=1),
+    gemm_n=2048, gemm_reps=10)
+
+# Tiny sizes for the tests: batch 64 is kept so every ratio has its numbers; K = 8, 3 sweep levels.
+QUICK = replace(
+    FULL, mode="quick", batches=(1, 64), iw=8, iw_batches=(1,), concurrency=(1, 4, 16),
+    measure=MeasureConfig(warmup_s=0.05, window_s=0.1, max_windows=4, min_calls=2),
+    iw_measure=MeasureConfig(warmup_s=0.0, window_s=0.1, max_windows=3, min_calls=2),
+    gemm_n=512, gemm_reps=3)
+
+PRESETS = {"full": FULL, "quick": QUICK}

@@ -1,0 +1,209 @@
+"""Turning measurements into the figures that matter: achieved fraction of the GEMM rate, ratios against
+the targets, and the JSON, markdown and PNG outputs."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+BACKEND_LABELS = {"torch": "PyTorch", "ort": "ONNX Runtime", "triton_http": "Triton HTTP", "triton_grpc": "Triton gRPC"}
+
+# (numerator backend, denominator backend, batch, target)
+ORT_OVER_TORCH = ((1, 1.5), (64, 1.2))
+GRPC_OVER_ORT = (64, 0.85)
+DYNAMIC_BATCHING = (16, 1, 4.0)  # clients, against clients, target
+PEAK_FRACTION = ("scorer_k1", 64, 0.40)
+
+
+def add_achieved(result: dict[str, Any]) -> None:
+    """GFLOP/s and fraction of the measured GEMM rate, on every measured cell."""
+    peak = result["gemm"]["gflops_per_s"]
+    for case, entry in result["graphs"].items():
+        flops = result["flops"][case]["flops_per_image"]
+        for cells in entry["results"].values():
+            for m in cells.values():
+                if "images_per_s" in m:
+                    m["gflops_per_s"] = m["images_per_s"] * flops / 1e9
+                    m["fraction_of_gemm"] = m["gflops_per_s"] / peak
+
+
+def _ips(result: dict, case: str, backend: str, batch: int) -> float | None:
+    m = result["graphs"].get(case, {}).get("results", {}).get(backend, {}).get(str(batch), {})
+    return m.get("images_per_s")
+
+
+def _ratio(num: float | None, den: float | None, target: float, what: str) -> dict[str, Any]:
+    value = num / den if num is not None and den else None
+    return {"value": value, "target": target, "met": None if value is None else value >= target, "what": what}
+
+
+def compute_ratios(result: dict[str, Any]) -> dict[str, Any]:
+    """The targets, each {value, target, met, what}; value None where the numbers were not measured."""
+    graph_cases = [c for c in result["graphs"] if result["graphs"][c]["rows_per_image"] == 1]
+    ratios: dict[str, Any] = {"ort_over_torch": {}, "triton_grpc_over_ort": {}}
+    for case in graph_cases:
+        ratios["ort_over_torch"][case] = {
+            str(b): _ratio(_ips(result, case, "ort", b), _ips(result, case, "torch", b), t,
+                           f"ONNX Runtime / PyTorch images/s at batch {b}") for b, t in ORT_OVER_TORCH}
+        b, t = GRPC_OVER_ORT
+        ratios["triton_grpc_over_ort"][case] = {
+            str(b): _ratio(_ips(result, case, "triton_grpc", b), _ips(result, case, "ort", b), t,
+                           f"Triton gRPC / ONNX Runtime images/s at batch {b}")}
+    hi, lo, t = DYNAMIC_BATCHING
+    conc = result.get("concurrency", {})
+    sweep = conc.get("dynamic_batching", {})
+    one = sweep.get(str(lo), {}).get("images_per_s")
+    ratios["dynamic_batching_scaling"] = _ratio(sweep.get(str(hi), {}).get("images_per_s"), one, t,
+                                                f"{hi} clients / {lo} client throughput, dynamic batching on")
+    # Batching can at best reach the in-process rate at the largest batch measured: the scaling's ceiling.
+    ort = result["graphs"].get(conc.get("case", ""), {}).get("results", {}).get("ort", {})
+    best = max((m["images_per_s"] for m in ort.values() if "images_per_s" in m), default=None)
+    ratios["dynamic_batching_scaling"]["ceiling"] = best / one if best and one else None
+    case, b, t = PEAK_FRACTION
+    by_backend = {}
+    for backend in BACKEND_LABELS:
+        m = result["graphs"].get(case, {}).get("results", {}).get(backend, {}).get(str(b), {})
+        if "fraction_of_gemm" in m:
+            by_backend[backend] = m["fraction_of_gemm"]
+    best = max(by_backend, key=by_backend.get) if by_backend else None
+    ratios["scorer_peak_fraction"] = {
+        **_ratio(by_backend.get(best), 1.0, t, f"scorer batch-{b} GFLOP/s / fp32 GEMM rate, best backend"),
+        "backend": best, "by_backend": by_backend}
+    return ratios
+
+
+# ---- outputs --------------------------------------------------------------------------------------
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _met(r: dict) -> str:
+    return "-" if r["met"] is None else ("yes" if r["met"] else "no")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta, sysinfo = result["meta"], result["meta"]["system"]
+    v = sysinfo["versions"]
+    lines = [f"# BIVA serving benchmark ({meta['mode']})", "",
+             f"{sysinfo['cpu_model']}, {sysinfo['cpus_usable']} cores usable, {sysinfo['threads']} intra-op "
+             f"threads everywhere; torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, Triton "
+             f"{v.get('tritonserver', '-')}; fp32 GEMM {result['gemm']['n']}^3: "
+             f"{result['gemm']['gflops_per_s']:.1f} GFLOP/s (start {result['gemm']['start']['gflops_per_s']:.1f}, "
+             f"end {result['gemm']['end']['gflops_per_s']:.1f}). Checkpoint `{meta['checkpoint']}`.", ""]
+    lines += ["## Throughput and latency per graph", "",
+              "images/s (p50 / p99 latency in ms); * = not stable within the window cap", ""]
+    for case, entry in result["graphs"].items():
+        backends = [b for b in BACKEND_LABELS if b in entry["results"]]
+        f = result["flops"][case]
+        lines += [f"### {case} (graph {entry['graph']}, {entry['rows_per_image']} rows per image, "
+                  f"{f['flops_per_image'] / 1e6:.1f} MFLOP per image)", "",
+                  "| batch | " + " | ".join(BACKEND_LABELS[b] for b in backends) + " |",
+                  "|---:|" + "---:|" * len(backends)]
+        for b in entry["batches"]:
+            cells = []
+            for be in backends:
+                m = entry["results"][be].get(str(b), {})
+                if "images_per_s" not in m:
+                    cells.append("skipped" if "skipped" in m else "-")
+                    continue
+                lat = m["latency_ms"]
+                cells.append(f"{m['images_per_s']:.1f} ({lat['p50']:.2f} / {lat['p99']:.2f})"
+                             f"{'' if m['stable'] else '*'}")
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        lines.append("")
+    conc = result.get("concurrency")
+    if conc:
+        lines += [f"## Concurrency sweep: {conc['model']} over gRPC, batch-1 requests", "",
+                  "| clients | dynamic batching | images/s | p50 ms | p90 ms | p99 ms | queue us | compute us | "
+                  "mean batch |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, label in (("dynamic_batching", "on"), ("no_dynamic_batching", "off")):
+            for n, m in conc.get(key, {}).items():
+                s, lat = m.get("server", {}), m["latency_ms"]
+                lines.append(f"| {n} | {label} | {m['images_per_s']:.1f}{'' if m['stable'] else '*'} | "
+                             f"{lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {_fmt(s.get('queue_us'), '.0f')}"
+                             f" | {_fmt(s.get('compute_infer_us'), '.0f')} | {_fmt(s.get('mean_batch_rows'), '.1f')} |")
+        lines.append("")
+    lines += ["## Physical limit", "", "| case | MFLOP per image (ONNX) | MFLOP per image (PyTorch) |",
+              "|---|---:|---:|"]
+    for case, f in result["flops"].items():
+        lines.append(f"| {case} | {f['flops_per_row_onnx'] * f['rows_per_image'] / 1e6:.2f} | "
+                     f"{f['flops_per_row_torch'] * f['rows_per_image'] / 1e6:.2f} |")
+    lines += ["", "## Targets", "", "| ratio | value | target | met |", "|---|---:|---:|---|"]
+    r = result["ratios"]
+    for group in ("ort_over_torch", "triton_grpc_over_ort"):
+        for case, per in r[group].items():
+            for b, x in per.items():
+                lines.append(f"| {case}: {x['what']} | {_fmt(x['value'], '.2f')} | {x['target']} | {_met(x)} |")
+    for key in ("dynamic_batching_scaling", "scorer_peak_fraction"):
+        x = r[key]
+        lines.append(f"| {x['what']} | {_fmt(x['value'], '.2f')} | {x['target']} | {_met(x)} |")
+    ceiling = r["dynamic_batching_scaling"].get("ceiling")
+    if ceiling is not None:
+        lines += ["", f"Ceiling of the dynamic-batching scaling: ONNX Runtime's best in-process rate / the 1-client "
+                      f"rate = {ceiling:.2f}x."]
+    if result.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    cases = list(result["graphs"])
+    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.6), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        entry = result["graphs"][case]
+        for backend, cells in entry["results"].items():
+            pts = [(int(b), m["images_per_s"]) for b, m in cells.items() if "images_per_s" in m]
+            if pts:
+                ax.plot(*zip(*sorted(pts)), marker="o", label=BACKEND_LABELS[backend])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{case} ({entry['rows_per_image']} rows/image)")
+        ax.set_xlabel("images per request")
+        ax.set_ylabel("images/s")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "throughput_vs_batch.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    conc = result.get("concurrency")
+    if conc:
+        fig, (ax_l, ax_t) = plt.subplots(1, 2, figsize=(9, 3.6))
+        for key, label, color in (("dynamic_batching", "dyn. batching", "C0"),
+                                  ("no_dynamic_batching", "no batching", "C3")):
+            runs = conc.get(key, {})
+            if not runs:
+                continue
+            n = [int(k) for k in runs]
+            for p, style in (("p50", "-"), ("p99", "--")):
+                ax_l.plot(n, [runs[str(k)]["latency_ms"][p] for k in n], style, color=color, marker="o",
+                          label=f"{label} {p}")
+            ax_t.plot(n, [runs[str(k)]["images_per_s"] for k in n], color=color, marker="o", label=label)
+        for ax, ylabel in ((ax_l, "latency (ms)"), (ax_t, "images/s")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients (batch-1 requests)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        ax_l.set_yscale("log")
+        fig.suptitle(f"{conc['model']} over gRPC")
+        fig.tight_layout()
+        paths.append(out_dir / "latency_vs_concurrency.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
+    result["meta"]["plots"] = [p.name for p in plot(result, out_dir)]
+    (out_dir / "bench.md").write_text(markdown(result))
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -1,0 +1,382 @@
+"""`run_bench`: every figure of the benchmark, in one pass, written to an output folder.
+
+    checkpoint -> (repository: given, or exported here) -> GEMM rate, FLOPs per image
+    -> in process: PyTorch eager, ONNX Runtime            (no server running)
+    -> Triton, dynamic batching on: HTTP and gRPC per case and batch, then the concurrency sweep
+    -> Triton, dynamic batching off: the concurrency sweep
+    -> ratios against the targets, JSON, markdown, plots
+
+One server at a time, each stopped before the next starts; the client runs on the same cores as the
+server (as perf_analyzer would on this machine), which the JSON notes.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .backends import Case, OrtRunner, TorchRunner, async_call, inprocess_call, make_cases, sync_call, \
+    triton_inputs
+from .config import BenchConfig
+from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
+from .measure import MeasureConfig, measure_async, measure_sync
+from .report import add_achieved, compute_ratios, write_outputs
+from .triton import Variant, graph_max_batch, stats_delta, stats_snapshot, write_variant
+
+RESULT = "bench.json"
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run as asked; the message is one line."""
+
+
+def system_info(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "onnx", "onnxruntime", "numpy", "tritonclient", "nvidia-pytriton"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[dist] = importlib.metadata.version(dist)
+    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
+            "threads": threads, "platform": platform.platform(), "versions": versions,
+            "load_average_at_start": list(os.getloadavg())}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_repo(repo: Path, ckpt: Path) -> None:
+    """The served graphs must hold the checkpoint's weights, or PyTorch and ONNX compare different models."""
+    report = repo / "export_report.json"
+    if not report.is_file():
+        raise BenchError(f"{repo}: no export_report.json; write the repository with biva-export")
+    want = json.loads(report.read_text()).get("checkpoint_sha256")
+    if want != _sha256(ckpt):
+        raise BenchError(f"{repo} was exported from another checkpoint than {ckpt} (sha256 differs)")
+
+
+def _ort_session(path: Path, cfg: BenchConfig, work: Path):
+    import onnxruntime as ort
+
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+    def options(level):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = cfg.threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = level
+        return opts
+
+    t = time.perf_counter()
+    if cfg.ort_saved_graph:  # optimise once, save, load the saved graph without optimising again
+        saved = work / f"{path.parent.parent.name}.opt.onnx"
+        opts = options(levels[cfg.ort_level])
+        opts.optimized_model_filepath = str(saved)
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        t = time.perf_counter()
+        path = saved
+        sess = ort.InferenceSession(str(path), options(levels["disable"]), providers=["CPUExecutionProvider"])
+    else:
+        sess = ort.InferenceSession(str(path), options(levels[cfg.ort_level]), providers=["CPUExecutionProvider"])
+    return sess, time.perf_counter() - t
+
+
+def _batches(cfg: BenchConfig, case: Case) -> tuple[int, ...]:
+    return cfg.iw_batches if case.rows_per_image > 1 else cfg.batches
+
+
+def _mcfg(cfg: BenchConfig, case: Case) -> MeasureConfig:
+    return cfg.iw_measure if case.rows_per_image > 1 else cfg.measure
+
+
+def _line(case: str, backend: str, batch: int, m: dict) -> str:
+    if "skipped" in m:
+        return f"  {case:10s} {backend:12s} b={batch:<4d} skipped: {m['skipped']}"
+    lat = m["latency_ms"]
+    return (f"  {case:10s} {backend:12s} b={batch:<4d} {m['images_per_s']:10.1f} img/s  p50 {lat['p50']:8.2f} ms  "
+            f"p99 {lat['p99']:8.2f} ms{'' if m['stable'] else '  (not stable)'}")
+
+
+def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], graphs: dict[str, Path], plain, specs,
+                    graph_max: int, results: dict, work: Path, log: Callable[[str], Any]) -> dict[str, float]:
+    """PyTorch eager and ONNX Runtime, same weights, same thread count, one caller."""
+    from biva_export.graphs import GRAPH_MODULES
+    from biva_export.onnx_export import example_inputs
+
+    load_s = {}
+    for name, case in cases.items():
+        spec = specs[case.graph]
+        make = lambda rows, seed, spec=spec: example_inputs(spec, plain, rows, seed)  # noqa: E731
+        runners = {}
+        if "torch" in cfg.backends:
+            runners["torch"] = TorchRunner(GRAPH_MODULES[case.graph](plain), spec)
+        if "ort" in cfg.backends:
+            sess, load_s[case.graph] = _ort_session(graphs[case.graph], cfg, work)
+            runners["ort"] = OrtRunner(sess)
+        for backend, runner in runners.items():
+            for b in _batches(cfg, case):
+                call = inprocess_call(runner, case, make, b, graph_max, cfg.seed + b)
+                m, _ = measure_sync(call, b, _mcfg(cfg, case))
+                results[name]["results"].setdefault(backend, {})[str(b)] = m.to_dict()
+                log(_line(name, backend, b, m.to_dict()))
+    return load_s
+
+
+@contextlib.contextmanager
+def _server(repo: Path, log_path: Path):
+    from biva_export.launcher import start_server
+
+    handle = start_server(repo, log_path=log_path)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def bench_triton_sync(cfg: BenchConfig, cases: dict[str, Case], server, repo: Path, plain, specs, results: dict,
+                      log: Callable[[str], Any]) -> str:
+    """One blocking client per protocol, per case and batch; Triton's statistics over the reported windows."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    from biva_export.onnx_export import example_inputs
+
+    protocols = [(p, mod, url) for p, mod, url in (("triton_http", httpclient, server.http_url),
+                                                   ("triton_grpc", grpcclient, server.grpc_url))
+                 if p in cfg.backends]
+    version = ""
+    for backend, mod, url in protocols:
+        # scorer_iw calls at K = 1000 take tens of seconds on 2 cores; the http client's default timeout is 60 s
+        client = mod.InferenceServerClient(url, network_timeout=900.0) if mod is httpclient \
+            else mod.InferenceServerClient(url)
+        try:
+            version = version or _server_version(client)
+            for name, case in cases.items():
+                spec = specs[case.graph]
+                make = lambda rows, seed, spec=spec: example_inputs(spec, plain, rows, seed)  # noqa: E731
+                outputs = (spec.output_names if case.rows_per_image == 1 else ["iw_bound"])
+                limit = graph_max_batch(repo, case.graph)
+                for b in _batches(cfg, case):
+                    if case.rows_per_image == 1 and b > limit:
+                        entry = {"skipped": f"batch {b} > the graph model's max_batch_size {limit}"}
+                    else:
+                        call = sync_call(client, mod, case.triton_model, triton_inputs(mod, case, make, b, cfg.seed + b),
+                                         outputs)
+                        m, snaps = measure_sync(call, b, _mcfg(cfg, case), _stats_fn(client, mod, case))
+                        entry = m.to_dict()
+                        entry["server"] = _server_stats(snaps, case)
+                    results[name]["results"].setdefault(backend, {})[str(b)] = entry
+                    log(_line(name, backend, b, entry))
+        finally:
+            client.close()
+    return version
+
+
+def _server_version(client) -> str:
+    meta = client.get_server_metadata()
+    return meta["version"] if isinstance(meta, dict) else meta.version
+
+
+def _stats_models(case: Case) -> list[str]:
+    return [case.triton_model] + ([case.graph] if case.graph != case.triton_model else [])
+
+
+def _stats_fn(client, mod, case: Case):
+    grpc = not mod.__name__.endswith("http")
+
+    def snap() -> dict[str, dict]:
+        out = {}
+        for m in _stats_models(case):
+            raw = client.get_inference_statistics(m, as_json=True) if grpc else client.get_inference_statistics(m)
+            out[m] = stats_snapshot(raw, m)
+        return out
+    return snap
+
+
+def _server_stats(snaps: list[dict], case: Case) -> dict[str, dict]:
+    """Deltas over the reported windows (the last 3, or fewer when the run stopped early)."""
+    before, after = snaps[max(0, len(snaps) - 4)], snaps[-1]
+    return {m: stats_delta(before[m], after[m]) for m in _stats_models(case)}
+
+
+async def _sweep_async(url: str, case: Case, bodies, levels, mcfg: MeasureConfig, log, label: str) -> dict:
+    import tritonclient.grpc.aio as aioclient
+
+    client = aioclient.InferenceServerClient(url)
+    out = {}
+    try:
+        async def snap():
+            raw = await client.get_inference_statistics(case.triton_model, as_json=True)
+            return stats_snapshot(raw, case.triton_model)
+
+        for n in levels:
+            m, snaps = await measure_async(async_call(client, case.triton_model, bodies), n, 1, mcfg, snap)
+            entry = m.to_dict()
+            entry["server"] = stats_delta(snaps[max(0, len(snaps) - 4)], snaps[-1])
+            out[str(n)] = entry
+            srv = entry["server"]
+            log(f"  {label:22s} c={n:<3d} {entry['images_per_s']:10.1f} img/s  p50 {entry['latency_ms']['p50']:8.2f} ms"
+                f"  p99 {entry['latency_ms']['p99']:8.2f} ms  queue {srv.get('queue_us', 0):8.0f} us  compute "
+                f"{srv.get('compute_infer_us', 0):8.0f} us  batch {srv.get('mean_batch_rows', 0):.1f}"
+                f"{'' if entry['stable'] else '  (not stable)'}")
+    finally:
+        await client.close()
+    return out
+
+
+def bench_sweep(cfg: BenchConfig, case: Case, server, plain, specs, label: str, log) -> dict:
+    """Closed-loop gRPC clients sending batch-1 requests to one graph model."""
+    import tritonclient.grpc as grpcclient
+
+    from biva_export.onnx_export import example_inputs
+
+    spec = specs[case.graph]
+    bodies = triton_inputs(grpcclient, case, lambda rows, seed: example_inputs(spec, plain, rows, seed), 1,
+                           cfg.seed + 7)
+    return asyncio.run(_sweep_async(server.grpc_url, case, bodies, cfg.concurrency, cfg.measure, log, label))
+
+
+def _flops(cases: dict[str, Case], graphs: dict[str, Path], plain, specs) -> dict[str, dict]:
+    from biva_export.graphs import GRAPH_MODULES
+    from biva_export.onnx_export import example_inputs
+
+    per_graph = {}
+    for g in {c.graph for c in cases.values()}:
+        ex = example_inputs(specs[g], plain, 4, seed=1)
+        module = GRAPH_MODULES[g](plain).eval()
+        per_graph[g] = {"onnx": onnx_flops_per_row(graphs[g]),
+                        "torch": torch_flops_per_row(module, tuple(torch.from_numpy(ex[n])
+                                                                   for n in specs[g].input_names))}
+    out = {}
+    for name, c in cases.items():
+        f = per_graph[c.graph]
+        row = f["onnx"]["total"] if f["onnx"]["complete"] else f["torch"]
+        out[name] = {"graph": c.graph, "rows_per_image": c.rows_per_image, "flops_per_row_onnx": f["onnx"]["total"],
+                     "flops_per_row_onnx_by_op": f["onnx"]["by_op"], "onnx_count_complete": f["onnx"]["complete"],
+                     "flops_per_row_torch": f["torch"], "flops_per_image": row * c.rows_per_image,
+                     "source": "onnx" if f["onnx"]["complete"] else "torch"}
+    return out
+
+
+def run_bench(ckpt: Path, out_dir: Path, cfg: BenchConfig, repo: Path | None = None,
+              log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Run every measurement, write bench.json, bench.md and the plots to `out_dir`; returns the result."""
+    from biva_core.checkpoint import load_model
+    from biva_export.graphs import graph_specs, inference_copy
+
+    t_start = time.time()
+    if repo is not None:
+        _check_repo(repo, ckpt)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    result: dict[str, Any] = {"meta": {"mode": cfg.mode, "checkpoint": str(ckpt), "config": asdict(cfg),
+                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                       "system": system_info(cfg.threads)}, "notes": []}
+    load = os.getloadavg()[0]
+    if load > 0.5 * len(os.sched_getaffinity(0)):
+        result["notes"].append(f"the machine was busy at the start (load average {load:.1f} for "
+                               f"{len(os.sched_getaffinity(0))} cores): figures are not representative")
+    gemm_start = gemm_rate(cfg.gemm_n, cfg.threads, cfg.gemm_reps)
+    log(f"GEMM {cfg.gemm_n}^3, {cfg.threads} threads: {gemm_start['gflops_per_s']:.1f} GFLOP/s")
+
+    model, _ = load_model(ckpt)
+    plain = inference_copy(model)
+    specs = graph_specs(plain)
+    cases = {n: c for n, c in make_cases(cfg.iw).items() if n in cfg.cases}
+    with tempfile.TemporaryDirectory(prefix="biva-bench-") as tmp:
+        work = Path(tmp)
+        if repo is None:
+            from biva_export.cli import run_export
+
+            repo = work / "repo"
+            log("exporting the checkpoint (pass --repo to reuse an exported repository) ...")
+            run_export(ckpt, repo, log=lambda *_: None)
+        result["meta"]["repository"] = str(repo) if repo.parent != work else "exported into a temporary folder"
+        graphs = {g: repo / g / "1" / "model.onnx" for g in specs}
+        graph_max = int(json.loads((repo / "export_report.json").read_text())["meta"]["graph_max_batch"])
+        result["flops"] = _flops(cases, graphs, plain, specs)
+        result["notes"].append("FLOPs per image: the ONNX count (Conv, ConvTranspose, MatMul, Gemm; 2 per "
+                               "multiply-add) where shape inference gave every shape; it leaves out work the "
+                               "exporter pruned (the encoder's unused p(x|z) head), which the PyTorch count includes.")
+        result["graphs"] = {n: {"graph": c.graph, "triton_model": c.triton_model, "rows_per_image": c.rows_per_image,
+                                "batches": list(_batches(cfg, c)), "results": {}} for n, c in cases.items()}
+        if cases.get("scorer_iw") is not None:
+            result["notes"].append(
+                f"scorer_iw: K = {cfg.iw} importance samples per image, batches {list(cfg.iw_batches)}; in process "
+                f"the scorer graph runs K x B rows in chunks of at most {graph_max} rows (as biva_score slices "
+                "them), Triton gets one biva_score request with iw = K.")
+        log("in process (no server running):")
+        result["meta"]["ort_session_load_s"] = bench_inprocess(cfg, cases, graphs, plain, specs, graph_max,
+                                                               result["graphs"], work, log)
+        if any(b.startswith("triton") for b in cfg.backends):
+            _bench_servers(cfg, cases, repo, work, out_dir, plain, specs, result, log)
+        gemm_end = gemm_rate(cfg.gemm_n, cfg.threads, cfg.gemm_reps)
+    result["gemm"] = {"start": gemm_start, "end": gemm_end, "n": cfg.gemm_n, "threads": cfg.threads,
+                      "gflops_per_s": (gemm_start["gflops_per_s"] + gemm_end["gflops_per_s"]) / 2}
+    log(f"GEMM at the end: {gemm_end['gflops_per_s']:.1f} GFLOP/s")
+    add_achieved(result)
+    result["meta"]["unstable_cells"] = _unstable(result)
+    result["ratios"] = compute_ratios(result)
+    result["meta"]["duration_s"] = time.time() - t_start
+    result["meta"]["system"]["load_average_at_end"] = list(os.getloadavg())
+    write_outputs(result, out_dir)
+    log(f"wrote {out_dir / RESULT}, {out_dir / 'bench.md'} and plots")
+    return result
+
+
+def _unstable(result: dict) -> list[str]:
+    """Cells that did not stabilise within the window cap (their figures pool the last 3 windows anyway)."""
+    out = [f"{case}/{backend}/b{b}" for case, e in result["graphs"].items() for backend, cells in e["results"].items()
+           for b, m in cells.items() if m.get("stable") is False]
+    for key, runs in result.get("concurrency", {}).items():
+        if isinstance(runs, dict):
+            out += [f"concurrency/{key}/c{n}" for n, m in runs.items() if m.get("stable") is False]
+    return out
+
+
+def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: Path, out_dir: Path, plain, specs,
+                   result: dict, log) -> None:
+    variant = cfg.variant if cfg.variant.threads else Variant(**{**asdict(cfg.variant), "threads": cfg.threads})
+    sweep_case = make_cases(cfg.iw)[cfg.sweep_case]
+    models = sorted({c.triton_model for c in cases.values()} | {sweep_case.triton_model})
+    on = write_variant(repo, work / "repo_dynamic", models, variant)
+    result["meta"]["triton_variant"] = asdict(variant)
+    result["meta"]["triton_configs"] = {m: (on / m / "config.pbtxt").read_text() for m in models}
+    result["concurrency"] = {"case": sweep_case.name, "model": sweep_case.triton_model, "protocol": "grpc",
+                             "request_batch": 1, "levels": list(cfg.concurrency)}
+    log("Triton, dynamic batching on:")
+    with _server(on, out_dir / "server_dynamic.log") as server:
+        version = bench_triton_sync(cfg, cases, server, on, plain, specs, result["graphs"], log)
+        result["meta"]["system"]["versions"]["tritonserver"] = version
+        result["concurrency"]["dynamic_batching"] = bench_sweep(cfg, sweep_case, server, plain, specs,
+                                                                "dynamic batching on", log)
+    off = write_variant(repo, work / "repo_plain", [sweep_case.triton_model],
+                        Variant(**{**asdict(variant), "dynamic_batching": False}))
+    log("Triton, dynamic batching off:")
+    with _server(off, out_dir / "server_plain.log") as server:
+        result["concurrency"]["no_dynamic_batching"] = bench_sweep(cfg, sweep_case, server, plain, specs,
+                                                                   "dynamic batching off", log)
+    result["notes"].append("Triton clients (python tritonclient) run on the same cores as the server.")

@@ -1,0 +1,164 @@
+"""biva-bench: the measurement method and the config rewriting (pure, fast), the FLOP counts against
+PyTorch's, and one quick end-to-end run on the tiny checkpoint that checks every output is there.
+No test asserts a speed."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from biva_bench.backends import iw_chunks
+from biva_bench.measure import MeasureConfig, Window, is_stable, measure_sync
+from biva_bench.triton import Variant, rewrite_graph_config, stats_delta
+
+CONFIG = """\
+name: "biva_scorer"
+backend: "python"
+max_batch_size: 64
+input [
+  { name: "images" data_type: TYPE_FP32 dims: [ 1, 28, 28 ] }
+]
+output [
+  { name: "log_w" data_type: TYPE_FP32 dims: [ 1 ] }
+]
+dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 2000 }
+instance_group [ { count: 1 kind: KIND_CPU } ]
+parameters { key: "onnx_file" value: { string_value: "model.onnx" } }
+parameters { key: "intra_op_threads" value: { string_value: "1" } }
+"""
+
+
+def _window(ips: float, p50: float) -> Window:
+    return Window(1.0, 10, int(ips), [p50] * 10)
+
+
+def test_stability_needs_three_windows_within_ten_percent() -> None:
+    assert not is_stable([_window(100, 1.0), _window(100, 1.0)], 0.1)
+    assert is_stable([_window(50, 9.0), _window(100, 1.0), _window(104, 1.02), _window(97, 0.99)], 0.1)
+    assert not is_stable([_window(100, 1.0), _window(100, 1.0), _window(130, 1.0)], 0.1)
+    assert not is_stable([_window(100, 1.0), _window(100, 1.0), _window(100, 1.5)], 0.1)  # latency drifts
+
+
+def test_measure_sync_counts_calls_and_stops_at_the_window_cap() -> None:
+    calls = []
+    cfg = MeasureConfig(warmup_s=0.0, window_s=0.01, max_windows=5, min_calls=2)
+    m, snaps = measure_sync(lambda i: calls.append(i), 4, cfg, boundary=lambda: len(calls))
+    assert 3 <= len(m.windows) <= 5
+    assert len(snaps) == len(m.windows) + 1 and snaps == sorted(snaps)
+    assert m.images_per_s > 0 and m.images_per_call == 4
+    assert set(m.latency_ms) == {"p50", "p90", "p95", "p99", "mean"}
+    assert calls == list(range(len(calls)))  # the input index rotates
+
+
+def test_iw_chunks_cover_k_like_the_front_model() -> None:
+    assert iw_chunks(1000, 8, 1024) == [128] * 7 + [104]
+    assert sum(iw_chunks(1000, 1, 1024)) == 1000
+    assert iw_chunks(5, 300, 256) == [1] * 5  # more images than rows per call: one sample per call
+
+
+def test_rewrite_graph_config_variants() -> None:
+    off = rewrite_graph_config(CONFIG, Variant(dynamic_batching=False, threads=2, instances=3))
+    assert "dynamic_batching" not in off
+    assert 'string_value: "2"' in off and "count: 3" in off
+    tuned = rewrite_graph_config(CONFIG, Variant(preferred=(), queue_delay_us=100))
+    assert "preferred_batch_size" not in tuned and "max_queue_delay_microseconds: 100" in tuned
+    assert rewrite_graph_config(CONFIG, Variant()) == CONFIG
+
+
+def test_stats_delta_per_request() -> None:
+    before = {"inference_count": 10, "execution_count": 5, "success_count": 10, "success_ns": 0, "queue_count": 10,
+              "queue_ns": 0, "compute_input_count": 0, "compute_input_ns": 0, "compute_infer_count": 0,
+              "compute_infer_ns": 0, "compute_output_count": 0, "compute_output_ns": 0}
+    after = {**before, "inference_count": 30, "execution_count": 10, "success_count": 30, "queue_ns": 40_000,
+             "compute_infer_ns": 200_000, "success_ns": 300_000}
+    d = stats_delta(before, after)
+    assert d["requests"] == 20 and d["mean_batch_rows"] == pytest.approx(4.0)
+    assert d["queue_us"] == pytest.approx(2.0) and d["compute_infer_us"] == pytest.approx(10.0)
+
+
+@pytest.mark.slow
+def test_onnx_flops_match_pytorch_where_nothing_was_pruned(tiny_ckpt, tiny_repo) -> None:
+    import torch
+
+    from biva_bench.flops import onnx_flops_per_row, torch_flops_per_row
+    from biva_core.checkpoint import load_model
+    from biva_export.graphs import GRAPH_MODULES, graph_specs, inference_copy
+    from biva_export.onnx_export import example_inputs
+
+    plain = inference_copy(load_model(tiny_ckpt)[0])
+    specs = graph_specs(plain)
+    for graph in ("biva_sampler", "biva_scorer"):  # the encoder's ONNX graph drops the unused p(x|z) head
+        onnx_count = onnx_flops_per_row(tiny_repo / graph / "1" / "model.onnx")
+        ex = example_inputs(specs[graph], plain, 3, seed=5)
+        ref = torch_flops_per_row(GRAPH_MODULES[graph](plain), tuple(torch.from_numpy(ex[n])
+                                                                     for n in specs[graph].input_names))
+        assert onnx_count["complete"] and onnx_count["total"] == ref > 0
+
+
+def test_cli_refuses_a_repository_from_another_checkpoint(tmp_path: Path, tiny_ckpt) -> None:
+    from click.testing import CliRunner
+
+    from biva_bench.cli import main
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "export_report.json").write_text(json.dumps({"checkpoint_sha256": "0" * 64}))
+    res = CliRunner().invoke(main, ["--ckpt", str(tiny_ckpt), "--repo", str(repo), "--quick",
+                                    "--out-dir", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "another checkpoint" in res.output
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -> None:
+    from biva_bench.config import BACKENDS, QUICK
+    from biva_bench.run import run_bench
+
+    cfg = replace(QUICK, threads=1, measure=replace(QUICK.measure, window_s=0.05, max_windows=3))
+    out = tmp_path / "bench_out"
+    lines = []
+    result = run_bench(tiny_ckpt, out, cfg, repo=tiny_repo, log=lines.append)
+
+    on_disk = json.loads((out / "bench.json").read_text())
+    assert on_disk["ratios"] == json.loads(json.dumps(result["ratios"]))
+    for key in ("meta", "gemm", "flops", "graphs", "concurrency", "ratios", "notes"):
+        assert key in on_disk, key
+    sysinfo = on_disk["meta"]["system"]
+    assert sysinfo["cpu_count"] >= 1 and sysinfo["threads"] == 1
+    assert {"torch", "onnxruntime", "tritonclient", "tritonserver"} <= set(sysinfo["versions"])
+    assert on_disk["gemm"]["gflops_per_s"] > 0
+
+    assert set(on_disk["graphs"]) == {"sampler", "encoder", "scorer_k1", "scorer_iw"}
+    assert on_disk["graphs"]["scorer_iw"]["rows_per_image"] == QUICK.iw
+    for case, entry in on_disk["graphs"].items():
+        assert on_disk["flops"][case]["flops_per_image"] > 0
+        assert set(entry["results"]) == set(BACKENDS), case
+        for backend, cells in entry["results"].items():
+            assert set(cells) == {str(b) for b in entry["batches"]}, (case, backend)
+            for m in cells.values():
+                assert m["images_per_s"] > 0 and m["latency_ms"]["p99"] >= m["latency_ms"]["p50"] > 0
+                assert len(m["windows"]) == 3 and isinstance(m["stable"], bool)
+                assert 0 < m["fraction_of_gemm"]
+                if backend.startswith("triton"):
+                    assert m["server"][entry["triton_model"]]["requests"] > 0
+
+    conc = on_disk["concurrency"]
+    for key in ("dynamic_batching", "no_dynamic_batching"):
+        assert set(conc[key]) == {str(n) for n in QUICK.concurrency}
+        for m in conc[key].values():
+            assert m["images_per_s"] > 0 and {"queue_us", "compute_infer_us"} <= set(m["server"])
+    assert all(m["server"]["mean_batch_rows"] == 1.0 for m in conc["no_dynamic_batching"].values())
+
+    r = on_disk["ratios"]
+    for case in ("sampler", "encoder", "scorer_k1"):
+        assert r["ort_over_torch"][case]["1"]["value"] > 0 and r["ort_over_torch"][case]["64"]["value"] > 0
+        assert r["triton_grpc_over_ort"][case]["64"]["value"] > 0
+    assert r["dynamic_batching_scaling"]["value"] > 0
+    assert r["scorer_peak_fraction"]["value"] > 0 and r["scorer_peak_fraction"]["backend"] in BACKENDS
+
+    md = (out / "bench.md").read_text()
+    assert "## Targets" in md and "## Concurrency sweep" in md
+    for png in ("throughput_vs_batch.png", "latency_vs_concurrency.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
