@@ -1,0 +1,417 @@
+"""`BivaClient`: one typed call per request of the served API (export/repository.py `front_specs`).
+
+    client = BivaClient("127.0.0.1:8000", protocol="http")
+    images = client.sample(n=16, seed=0)                       # (16, C, H, W) in [0, 1]
+    bounds = client.score(x, seed=0, iw=8, ks=(1, 2))          # Scores: elbo, iw_bound, l_gt_k, kl
+    client.close()
+
+Each method sends exactly one request; splitting a data set into requests (and giving each its seed) is
+`biva_client.tasks`'s job. Noise is drawn on the server from the request's seed, so the same seed and the
+same inputs give the same numbers. Transient failures (connection refused/reset, gRPC UNAVAILABLE, HTTP
+5xx) are retried with exponential backoff; every failure reaches the caller as a `ClientError` subclass
+with a one-line message and the process exit code the CLI uses for it.
+
+Thread safety: every thread gets its own tritonclient instance (the HTTP client is gevent based and not
+safe to share across threads), so the methods can be called from a pool of worker threads.
+"""
+from __future__ import annotations
+
+import json
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+PROTOCOLS = ("http", "grpc")
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
+ROLES = ("sample", "regenerate", "encode", "score")
+INT64_MAX = 2**63 - 1
+T = TypeVar("T")
+
+# Exit codes of the CLI, one per kind of failure (documented in biva_client/cli.py).
+EXIT_ERROR = 1  # the server answered with an error, or anything else unexpected
+EXIT_INPUT = 2  # bad command line or input data (click's own usage errors exit 2 too)
+EXIT_FLAGGED = 3  # `ood check`: at least one input flagged
+EXIT_UNAVAILABLE = 4  # server unreachable, or the model not loaded/ready
+EXIT_TIMEOUT = 5  # a request ran past --timeout
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
+
+class ClientError(RuntimeError):
+    """A failure to show the user as one line; `exit_code` is what the CLI exits with."""
+
+    exit_code = EXIT_ERROR
+
+
+class InputError(ClientError, ValueError):
+    """Inputs that cannot be sent (wrong shape, over a server cap); raised before any request."""
+
+    exit_code = EXIT_INPUT
+
+
+class ServerUnavailable(ClientError):
+    """Nothing answers at the URL, or the connection dropped; retried before it is raised."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class ModelNotReady(ClientError):
+    """The server answers but the model is not loaded (wrong --model-prefix, or still loading)."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class RequestTimeout(ClientError):
+    exit_code = EXIT_TIMEOUT
+
+
+class ServerError(ClientError):
+    """The server answered the request with an error (a bad request names the field)."""
+
+    def __init__(self, message: str, status: str = "", transient: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.transient = transient
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """The `biva_meta` parameter every served model carries (written by biva-export)."""
+
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    likelihood: str  # "bernoulli" (binary images) or "dmol" (8-bit)
+    binarize: str  # how the checkpoint's test set was preprocessed: "threshold", "bernoulli" or "8bit"
+    n_layers: int  # L, stochastic layers; k in 0..L
+    latent_dim: int  # D, width of the flat z / q_mu / q_log_std
+    noise_dim: int  # noise drawn per image per importance sample
+    groups: tuple[str, ...]  # latent group names in the flat layout (z1_bu, z1_td, ..., zL)
+    caps: dict[str, float]  # server-side request caps: max_n, max_images, max_iw, max_iw_rows, max_temperature
+    raw: dict[str, Any]  # the whole JSON, for anything not named above
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelMeta:
+        d = json.loads(text)
+        return cls(image_shape=tuple(int(v) for v in d["image_shape"]), likelihood=d["likelihood"],
+                   binarize=d["binarize"], n_layers=int(d["n_layers"]), latent_dim=int(d["latent_dim"]),
+                   noise_dim=int(d["noise_dim"]), groups=tuple(d["groups"]), caps=dict(d["caps"]), raw=d)
+
+    @property
+    def n_dims(self) -> int:
+        """C * H * W, the denominator of bits per dimension."""
+        c, h, w = self.image_shape
+        return c * h * w
+
+    def data_meta(self) -> dict[str, Any]:
+        """The checkpoint-style "data" entry that biva_core.data.load_for_model expects."""
+        return {"image_shape": list(self.image_shape), "binarize": self.binarize,
+                "test_seed": int(self.raw.get("test_seed", 0))}
+
+
+@dataclass
+class Scores:
+    """Per-image bounds in nats from biva_score: (B,) each, l_gt_k (B, len(ks)), kl (B, G)."""
+
+    elbo: np.ndarray  # L_1
+    iw_bound: np.ndarray  # L_K (equals elbo when iw = 1)
+    l_gt_k: np.ndarray  # L^{>k} for each requested k, in the order of `ks`
+    kl: np.ndarray  # analytic KL per latent group
+    ks: tuple[int, ...]
+    seed: int
+
+
+@dataclass
+class Encoding:
+    """biva_encode's outputs: flat latents (B, D) and KL per group (B, G)."""
+
+    z: np.ndarray
+    q_mu: np.ndarray
+    q_log_std: np.ndarray
+    kl: np.ndarray
+    seed: int
+
+
+def default_url(protocol: str) -> str:
+    return f"127.0.0.1:{DEFAULT_PORTS[protocol]}"
+
+
+def check_seed(seed: int, what: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= INT64_MAX:
+        raise InputError(f"{what}: expected an integer in 0..2^63-1, got {seed!r}")
+    return int(seed)
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[0][:500] if lines else ""
+
+
+class BivaClient:
+    """A connection to the BIVA front models on one Triton server (HTTP or gRPC)."""
+
+    def __init__(self, url: str | None = None, protocol: str = "http", model_prefix: str = "biva_",
+                 timeout: float = 120.0, retries: int = 3, backoff: float = 0.25):
+        if protocol not in PROTOCOLS:
+            raise InputError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        if timeout <= 0:
+            raise InputError(f"timeout: expected seconds > 0, got {timeout}")
+        self.protocol = protocol
+        self.url = url or default_url(protocol)
+        for scheme in ("http://", "https://", "grpc://"):  # tritonclient wants host:port
+            if self.url.startswith(scheme):
+                self.url = self.url[len(scheme):]
+        self.model_prefix = model_prefix
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self._local = threading.local()
+        self._clients: list[Any] = []
+        self._lock = threading.Lock()
+        self._meta: ModelMeta | None = None
+        self._ready: set[str] = set()
+        self.requests_sent = 0  # inference requests only, for tests and reports
+
+    # ---- plumbing -------------------------------------------------------------------------------
+    def __enter__(self) -> BivaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"BivaClient({self.url!r}, protocol={self.protocol!r}, model_prefix={self.model_prefix!r})"
+
+    @property
+    def _module(self):
+        if self.protocol == "http":
+            import tritonclient.http as module
+        else:
+            import tritonclient.grpc as module
+        return module
+
+    def _client(self):
+        """This thread's tritonclient instance."""
+        c = getattr(self._local, "client", None)
+        if c is None:
+            if self.protocol == "http":
+                c = self._module.InferenceServerClient(self.url, connection_timeout=self.timeout,
+                                                       network_timeout=self.timeout)
+            else:
+                c = self._module.InferenceServerClient(self.url)
+            self._local.client = c
+            with self._lock:
+                self._clients.append(c)
+        return c
+
+    def close(self) -> None:
+        """Close every thread's connection (Triton waits for open HTTP keep-alives on shutdown)."""
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for c in clients:
+            try:
+                c.close()
+            except Exception:  # closing a broken connection must not mask the real error
+                pass
+        self._local = threading.local()
+
+    def model_name(self, role: str) -> str:
+        return f"{self.model_prefix}{role}"
+
+    def _where(self) -> str:
+        return f"Triton at {self.url} ({self.protocol})"
+
+    def _classify(self, e: BaseException, what: str) -> ClientError:
+        """Turn a tritonclient / socket exception into a one-line ClientError."""
+        from tritonclient.utils import InferenceServerException
+
+        if isinstance(e, InferenceServerException):
+            status = str(e.status() or "")
+            msg = _first_line(e.message() or str(e))
+            if status.endswith("UNAVAILABLE"):
+                return ServerUnavailable(f"cannot reach {self._where()}: {msg}")
+            if status.endswith("DEADLINE_EXCEEDED"):
+                return RequestTimeout(f"{what}: no answer from {self._where()} within {self.timeout:g} s "
+                                      "(raise --timeout, or lower --batch-size / --iw)")
+            transient = status.isdigit() and 500 <= int(status) < 600
+            return ServerError(f"{what}: server error: {msg}", status, transient)
+        if isinstance(e, (TimeoutError, socket.timeout)) or type(e).__name__ == "Timeout":  # gevent.Timeout
+            return RequestTimeout(f"{what}: no answer from {self._where()} within {self.timeout:g} s "
+                                  "(raise --timeout, or lower --batch-size / --iw)")
+        if isinstance(e, (ConnectionError, socket.gaierror)):
+            reason = _first_line(getattr(e, "strerror", None) or str(e)) or type(e).__name__
+            return ServerUnavailable(f"cannot reach {self._where()}: {reason}")
+        if isinstance(e, OSError):
+            return ServerUnavailable(f"cannot reach {self._where()}: {type(e).__name__}: {_first_line(str(e))}")
+        return ClientError(f"{what}: {type(e).__name__}: {_first_line(str(e))}")
+
+    def _retry(self, fn: Callable[[Any], T], what: str) -> T:
+        """Call fn(tritonclient) with exponential backoff on transient failures."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(self._client())
+            except Exception as e:  # noqa: BLE001 - classified below, re-raised as ClientError
+                err = self._classify(e, what)
+                transient = isinstance(err, ServerUnavailable) or getattr(err, "transient", False)
+                if not transient or attempt == self.retries:
+                    if transient and self.retries:
+                        err.args = (f"{err.args[0]} (after {attempt + 1} tries)",)
+                    raise err from e
+                self._drop_client()  # a reset connection is not reused
+                time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _drop_client(self) -> None:
+        c = getattr(self._local, "client", None)
+        self._local.client = None
+        if c is not None:
+            with self._lock:
+                if c in self._clients:
+                    self._clients.remove(c)
+            try:
+                c.close()
+            except Exception:
+                pass
+
+    # ---- health and metadata --------------------------------------------------------------------
+    def is_live(self) -> bool:
+        kw = {} if self.protocol == "http" else {"client_timeout": self.timeout}
+        return bool(self._retry(lambda c: c.is_server_live(**kw), "server health"))
+
+    def ensure_ready(self, role: str) -> None:
+        """Raise ModelNotReady unless the front model for `role` is loaded and ready (checked once)."""
+        name = self.model_name(role)
+        if name in self._ready:
+            return
+        kw = {} if self.protocol == "http" else {"client_timeout": self.timeout}
+        if not self._retry(lambda c: c.is_model_ready(name, **kw), f"model {name}"):
+            raise ModelNotReady(f"model {name!r} is not ready on {self._where()}; check --model-prefix "
+                                "and the server log")
+        self._ready.add(name)
+
+    def model_config(self, role: str) -> dict[str, Any]:
+        """The model's config as a dict (the same keys over HTTP and gRPC)."""
+        name = self.model_name(role)
+        self.ensure_ready(role)
+        if self.protocol == "http":
+            return self._retry(lambda c: c.get_model_config(name), f"model {name}")
+        return self._retry(lambda c: c.get_model_config(name, as_json=True, client_timeout=self.timeout),
+                           f"model {name}")["config"]
+
+    @property
+    def meta(self) -> ModelMeta:
+        """biva_meta of the served model (fetched once, from biva_sample's config)."""
+        if self._meta is None:
+            self._meta = self.fetch_meta("sample")
+        return self._meta
+
+    def fetch_meta(self, role: str) -> ModelMeta:
+        cfg = self.model_config(role)
+        try:
+            meta = ModelMeta.from_json(cfg["parameters"]["biva_meta"]["string_value"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ServerError(f"model {self.model_name(role)!r} has no valid biva_meta parameter ({e}); "
+                              "was it written by biva-export?") from None
+        if self._meta is None:
+            self._meta = meta
+        return meta
+
+    # ---- requests -------------------------------------------------------------------------------
+    def _infer(self, role: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """One inference request; inputs are sent with the dtype they have."""
+        self.ensure_ready(role)
+        name, mod = self.model_name(role), self._module
+        dtypes = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+
+        def call(c):
+            tensors = []
+            for key, arr in inputs.items():
+                t = mod.InferInput(key, list(arr.shape), dtypes[arr.dtype])
+                t.set_data_from_numpy(np.ascontiguousarray(arr))
+                tensors.append(t)
+            if self.protocol == "http":
+                outs = [mod.InferRequestedOutput(o, binary_data=True) for o in outputs]
+                res = c.infer(name, tensors, outputs=outs)
+            else:
+                outs = [mod.InferRequestedOutput(o) for o in outputs]
+                res = c.infer(name, tensors, outputs=outs, client_timeout=self.timeout)
+            return {o: res.as_numpy(o) for o in outputs}
+
+        with self._lock:
+            self.requests_sent += 1
+        return self._retry(call, name)
+
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        """float32 (B, C, H, W) matching the model, 1 <= B <= max_images; InputError otherwise."""
+        meta = self.meta
+        want = tuple(meta.image_shape)
+        if images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise InputError(f"images: the model expects shape (N, {', '.join(map(str, want))}), "
+                             f"got {tuple(images.shape)}")
+        cap = int(meta.caps["max_images"])
+        if not 1 <= images.shape[0] <= cap:
+            raise InputError(f"images: {images.shape[0]} in one request, expected 1..{cap} (server cap max_images)")
+        return np.ascontiguousarray(images, dtype=np.float32)
+
+    def _check_temperature(self, t: float) -> None:
+        cap = float(self.meta.caps["max_temperature"])
+        if not (math.isfinite(t) and 0.0 < t <= cap):
+            raise InputError(f"temperature: expected > 0 and <= {cap:g} (server cap max_temperature), got {t}")
+
+    def sample(self, n: int, seed: int, temperature: float = 1.0) -> np.ndarray:
+        """n images (n, C, H, W) from the prior, at most caps["max_n"] per request."""
+        cap = int(self.meta.caps["max_n"])
+        if not 1 <= n <= cap:
+            raise InputError(f"n: {n} in one request, expected 1..{cap} (server cap max_n)")
+        self._check_temperature(temperature)
+        out = self._infer("sample", {"n": np.array([n], np.int64), "seed": np.array([check_seed(seed)], np.int64),
+                                     "temperature": np.array([temperature], np.float32)}, ["images"])
+        return out["images"]
+
+    def regenerate(self, z: np.ndarray, k: int, seed: int, temperature: float = 1.0) -> np.ndarray:
+        """Keep z_{>k} of the flat latents z (B, D), redraw z_{<=k} from the prior (Figure 12)."""
+        L, D = self.meta.n_layers, self.meta.latent_dim
+        if z.ndim != 2 or z.shape[1] != D:
+            raise InputError(f"z: expected shape (B, {D}), got {tuple(z.shape)}")
+        if not 0 <= k <= L:
+            raise InputError(f"k: expected 0..{L}, got {k}")
+        self._check_temperature(temperature)
+        out = self._infer("regenerate", {
+            "z": np.ascontiguousarray(z, dtype=np.float32), "k": np.array([k], np.int64),
+            "seed": np.array([check_seed(seed)], np.int64), "temperature": np.array([temperature], np.float32)},
+            ["images"])
+        return out["images"]
+
+    def encode(self, images: np.ndarray, seed: int) -> Encoding:
+        x = self.check_images(images)
+        out = self._infer("encode", {"images": x, "seed": np.array([check_seed(seed)], np.int64)},
+                          ["z", "q_mu", "q_log_std", "kl"])
+        return Encoding(out["z"], out["q_mu"], out["q_log_std"], out["kl"], int(seed))
+
+    def score(self, images: np.ndarray, seed: int, iw: int = 1, ks: Sequence[int] = ()) -> Scores:
+        """L_1, L_K (K = iw) and L^{>k} for each k, per image, in nats."""
+        x = self.check_images(images)
+        check_score_request(self.meta, len(x), iw, ks)
+        ks = tuple(int(k) for k in ks)
+        inputs = {"images": x, "iw": np.array([iw], np.int64), "seed": np.array([check_seed(seed)], np.int64)}
+        if ks:
+            inputs["ks"] = np.array(ks, np.int64)
+        out = self._infer("score", inputs, ["elbo", "iw_bound", "l_gt_k", "kl"])
+        l_gt_k = out["l_gt_k"] if ks else np.zeros((len(x), 0), np.float32)
+        return Scores(out["elbo"], out["iw_bound"], l_gt_k, out["kl"], ks, int(seed))
+
+
+def check_score_request(meta: ModelMeta, batch: int, iw: int, ks: Sequence[int]) -> None:
+    """The server's caps on biva_score, checked here so that nothing is sent that would be refused."""
+    caps, L = meta.caps, meta.n_layers
+    if not 1 <= iw <= int(caps["max_iw"]):
+        raise InputError(f"iw: expected 1..{int(caps['max_iw'])} (server cap max_iw), got {iw}")
+    if iw * batch > int(caps["max_iw_rows"]):
+        raise InputError(f"iw x batch size = {iw} x {batch} exceeds the server cap max_iw_rows = "
+                         f"{int(caps['max_iw_rows'])}; use --batch-size <= {int(caps['max_iw_rows']) // iw}")
+    bad = [k for k in ks if not 0 <= int(k) <= L]
+    if bad or len(ks) > L + 1:
+        raise InputError(f"k: got {list(ks)}, expected at most {L + 1} values, each in 0..{L}")
