@@ -154,7 +154,7 @@ class BivaClient:
     """A connection to the BIVA front models on one Triton server (HTTP or gRPC)."""
 
     def __init__(self, url: str | None = None, protocol: str = "http", model_prefix: str = "biva_",
-                 timeout: float = 120.0, retries: int = 3, backoff: float = 0.25):
+                 timeout: float = 120.0, retries: int = 6, backoff: float = 0.25):
         if protocol not in PROTOCOLS:
             raise InputError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         if timeout <= 0:
@@ -241,6 +241,10 @@ class BivaClient:
         if isinstance(e, (TimeoutError, socket.timeout)) or type(e).__name__ == "Timeout":  # gevent.Timeout
             return RequestTimeout(f"{what}: no answer from {self._where()} within {self.timeout:g} s "
                                   "(raise --timeout, or lower --batch-size / --iw)")
+        if type(e).__name__ in ("HTTPConnectionClosed", "ConnectionClosed", "RemoteDisconnected"):
+            # geventhttpclient: the server closed the connection mid-request (e.g. it restarted); requests
+            # carry their seed, so sending again gives the same answer
+            return ServerUnavailable(f"cannot reach {self._where()}: connection closed")
         if isinstance(e, (ConnectionError, socket.gaierror)):
             reason = _first_line(getattr(e, "strerror", None) or str(e)) or type(e).__name__
             return ServerUnavailable(f"cannot reach {self._where()}: {reason}")

@@ -121,7 +121,7 @@ def _group(*args, **kwargs):
               help="Seconds to wait for one request.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0),
               help="Base seed of the noise drawn on the server (a command's own --seed overrides it).")
-@click.option("--retries", default=3, show_default=True, type=click.IntRange(0),
+@click.option("--retries", default=6, show_default=True, type=click.IntRange(0),
               help="Retries of transient failures (refused/reset connections, UNAVAILABLE, HTTP 5xx), "
                    "with exponential backoff.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: only on a terminal].")

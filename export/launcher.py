@@ -336,8 +336,9 @@ class ServerHandle:
         self.stop()
 
 
-def _launch(repo: Path, extra_args: Sequence[str], log_path: Path, env: dict | None) -> ServerHandle:
-    http, grpc, metrics = free_ports(3)
+def _launch(repo: Path, extra_args: Sequence[str], log_path: Path, env: dict | None,
+            ports: Sequence[int] | None = None) -> ServerHandle:
+    http, grpc, metrics = ports if ports else free_ports(3)
     cmd = [
         sys.executable, "-m", "biva_export.launcher",
         f"--model-repository={Path(repo).resolve()}",
@@ -357,6 +358,7 @@ def start_server(
     log_path: Path | None = None,
     ready_timeout: float = 120,
     env: dict | None = None,
+    ports: Sequence[int] | None = None,
 ) -> ServerHandle:
     """Start this launcher on three free loopback ports and wait until the server is ready.
 
@@ -370,9 +372,9 @@ def start_server(
         log_path = Path(name)
     log_path = Path(log_path)
     for attempt in range(3):
-        handle = _launch(repo, extra_args, log_path, env)
+        handle = _launch(repo, extra_args, log_path, env, ports)
         try:
-            if _wait_started(handle, ready_timeout, retry_on_port_clash=attempt < 2):
+            if _wait_started(handle, ready_timeout, retry_on_port_clash=attempt < 2 and not ports):
                 return handle
         except BaseException:  # also Ctrl-C while waiting: leave no server behind
             handle.stop()
