@@ -65,7 +65,12 @@ def onnx_flops_per_row(path: Path) -> dict[str, Any]:
         dim0 = inp.type.tensor_type.shape.dim[0]
         dim0.Clear()
         dim0.dim_value = 1
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    try:  # onnxruntime's symbolic inference follows the Shape -> Gather -> Concat -> Reshape chains
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference  # of the tracing exporter
+
+        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # noqa: BLE001 - fall back to ONNX's own inference
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     shapes = _shapes(model)
     by_op: dict[str, int] = {}
     unknown = []

@@ -127,7 +127,13 @@ def test_killed_stub_gives_clean_errors_and_a_reload_recovers(tiny_repo, tmp_pat
         assert "biva_scorer" in e.value.message() and time.monotonic() - t0 < 60
         sample = client.infer("biva_sample", _inputs(tgrpc, {"n": np.array([1], np.int64)})).as_numpy("images")
         assert sample.shape == (1, 1, 28, 28)  # the other models keep serving
-        client.load_model("biva_scorer")  # recovery: reload the model (a fresh stub)
+        # recovery: unload and load the model, which starts a fresh stub (a plain load of an unchanged,
+        # loaded model may be a no-op)
+        client.unload_model("biva_scorer")
+        deadline = time.monotonic() + 60
+        while client.is_model_ready("biva_scorer") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        client.load_model("biva_scorer")
         after = client.infer("biva_score", _inputs(tgrpc, arrays)).as_numpy("elbo")
         assert np.array_equal(after, before)
         client.close()
