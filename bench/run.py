@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from biva_export.cli import sha256_file
 
 from .backends import Case, OrtRunner, TorchRunner, async_call, inprocess_call, make_cases, sync_call, \
     triton_inputs
@@ -57,21 +58,13 @@ def system_info(threads: int) -> dict[str, Any]:
             "load_average_at_start": list(os.getloadavg())}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_repo(repo: Path, ckpt: Path) -> None:
     """The served graphs must hold the checkpoint's weights, or PyTorch and ONNX compare different models."""
     report = repo / "export_report.json"
     if not report.is_file():
         raise BenchError(f"{repo}: no export_report.json; write the repository with biva-export")
     want = json.loads(report.read_text()).get("checkpoint_sha256")
-    if want != _sha256(ckpt):
+    if want != sha256_file(ckpt):
         raise BenchError(f"{repo} was exported from another checkpoint than {ckpt} (sha256 differs)")
 
 

@@ -30,7 +30,7 @@ class ExportError(RuntimeError):
     """Export or validation failed; the message says which graph and by how much."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -80,7 +80,7 @@ def run_export(ckpt: Path, out: Path, backend: str = "python", opset: int = 18, 
     specs = graph_specs(plain)
     caps = {**DEFAULT_CAPS, **(caps or {})}
     report = {
-        "checkpoint": str(ckpt), "checkpoint_sha256": _sha256(ckpt), "backend": backend, "opset": opset,
+        "checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt), "backend": backend, "opset": opset,
         "exporter": exporter,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},
