@@ -7,7 +7,7 @@ equivalents of
 
     biva-client sample --n 64 --out samples.png --npy samples.npy
     biva-client likelihood --data fashion-mnist:test --limit 500 --out likelihood.csv
-    biva-client ood score --in fashion-mnist:test --ood digits --limit 300 --k 1,2,3 --plot ood.png
+    biva-client ood score --in fashion-mnist:test --ood digits --limit 1000 --k 1,2,3,4 --plot ood.png
     biva-client reconstruct --data fashion-mnist:test --limit 8 --out reconstructions.png
 
 writes everything into --out-dir, prints where each output went, and stops the server (also on an error
@@ -32,7 +32,7 @@ def _step(msg: str, t0: float) -> None:
 
 
 def run_demo(ckpt: Path, out_dir: Path, repo: Path, n_samples: int = 64, ll_limit: int = 500,
-             ood_limit: int = 300, k_list: str | None = "1,2,3", in_spec: str = "fashion-mnist:test",
+             ood_limit: int = 1000, k_list: str | None = "1,2,3,4", in_spec: str = "fashion-mnist:test",
              ood_spec: str = "digits", seed: int = 0, batch_size: int = 100, concurrency: int = 2,
              progress: bool | None = None) -> dict[str, Path]:
     """Export, serve, query; returns {what: path} of every output written."""
@@ -116,8 +116,8 @@ def run_demo(ckpt: Path, out_dir: Path, repo: Path, n_samples: int = 64, ll_limi
               show_default=True, help="Model repository to (re)write.")
 @click.option("--ll-limit", default=500, show_default=True, type=click.IntRange(1),
               help="Images of fashion-mnist:test scored for likelihoods.")
-@click.option("--ood-limit", default=300, show_default=True, type=click.IntRange(1), help="Images per OOD set.")
-@click.option("--k", "k_list", default="1,2,3", show_default=True, help="k list of the OOD scores L>k, LLR>k.")
+@click.option("--ood-limit", default=1000, show_default=True, type=click.IntRange(1), help="Images per OOD set.")
+@click.option("--k", "k_list", default="1,2,3,4", show_default=True, help="k list of the OOD scores L>k, LLR>k.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(ckpt, out_dir, repo, ll_limit, ood_limit, k_list, debug):
     """Export a checkpoint, serve it with Triton, and run samples, likelihoods, OOD scores and reconstructions."""
