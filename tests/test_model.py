@@ -16,9 +16,10 @@ torch.set_num_threads(1)  # the suite runs beside other work; small graphs gain 
 # Parameter counts of the paper presets as built here (regression pins: a change to the architecture
 # code must be deliberate). The dense heads of binary28 dominate (12544 = 64 x 14 x 14 inputs).
 PAPER_PRESETS = {
-    "binary28": dict(L=6, latent_dim=(48 + 40 + 32 + 24 + 16) * 2 + 8, shape=(1, 28, 28)),
-    "natural32": dict(L=15, shape=(3, 32, 32)),
-    "natural64": dict(L=20, shape=(3, 64, 64)),
+    "binary28": dict(L=6, latent_dim=(48 + 40 + 32 + 24 + 16) * 2 + 8, shape=(1, 28, 28), params=30_003_234),
+    "natural32": dict(L=15, shape=(3, 32, 32), params=29_161_652),
+    "natural64": dict(L=20, shape=(3, 64, 64), params=36_271_520),
+    "default28": dict(L=5, shape=(1, 28, 28), params=2_130_754),  # shipped: 8.5 MB of float32
 }
 
 
@@ -38,6 +39,7 @@ def test_preset_shapes_and_parameter_count(name):
     if name in PAPER_PRESETS:
         spec = PAPER_PRESETS[name]
         assert cfg.n_layers == spec["L"] and cfg.image_shape == spec["shape"]
+        assert n_params == spec["params"], n_params
         if "latent_dim" in spec:
             assert model.latent_dim == spec["latent_dim"]
     if name == "natural32":  # conv latents 38, 36, ..., 10 maps at 16x16 (1-10), 8x8 (11-14), 4x4 (15)
