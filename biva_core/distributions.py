@@ -9,6 +9,13 @@ import torch.nn.functional as F
 LOG_2PI = math.log(2.0 * math.pi)
 
 
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(x)) written as max(x, 0) + log1p(exp(-|x|)): exact for every x in float32, and it
+    exports to plain ONNX ops. (The tracing exporter turns BCE-with-logits into log(sigmoid(x)), which is
+    -inf for confident logits: the export validation caught it on the trained model.)"""
+    return torch.clamp(x, min=0.0) + torch.log1p(torch.exp(-torch.abs(x)))
+
+
 class DiagGaussian:
     """N(mu, diag(std^2)); log_std kept alongside std so no log is taken twice."""
 
@@ -21,7 +28,7 @@ class DiagGaussian:
     def from_raw(cls, raw: torch.Tensor, min_std: float, dim: int = 1) -> "DiagGaussian":
         """Split raw network output into mean and std = softplus(.) + min_std (any std > min_std)."""
         mu, s = raw.chunk(2, dim=dim)
-        return cls(mu, F.softplus(s) + min_std)
+        return cls(mu, softplus(s) + min_std)
 
     @classmethod
     def standard(cls, like: torch.Tensor) -> "DiagGaussian":
@@ -48,7 +55,8 @@ class Bernoulli:
         self.logits = logits
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return -F.binary_cross_entropy_with_logits(self.logits, x, reduction="none")
+        """x log sigmoid(l) + (1 - x) log sigmoid(-l) = x l - softplus(l), stable for any logit."""
+        return x * self.logits - softplus(self.logits)
 
     def mean(self) -> torch.Tensor:
         return torch.sigmoid(self.logits)
@@ -86,10 +94,10 @@ class DiscretizedLogisticMixture:
         minus = inv_s * (centred - half)
         cdf_plus = torch.sigmoid(plus)
         cdf_minus = torch.sigmoid(minus)
-        log_cdf_plus = plus - F.softplus(plus)  # log F(x+) for the x = 0 edge
-        log_one_minus_cdf_minus = -F.softplus(minus)  # log(1 - F(x-)) for the x = 255 edge
+        log_cdf_plus = plus - softplus(plus)  # log F(x+) for the x = 0 edge
+        log_one_minus_cdf_minus = -softplus(minus)  # log(1 - F(x-)) for the x = 255 edge
         mid = inv_s * centred
-        log_pdf_mid = mid - self.log_scale - 2.0 * F.softplus(mid) + math.log(2.0 * half)
+        log_pdf_mid = mid - self.log_scale - 2.0 * softplus(mid) + math.log(2.0 * half)
         delta = cdf_plus - cdf_minus
         inner = torch.where(delta > 1e-5, torch.log(torch.clamp(delta, min=1e-12)), log_pdf_mid)
         lp = torch.where(xs < -0.999, log_cdf_plus, torch.where(xs > 0.999, log_one_minus_cdf_minus, inner))

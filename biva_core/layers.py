@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-from .distributions import DiagGaussian
+from .distributions import DiagGaussian, softplus
 
 
 def resample(in_ch: int, out_ch: int, ratio: int, up: bool) -> nn.Module:
@@ -100,7 +100,7 @@ class GaussianHead(nn.Module):
             h = F.elu(self.squeeze(h))
         raw = self.net(h.flatten(1)) if self.dense else self.net(h)
         parts = raw.chunk(2 * self.n_groups, dim=1)
-        return [DiagGaussian(parts[2 * g].flatten(1), F.softplus(parts[2 * g + 1].flatten(1)) + self.min_std)
+        return [DiagGaussian(parts[2 * g].flatten(1), softplus(parts[2 * g + 1].flatten(1)) + self.min_std)
                 for g in range(self.n_groups)]
 
 

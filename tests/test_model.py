@@ -207,3 +207,12 @@ def test_config_round_trip_and_unknown_keys():
         preset("binary32")
     with pytest.raises(ValueError, match="not divisible"):
         BivaConfig(image_shape=(1, 6, 6), stages=(StageSpec(8, 3, 2, 2), StageSpec(8, 3, 2, 2)))
+
+
+def test_bernoulli_log_prob_is_stable_for_confident_logits():
+    from biva_core.distributions import Bernoulli
+    logits = torch.tensor([-300.0, -30.0, 0.0, 30.0, 300.0])
+    x = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    ref = -torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none")
+    got = Bernoulli(logits).log_prob(x)
+    assert torch.isfinite(got).all() and torch.allclose(got, ref, atol=1e-6)
