@@ -6,7 +6,7 @@ latent variable z_i. Presets follow Appendix C of the paper.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 VARIANTS = ("biva", "lvae+", "lvae")  # Table 1 ablations, same code

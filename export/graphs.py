@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from biva_core.model import Biva
+from biva_core.objectives import log_weights
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,8 @@ class ScorerGraph(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor, k: torch.Tensor):
-        bu = self.model.bottom_up(images, noise)
-        full = self.model.top_down(bu, noise, 0, 1.0, x=images)
-        part = self.model.top_down(bu, noise, k, 1.0, x=images)
-        return full.log_w.unsqueeze(1), part.log_w.unsqueeze(1), full.kl  # (B, 1), (B, 1), (B, G)
+        log_w, log_w_gt_k, kl = log_weights(self.model, images, noise, k)
+        return log_w.unsqueeze(1), log_w_gt_k.unsqueeze(1), kl  # (B, 1), (B, 1), (B, G)
 
 
 GRAPH_MODULES = {"biva_sampler": SamplerGraph, "biva_encoder": EncoderGraph, "biva_scorer": ScorerGraph}

@@ -5,7 +5,6 @@ import ipaddress
 import os
 import socket
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np

@@ -11,7 +11,6 @@ import torch
 
 from biva_core.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from biva_core.config import preset
-from biva_core.model import Biva
 from biva_core.noise import NoiseStream
 from biva_core.objectives import evaluate_bounds
 from biva_core.train import TrainConfig, train
