@@ -149,7 +149,10 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
         assert set(conc[key]) == {str(n) for n in QUICK.concurrency}
         for m in conc[key].values():
             assert m["images_per_s"] > 0 and {"queue_us", "compute_infer_us"} <= set(m["server"])
-    assert all(m["server"]["mean_batch_rows"] == 1.0 for m in conc["no_dynamic_batching"].values())
+    # without the batcher every execution is one request; Triton updates the inference and execution
+    # counters separately, so a statistics snapshot can land between the two: allow 5%
+    mean_rows = [m["server"]["mean_batch_rows"] for m in conc["no_dynamic_batching"].values()]
+    assert all(0.95 <= r <= 1.05 for r in mean_rows), mean_rows
 
     r = on_disk["ratios"]
     for case in ("sampler", "encoder", "scorer_k1"):
