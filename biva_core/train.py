@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,6 +255,23 @@ def main(preset_name, variant, data, binarize_mode, epochs, batch_size, lr, lr_d
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if world > 1:
+        _exit_skipping_finalization()
+
+
+def _exit_skipping_finalization() -> None:
+    """End a DDP worker with status 0 without Python's interpreter shutdown.
+
+    With torch 2.13, DistributedDataParallel keeps the gloo process group alive after destroy_process_group (its
+    worker threads are still running; checked by listing the process's threads). When one of those threads drops
+    the last reference to a Python-owned tensor while the interpreter is shutting down, it cannot take the GIL and
+    the process aborts ("terminate called without an active exception"): 7 of 100 two-process runs of the DDP test
+    failed that way here (core dump: c10d::ProcessGroupGloo::AsyncWork::~AsyncWork -> decref_pyobject -> take_gil
+    during Py_FinalizeEx). Everything this process writes is closed by now, so skipping the shutdown loses nothing.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

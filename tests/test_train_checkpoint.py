@@ -130,7 +130,9 @@ def test_ddp_two_processes_keep_replicas_identical(digits_npy, tmp_path):
            "-m", "biva_core.train", "--preset", "tiny", "--data", f"npy:{digits_npy}", "--limit", "256",
            "--epochs", "2", "--batch-size", "16", "--threads", "1", "--out", str(tmp_path / "ddp.pt")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-2000:]
+    # a rank's own error (e.g. an abort at exit) comes before torchrun's long failure report: show it first
+    rank_errors = [ln for ln in out.stderr.splitlines() if "terminate" in ln or "Error" in ln or "Fatal" in ln]
+    assert out.returncode == 0, "\n".join(rank_errors[:20]) + "\n...\n" + out.stderr[-1500:]
     rep = json.loads((tmp_path / "ddp" / "replicas.json").read_text())
     assert rep["world_size"] == 2 and rep["replica_max_diff"] == 0.0
     log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
