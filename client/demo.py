@@ -52,7 +52,7 @@ def run_demo(ckpt: Path, out_dir: Path, repo: Path, n_samples: int = 64, ll_limi
         snapshot = Path(tmp) / ckpt.name
         shutil.copyfile(ckpt, snapshot)
         _step(f"exporting {ckpt} to {repo} (ONNX graphs validated against PyTorch)", t0)
-        run_export(snapshot, repo, log=lambda msg: click.echo(f"    {msg}"))
+        run_export(snapshot, repo, log=lambda msg: click.echo(f"    {msg}"), source=str(ckpt))
     outputs["model repository"] = repo
     _step("starting tritonserver", t0)
     server = start_server(repo, log_path=out_dir / "server.log")

@@ -62,8 +62,12 @@ def run_export(ckpt: Path, out: Path, backend: str = "python", opset: int = 18, 
                instances: int = 1, front_instances: int = 2, threads: int = 0, validate: bool = True,
                force: bool = False, atol_scale: float = 1.0, caps: dict | None = None,
                log=click.echo, quiet: bool = True, exporter: str = "torchscript",
-               preferred_batch_sizes: tuple[int, ...] = (), queue_delay_us: int = 500) -> dict:
-    """Export, validate and write the repository; returns the report. Raises ExportError."""
+               preferred_batch_sizes: tuple[int, ...] = (), queue_delay_us: int = 500,
+               source: str | None = None) -> dict:
+    """Export, validate and write the repository; returns the report. Raises ExportError.
+
+    `source` is the checkpoint path recorded in the report when `ckpt` is a private copy of it.
+    """
     import onnx
     import onnxruntime
     import torch
@@ -80,7 +84,7 @@ def run_export(ckpt: Path, out: Path, backend: str = "python", opset: int = 18, 
     specs = graph_specs(plain)
     caps = {**DEFAULT_CAPS, **(caps or {})}
     report = {
-        "checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt), "backend": backend, "opset": opset,
+        "checkpoint": source or str(ckpt), "checkpoint_sha256": sha256_file(ckpt), "backend": backend, "opset": opset,
         "exporter": exporter,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},
