@@ -39,13 +39,17 @@ def _mean_se(v: np.ndarray) -> tuple[float, float]:
 
 @torch.no_grad()
 def evaluate(model: Biva, images: np.ndarray, iw: int = 1, ks: tuple[int, ...] = (), batch_size: int = 100,
-             seed: int = 0, chunk: int = 64, progress: bool = False) -> dict:
-    """Per-data-set summary; each batch draws its noise from one stream seeded with (seed, batch index)."""
+             seed: int = 0, chunk: int = 64, progress: bool = False, first_batch: int = 0) -> dict:
+    """Per-data-set summary; batch b draws its noise from one stream seeded with seed + first_batch + b.
+
+    `first_batch` lets a run over images[s:] (s a multiple of batch_size) draw exactly the noise a run over
+    all images would, so a long evaluation split into pieces gives the numbers of one run.
+    """
     per = {"elbo": [], "iw": [], "kl": [], **{f"l_gt_{k}": [] for k in ks}}
     starts = range(0, len(images), batch_size)
     for b, i in enumerate(tqdm(starts, disable=not progress, desc="eval")):
         x = torch.from_numpy(images[i:i + batch_size])
-        res = evaluate_bounds(model, x, NoiseStream(seed + b), iw, ks, chunk=max(1, min(chunk, 4096 // len(x))))
+        res = evaluate_bounds(model, x, NoiseStream(seed + first_batch + b), iw, ks, chunk=max(1, min(chunk, 4096 // len(x))))
         per["elbo"].append(res.elbo.numpy())
         per["iw"].append(res.iw.numpy())
         per["kl"].append(res.kl.numpy())
@@ -72,12 +76,14 @@ def evaluate(model: Biva, images: np.ndarray, iw: int = 1, ks: tuple[int, ...] =
 @click.option("--iw", default=1, show_default=True, help="Importance samples K for L_K (1..1000 and more).")
 @click.option("--k", "k_list", default="", help="Comma-separated k for L^{>k} and LLR^{>k}, each in 0..L.")
 @click.option("--limit", default=0, show_default=True, help="Score only the first N images (0: all).")
+@click.option("--start", default=0, show_default=True,
+              help="Skip the first N images (a multiple of --batch-size; pieces of a long run give its numbers).")
 @click.option("--batch-size", default=100, show_default=True, help="Images per forward pass.")
 @click.option("--seed", default=0, show_default=True, help="Noise seed.")
 @click.option("--threads", default=0, show_default=True, help="torch threads (0: torch's default).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt, data, iw, k_list, limit, batch_size, seed, threads, as_json, debug):
+def main(ckpt, data, iw, k_list, limit, start, batch_size, seed, threads, as_json, debug):
     """Evaluate a checkpoint's bounds on a data set."""
     if threads:
         torch.set_num_threads(threads)
@@ -86,13 +92,18 @@ def main(ckpt, data, iw, k_list, limit, batch_size, seed, threads, as_json, debu
             raise ValueError(f"--iw must be >= 1, got {iw}")
         model, meta = load_model(ckpt)
         ks = parse_k_list(k_list, model.cfg.n_layers)
-        images = load_for_model(data, meta, limit or None)
-        res = evaluate(model, images, iw, ks, batch_size, seed, progress=not as_json and sys.stderr.isatty())
+        if batch_size < 1 or start < 0 or start % batch_size:
+            raise ValueError(f"--start must be a multiple of --batch-size ({batch_size}) and >= 0, got {start}")
+        images = load_for_model(data, meta, start + limit if limit else None)
+        if start >= len(images):
+            raise ValueError(f"--start {start} is past the end of {data} ({len(images)} images)")
+        res = evaluate(model, images[start:], iw, ks, batch_size, seed, first_batch=start // batch_size,
+                       progress=not as_json and sys.stderr.isatty())
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         if debug:
             raise
         raise click.ClickException(str(e)) from None
-    res = {"ckpt": str(ckpt), "data": data, **res}
+    res = {"ckpt": str(ckpt), "data": data, "start": start, **res}
     if as_json:
         click.echo(json.dumps(res))
         return
