@@ -27,6 +27,7 @@ start), while a larger start is committed in /dev/shm for every instance.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -311,19 +312,25 @@ class ServerHandle:
     def log_tail(self, n: int = 20) -> str:
         return _tail(self.log_path, n)
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float = 45) -> int:
         """SIGINT (Triton's graceful shutdown), then SIGKILL after `timeout` s; returns the exit code.
 
         Close `tritonclient.http` clients first: Triton waits for open HTTP
         keep-alive connections until --exit-timeout-secs (30) and then exits 1.
+        The server runs in a process group of its own; whatever of that group outlives the server (a
+        python-backend stub busy when the server went down does not notice and lives on) is killed too.
         """
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        pid = self.process.pid
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + timeout
+            while not _exited_unreaped(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # the server is alive or an unreaped zombie, so its pid, the group's id, cannot have been reused
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            self.process.wait()
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -334,6 +341,14 @@ class ServerHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _exited_unreaped(pid: int) -> bool:
+    """True once the child `pid` has exited; it stays a zombie (not reaped), so its pid is not reused."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # already reaped
+        return True
 
 
 def _launch(repo: Path, extra_args: Sequence[str], log_path: Path, env: dict | None,
@@ -347,7 +362,8 @@ def _launch(repo: Path, extra_args: Sequence[str], log_path: Path, env: dict | N
         *extra_args,
     ]
     log_file = log_path.open("wb")
-    process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                               start_new_session=True)  # a group of its own, so stop() can reap its stubs
     return ServerHandle(process, http, grpc, metrics, log_path, log_file)
 
 

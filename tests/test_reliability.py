@@ -87,18 +87,35 @@ def test_32_clients_2000_mixed_requests_zero_failures(tiny_server, tiny_ckpt):
     assert abs(by_id[2]["elbo"][0] - b.elbo.item()) <= 1e-3 and abs(by_id[2]["iw_bound"][0] - b.iw.item()) <= 1e-3
 
 
-def _stub_pids(model_dir: str) -> list[int]:
+def _stub_pids(model_dir: str, pgid: int) -> list[int]:
+    """The python-backend stubs of `model_dir` in process group `pgid` (one server, not the session's)."""
     pids = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
+            group = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[2])
+        except (OSError, IndexError, ValueError):
             continue
-        if cmd and cmd[0].endswith(b"triton_python_backend_stub") and any(model_dir.encode() in c for c in cmd):
+        if (group == pgid and cmd and cmd[0].endswith(b"triton_python_backend_stub")
+                and any(model_dir.encode() in c for c in cmd)):
             pids.append(int(pid))
     return pids
+
+
+def _group_alive(pgid: int, wait: float = 10) -> bool:
+    """Whether a process of the group `pgid` (a server started by start_server) is still there after
+    `wait` s (SIGKILLed processes stay until they are reaped)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)
 
 
 @pytest.mark.server
@@ -110,12 +127,13 @@ def test_killed_stub_gives_clean_errors_and_a_reload_recovers(tiny_repo, tmp_pat
     Triton 2.51's python backend does not restart a dead stub by itself."""
     from biva_export.launcher import start_server
 
-    args = ["--model-control-mode=explicit", "--load-model=*"]
+    # a model whose stub is dead never finishes unloading: don't wait Triton's default 30 s for it at exit
+    args = ["--model-control-mode=explicit", "--load-model=*", "--exit-timeout-secs=5"]
     with start_server(tiny_repo, extra_args=args, log_path=tmp_path / "server.log") as server:
         client = tgrpc.InferenceServerClient(server.grpc_url)
         arrays = {"images": np.zeros((1, 1, 28, 28), np.float32), "seed": np.array([1], np.int64)}
         before = client.infer("biva_score", _inputs(tgrpc, arrays)).as_numpy("elbo")
-        pids = _stub_pids(f"{tiny_repo}/biva_scorer/")
+        pids = _stub_pids(f"{tiny_repo}/biva_scorer/", server.process.pid)
         assert pids, "scorer stub process not found"
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
@@ -137,6 +155,7 @@ def test_killed_stub_gives_clean_errors_and_a_reload_recovers(tiny_repo, tmp_pat
         after = client.infer("biva_score", _inputs(tgrpc, arrays)).as_numpy("elbo")
         assert np.array_equal(after, before)
         client.close()
+    assert not _group_alive(server.process.pid)  # no stub outlives the server
 
 
 @pytest.mark.server
@@ -152,7 +171,8 @@ def test_server_restart_during_likelihood_run_scores_every_image_once(tiny_repo,
 
     ports = free_ports(3)
     out = tmp_path / "ll.csv"
-    first = start_server(tiny_repo, ports=ports, log_path=tmp_path / "a.log")
+    # the client's open HTTP connection would hold a graceful shutdown for Triton's default 30 s
+    first = start_server(tiny_repo, ports=ports, log_path=tmp_path / "a.log", extra_args=["--exit-timeout-secs=5"])
     cmd = [sys.executable, "-m", "biva_client.cli", "--url", f"127.0.0.1:{ports[0]}", "--batch-size", "4",
            "--concurrency", "1", "--retries", "8", "likelihood", "--data", f"npy:{digits_npy}", "--limit", "400",
            "--iw", "256", "--out", str(out)]
@@ -164,6 +184,8 @@ def test_server_restart_during_likelihood_run_scores_every_image_once(tiny_repo,
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before the restart; make it longer"
         first.stop()
+        # a stub busy when its server went down lived on before stop() killed the server's process group
+        assert not _group_alive(first.process.pid)
         n_before = out.read_text().count("\n") - 1
         assert n_before < 400
         second = start_server(tiny_repo, ports=ports, log_path=tmp_path / "b.log")
