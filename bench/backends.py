@@ -1,9 +1,11 @@
 """What is timed: one call of a graph case on one backend, with pre-generated random inputs.
 
 A *case* is a graph at some rows per image: the sampler, the encoder, the scorer with K = 1, and the
-scorer with K importance samples per image (the IW likelihood). For K > 1 the in-process backends run
-the same number of graph rows as Triton's biva_score front model does, in chunks of at most the graph's
-max batch (K x B rows, logsumexp over K), while Triton clients send one biva_score request with iw = K.
+IW likelihood with K importance samples per image (`scorer_iw`: a biva_score request with iw = K). For
+K > 1 the in-process backends run the graph rows Triton's biva_score front model runs, in chunks of at
+most the graph's max batch (K x B rows, logsumexp over K): the front model sends sample 0 to the scorer
+(for L_1 and L^{>k}) and samples 1..K-1 to the encoder, which gives log w in one top-down pass; in
+process all K samples run on the encoder (one row in K differs).
 
 Inputs come from biva_export.onnx_export.example_inputs (binary images, normal noise and latents, k and
 temperature drawn at random, never zeros); a small pool of distinct input sets is built before timing and
@@ -35,7 +37,7 @@ def make_cases(iw: int) -> dict[str, Case]:
         "sampler": Case("sampler", "biva_sampler", 1, "biva_sampler"),
         "encoder": Case("encoder", "biva_encoder", 1, "biva_encoder"),
         "scorer_k1": Case("scorer_k1", "biva_scorer", 1, "biva_scorer"),
-        "scorer_iw": Case("scorer_iw", "biva_scorer", iw, "biva_score"),
+        "scorer_iw": Case("scorer_iw", "biva_encoder", iw, "biva_score"),
     }
 
 
@@ -74,16 +76,18 @@ class OrtRunner:
 
 def _iw_feeds(make_inputs: Callable[[int, int], dict[str, np.ndarray]], batch: int, samples: int,
               seed: int) -> dict[str, np.ndarray]:
-    """Scorer inputs for `samples` importance samples of `batch` images: images tiled, k = 0 (L_1)."""
+    """Graph inputs for `samples` importance samples of `batch` images: images tiled (and k = 0: L_1)."""
     feeds = make_inputs(samples * batch, seed)
     feeds["images"] = np.tile(feeds["images"][:batch], (samples, 1, 1, 1))  # (samples * B, C, H, W)
-    feeds["k"] = np.zeros_like(feeds["k"])
+    if "k" in feeds:
+        feeds["k"] = np.zeros_like(feeds["k"])
     return feeds
 
 
 def inprocess_call(runner, case: Case, make_inputs: Callable[[int, int], dict[str, np.ndarray]], batch: int,
-                   graph_max: int, seed: int) -> Callable[[int], Any]:
-    """A call(i) running `batch` images of `case` on `runner`; make_inputs(rows, seed) gives raw inputs."""
+                   graph_max: int, seed: int, log_w_index: int = 0) -> Callable[[int], Any]:
+    """A call(i) running `batch` images of `case` on `runner`; make_inputs(rows, seed) gives raw inputs.
+    For K > 1, output `log_w_index` of the graph is the log weight."""
     if case.rows_per_image == 1:
         pool = [runner.prepare(make_inputs(batch, seed + j)) for j in range(POOL)]
         return lambda i: runner(pool[i % POOL])
@@ -92,7 +96,7 @@ def inprocess_call(runner, case: Case, make_inputs: Callable[[int, int], dict[st
              for c in set(chunks)}
 
     def call(i: int) -> np.ndarray:
-        log_w = np.concatenate([runner(pools[c][i % 2])[0][:, 0] for c in chunks])  # (K * B,)
+        log_w = np.concatenate([runner(pools[c][i % 2])[log_w_index][:, 0] for c in chunks])  # (K * B,)
         log_w = log_w.reshape(case.rows_per_image, batch).astype(np.float64)  # (K, B)
         m = log_w.max(axis=0)
         return m + np.log(np.exp(log_w - m).mean(axis=0))  # log (1/K) sum_k w_k, per image

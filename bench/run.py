@@ -131,7 +131,8 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], graphs: dict[str, 
             runners["ort"] = OrtRunner(sess)
         for backend, runner in runners.items():
             for b in _batches(cfg, case):
-                call = inprocess_call(runner, case, make, b, graph_max, cfg.seed + b)
+                call = inprocess_call(runner, case, make, b, graph_max, cfg.seed + b,
+                                      spec.output_names.index("log_w") if case.rows_per_image > 1 else 0)
                 m, _ = measure_sync(call, b, _mcfg(cfg, case))
                 results[name]["results"].setdefault(backend, {})[str(b)] = m.to_dict()
                 log(_line(name, backend, b, m.to_dict()))
@@ -319,8 +320,9 @@ def run_bench(ckpt: Path, out_dir: Path, cfg: BenchConfig, repo: Path | None = N
         if cases.get("scorer_iw") is not None:
             result["notes"].append(
                 f"scorer_iw: K = {cfg.iw} importance samples per image, batches {list(cfg.iw_batches)}; in process "
-                f"the scorer graph runs K x B rows in chunks of at most {graph_max} rows (as biva_score slices "
-                "them), Triton gets one biva_score request with iw = K.")
+                f"the encoder graph (its log_w output) runs K x B rows in chunks of at most {graph_max} rows, as "
+                "biva_score slices them; Triton gets one biva_score request with iw = K and runs sample 0 on the "
+                "scorer (L_1 and L^{>k}), samples 1..K-1 on the encoder.")
         log("in process (no server running):")
         result["meta"]["ort_session_load_s"] = bench_inprocess(cfg, cases, graphs, plain, specs, graph_max,
                                                                result["graphs"], work, log)

@@ -8,7 +8,10 @@ different k or temperature can share one batch.
     sampler  (z, k, temperature, noise)  -> (images, z_out)
              z_>k kept from `z` (flat layout), z_<=k drawn from the conditional prior with `noise`;
              k = L samples unconditionally (z is then ignored). Figure 12 when 0 < k < L.
-    encoder  (images, noise)             -> (z, q_mu, q_log_std, kl)
+    encoder  (images, noise)             -> (z, q_mu, q_log_std, kl, log_w)
+             log_w = log p(x, z) - log q(z | x) for the z drawn: one importance sample of L_K. Rows
+             2..K of an IW likelihood run here, a single top-down pass; the scorer's second pass
+             (for L^{>k}) is only needed once per image.
     scorer   (images, noise, k)          -> (log_w, log_w_gt_k, kl)
              one importance sample per row: log w of L_1 and of L^{>k} (eq. 2), sharing noise.
 """
@@ -68,7 +71,7 @@ class EncoderGraph(nn.Module):
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor):
         out = self.model(images, noise)
-        return out.z, out.q_mu, out.q_log_std, out.kl
+        return out.z, out.q_mu, out.q_log_std, out.kl, out.log_w.unsqueeze(1)
 
 
 class ScorerGraph(nn.Module):
@@ -99,8 +102,8 @@ def graph_specs(model: Biva) -> dict[str, GraphSpec]:
         "biva_encoder": GraphSpec(
             "biva_encoder",
             (f32("images", *img), f32("noise", N)),
-            (f32("z", D), f32("q_mu", D), f32("q_log_std", D), f32("kl", G)),
-            {"z": IMAGE_ATOL, "q_mu": IMAGE_ATOL, "q_log_std": IMAGE_ATOL, "kl": NATS_ATOL}),
+            (f32("z", D), f32("q_mu", D), f32("q_log_std", D), f32("kl", G), f32("log_w", 1)),
+            {"z": IMAGE_ATOL, "q_mu": IMAGE_ATOL, "q_log_std": IMAGE_ATOL, "kl": NATS_ATOL, "log_w": NATS_ATOL}),
         "biva_scorer": GraphSpec(
             "biva_scorer",
             (f32("images", *img), f32("noise", N), i64("k", 1)),

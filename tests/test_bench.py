@@ -89,7 +89,7 @@ def test_onnx_flops_match_pytorch_where_nothing_was_pruned(tiny_ckpt, tiny_repo)
 
     plain = inference_copy(load_model(tiny_ckpt)[0])
     specs = graph_specs(plain)
-    for graph in ("biva_sampler", "biva_scorer"):  # the encoder's ONNX graph drops the unused p(x|z) head
+    for graph in ("biva_sampler", "biva_encoder", "biva_scorer"):
         onnx_count = onnx_flops_per_row(tiny_repo / graph / "1" / "model.onnx")
         ex = example_inputs(specs[graph], plain, 3, seed=5)
         ref = torch_flops_per_row(GRAPH_MODULES[graph](plain), tuple(torch.from_numpy(ex[n])

@@ -184,9 +184,8 @@ class TritonPythonModel:
                 eps, c_rest = eps[B:], c - 1
             else:
                 c_rest = c
-            if c_rest:
-                lw, = self._call("scorer", {"images": np.tile(x, (c_rest, 1, 1, 1)), "noise": eps,
-                                            "k": np.zeros((c_rest * B, 1), np.int64)}, ["log_w"])
+            if c_rest:  # samples 1..K-1 need only log w: the encoder's single top-down pass gives it
+                lw, = self._call("encoder", {"images": np.tile(x, (c_rest, 1, 1, 1)), "noise": eps}, ["log_w"])
                 parts.append(lw[:, 0].reshape(c_rest, B).astype(np.float64))
             block = np.concatenate(parts, axis=0)
             m = block.max(axis=0)
