@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from biva_export.repository import parse_config
+from biva_export.repository import FRONT_GRAPHS, parse_config
 
-FRONT_NEEDS = {"biva_score": "biva_scorer", "biva_encode": "biva_encoder", "biva_sample": "biva_sampler",
-               "biva_regenerate": "biva_sampler"}
 
 
 @dataclass(frozen=True)
@@ -54,13 +52,13 @@ def rewrite_graph_config(text: str, v: Variant) -> str:
 
 def write_variant(src: Path, dst: Path, models: list[str], v: Variant) -> Path:
     """Copy `models` (and the graphs the front models call) from repository `src` into `dst`."""
-    wanted = set(models) | {FRONT_NEEDS[m] for m in models if m in FRONT_NEEDS}
+    wanted = set(models) | {g for m in models for g in FRONT_GRAPHS.get(m, ())}
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     for name in sorted(wanted):
         shutil.copytree(src / name, dst / name)
-        if name not in FRONT_NEEDS:  # a graph model
+        if name not in FRONT_GRAPHS:  # a graph model
             cfg = dst / name / "config.pbtxt"
             cfg.write_text(rewrite_graph_config(cfg.read_text(), v))
     return dst

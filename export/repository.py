@@ -26,6 +26,10 @@ from .graphs import GraphSpec, TensorSpec
 TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 PYTHON_DIR = Path(__file__).parent / "triton_python"
 
+# The graph models each API (front) model calls through BLS (front_model.py's _call).
+FRONT_GRAPHS = {"biva_sample": ("biva_sampler",), "biva_regenerate": ("biva_sampler",),
+                "biva_encode": ("biva_encoder",), "biva_score": ("biva_scorer", "biva_encoder")}
+
 # Default request caps (issue: one request must not exhaust memory). Documented in the README.
 DEFAULT_CAPS = {"max_n": 1024, "max_images": 1024, "max_iw": 5000, "max_iw_rows": 262144, "max_temperature": 10.0}
 

@@ -67,6 +67,21 @@ def test_rewrite_graph_config_variants() -> None:
     assert rewrite_graph_config(CONFIG, Variant()) == CONFIG
 
 
+def test_variant_repository_holds_every_graph_a_front_model_calls(tmp_path: Path, tiny_repo) -> None:
+    """biva_score calls the scorer (sample 0) and the encoder (samples 1..K-1): a bench of scorer_iw alone
+    needs both in its repository; every graph a front model names in front_model.py must be copied."""
+    import re
+
+    from biva_bench.triton import write_variant
+    from biva_export.repository import FRONT_GRAPHS
+
+    out = write_variant(tiny_repo, tmp_path / "v", ["biva_score"], Variant())
+    assert sorted(p.name for p in out.iterdir()) == ["biva_encoder", "biva_score", "biva_scorer"]
+    source = (tiny_repo / "biva_score" / "1" / "model.py").read_text()
+    called = set(re.findall(r'self\._call\("(\w+)"', source))
+    assert {f"biva_{g}" for g in called} == {g for gs in FRONT_GRAPHS.values() for g in gs}
+
+
 def test_stats_delta_per_request() -> None:
     before = {"inference_count": 10, "execution_count": 5, "success_count": 10, "success_ns": 0, "queue_count": 10,
               "queue_ns": 0, "compute_input_count": 0, "compute_input_ns": 0, "compute_infer_count": 0,
