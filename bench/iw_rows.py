@@ -1,0 +1,52 @@
+"""Importance-weighted rows on the scorer vs the encoder graph: why biva_score sends samples 1..K-1 to the encoder.
+
+    python -m biva_bench.iw_rows --repo triton_models
+
+The scorer runs two top-down passes per row (the second for L^{>k}); the encoder's log_w output needs one.
+Both graphs get the same K rows of one random binary image (k = 0 for the scorer) in ONNX Runtime; prints the
+largest log_w difference (the two must agree) and the median seconds of alternating runs, in one process.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--repo", type=click.Path(file_okay=False, exists=True, path_type=Path), default=Path("triton_models"),
+              show_default=True, help="Model repository written by biva-export (with its model.onnx files).")
+@click.option("--rows", default=1000, show_default=True, help="Importance samples K (rows of one image).")
+@click.option("--reps", default=4, show_default=True, help="Alternating timed runs per graph (after one warm-up).")
+@click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
+def main(repo: Path, rows: int, reps: int, threads: int) -> None:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    sessions = {g: ort.InferenceSession(str(repo / g / "1" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+                for g in ("biva_scorer", "biva_encoder")}
+    enc = sessions["biva_encoder"]
+    rng = np.random.default_rng(0)
+    image = (rng.random((1, *enc.get_inputs()[0].shape[1:])) > 0.5).astype(np.float32)
+    feeds = {"biva_encoder": {"images": np.repeat(image, rows, axis=0),
+                              "noise": rng.standard_normal((rows, enc.get_inputs()[1].shape[1]), dtype=np.float32)}}
+    feeds["biva_scorer"] = {**feeds["biva_encoder"], "k": np.zeros((rows, 1), np.int64)}
+    log_w = {g: s.run(["log_w"], feeds[g])[0] for g, s in sessions.items()}  # also the warm-up
+    times: dict[str, list[float]] = {g: [] for g in sessions}
+    for _ in range(reps):
+        for g, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(["log_w"], feeds[g])
+            times[g].append(time.perf_counter() - t0)
+    med = {g: float(np.median(t)) for g, t in times.items()}
+    click.echo(f"max |log_w scorer - log_w encoder| over {rows} rows: "
+               f"{float(np.abs(log_w['biva_scorer'] - log_w['biva_encoder']).max()):.3g} nats")
+    click.echo(f"{rows} IW rows, ONNX Runtime {threads} threads, median of {reps}: scorer {med['biva_scorer']:.2f} s, "
+               f"encoder {med['biva_encoder']:.2f} s, scorer/encoder {med['biva_scorer'] / med['biva_encoder']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
