@@ -76,11 +76,9 @@ class OrtRunner:
 
 def _iw_feeds(make_inputs: Callable[[int, int], dict[str, np.ndarray]], batch: int, samples: int,
               seed: int) -> dict[str, np.ndarray]:
-    """Graph inputs for `samples` importance samples of `batch` images: images tiled (and k = 0: L_1)."""
+    """Encoder inputs for `samples` importance samples of `batch` images: the images tiled."""
     feeds = make_inputs(samples * batch, seed)
     feeds["images"] = np.tile(feeds["images"][:batch], (samples, 1, 1, 1))  # (samples * B, C, H, W)
-    if "k" in feeds:
-        feeds["k"] = np.zeros_like(feeds["k"])
     return feeds
 
 

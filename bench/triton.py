@@ -16,7 +16,6 @@ from typing import Any
 from biva_export.repository import FRONT_GRAPHS, parse_config
 
 
-
 @dataclass(frozen=True)
 class Variant:
     dynamic_batching: bool = True  # False: the graph models' dynamic_batching block is removed

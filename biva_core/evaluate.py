@@ -49,7 +49,8 @@ def evaluate(model: Biva, images: np.ndarray, iw: int = 1, ks: tuple[int, ...] =
     starts = range(0, len(images), batch_size)
     for b, i in enumerate(tqdm(starts, disable=not progress, desc="eval")):
         x = torch.from_numpy(images[i:i + batch_size])
-        res = evaluate_bounds(model, x, NoiseStream(seed + first_batch + b), iw, ks, chunk=max(1, min(chunk, 4096 // len(x))))
+        res = evaluate_bounds(model, x, NoiseStream(seed + first_batch + b), iw, ks,
+                              chunk=max(1, min(chunk, 4096 // len(x))))
         per["elbo"].append(res.elbo.numpy())
         per["iw"].append(res.iw.numpy())
         per["kl"].append(res.kl.numpy())
