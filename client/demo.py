@@ -82,7 +82,8 @@ def run_demo(ckpt: Path, out_dir: Path, repo: Path, n_samples: int = 64, ll_limi
               f"n = {l1['n']})", t0)
 
         ks = parse_k_list(k_list, meta.n_layers)
-        x_in = x[:ood_limit]
+        # the likelihood step's images when they are enough (same seeds, same numbers), else ood_limit fresh ones
+        x_in = x[:ood_limit] if ood_limit <= len(x) else load_inputs(in_spec, meta, ood_limit)
         a = score_images(client, x_in, seed, batch_size, concurrency, 1, ks, progress=progress, desc="ood in")
         b = score_images(client, load_inputs(ood_spec, meta, ood_limit), seed, batch_size, concurrency, 1, ks,
                          progress=progress, desc="ood")
