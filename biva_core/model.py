@@ -84,6 +84,7 @@ class Biva(nn.Module):
         ch = [s.channels for s in stages]
         bn = cfg.dense_bottleneck
         self.groups = self._layout()
+        self._order = self._td_order()  # plain ints, computed once: torch.compile cannot trace the Group lookups
         self.latent_dim = sum(g.size for g in self.groups)
         self.bu_noise_dim = sum(g.size for g in self.groups if g.name == "bu")
         self.noise_dim = self.latent_dim + self.bu_noise_dim
@@ -247,7 +248,7 @@ class Biva(nn.Module):
         lik = self._likelihood(self.out_head(F.elu(d0)))
         log_px = (lik.log_prob(x).flatten(1).sum(dim=1) if x is not None
                   else torch.zeros(B, dtype=eps.dtype, device=eps.device))
-        order = self._td_order()
+        order = self._order
         return Pass(
             z=torch.cat([zs[j] for j in order], dim=1),
             q_mu=torch.cat([mus[j] for j in order], dim=1),

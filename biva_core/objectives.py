@@ -84,16 +84,16 @@ def evaluate_bounds(model: Biva, x: torch.Tensor, stream: NoiseStream, iw_sample
     return Bounds(elbo=elbo, iw=lse - math.log(iw_samples), l_gt_k=l_gt_k, kl=kl)
 
 
-def training_loss(model: Biva, x: torch.Tensor, eps: torch.Tensor, free_bits: float
+def training_loss(model: Biva, x: torch.Tensor, eps: torch.Tensor, free_bits: float, beta: float = 1.0
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Negative ELBO with free bits (Kingma et al., 2016) on the loss only.
+    """Negative ELBO with free bits (Kingma et al., 2016) and a KL weight beta (warm-up) on the loss only.
 
-    Each latent group's batch-mean KL counts as max(free_bits, KL); the reported `elbo` is the true
-    single-sample bound, unaffected by free bits.
+    Each latent group's batch-mean KL counts as max(free_bits, KL), scaled by beta (Sonderby et al.'s
+    warm-up ramps it from 0 to 1); the reported `elbo` is the true single-sample bound, unaffected by both.
     """
     out = model(x, eps)
     kl_group = out.kl.mean(dim=0)  # (G,)
-    loss = -out.log_px.mean() + torch.clamp(kl_group, min=free_bits).sum()
+    loss = -out.log_px.mean() + beta * torch.clamp(kl_group, min=free_bits).sum()
     stats = {"loss": loss.detach(), "elbo": out.log_w.mean().detach(), "kl": out.kl.sum(dim=1).mean().detach(),
              "kl_group": kl_group.detach()}
     return loss, stats

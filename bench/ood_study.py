@@ -1,0 +1,144 @@
+"""The OOD study (issue 9): candidate models trained for the same short budget, then scored.
+
+    python -m biva_bench.ood_study train CANDIDATE --minutes 20 --threads 1    # one candidate, one core
+    python -m biva_bench.ood_study eval --runs runs/study --json study.json     # every candidate's snapshots
+
+Each candidate is a (model config, training config) pair derived from the shipped default28 recipe, so the
+table shows what each lever changes. Training uses Fashion-MNIST train only (validation: 5% held out);
+the evaluation reports the validation ELBO from the training log and, for every epoch snapshot, AUROC of
+L1, L>k and LLR>k on Fashion-MNIST test vs MNIST (class-balanced) and vs scikit-learn's digits, in
+PyTorch, with the noise the served scorer would draw. No OOD data enters training or the choice of a
+checkpoint within a run: the snapshots are scored only to show how AUROC grows with training time.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from biva_core.checkpoint import load_model
+from biva_core.config import BivaConfig, StageSpec, preset
+from biva_core.data import load_for_model
+from biva_core.evaluate import ood_aurocs, per_image
+from biva_core.train import TrainConfig, train
+
+BASE_TRAIN = TrainConfig(data="fashion-mnist:train", binarize="threshold", batch_size=64, lr=2e-3, free_bits=2.0,
+                         free_bits_until=1.0, epochs=1000, compile=True, keep_epochs=True)
+
+
+def _hvae(channels: int) -> BivaConfig:
+    # hvae-oodd's shape (Havtorn et al., 2021) as a BIVA: a conv bottom latent of 8 maps at 14x14, then dense
+    # latents of 16 (at 7x7) and 8, in BIVA's bottom-up + top-down form, default28's other settings.
+    stages = (StageSpec(channels, 3, 2, 8, dense=False), StageSpec(channels, 3, 2, 16), StageSpec(channels, 3, 1, 8))
+    return replace(preset("default28"), stages=stages)
+
+
+def _conv_bottom(cfg: BivaConfig) -> BivaConfig:
+    first = replace(cfg.stages[0], z_dim=8, dense=False)
+    return replace(cfg, stages=(first, *cfg.stages[1:]))
+
+
+CANDIDATES: dict[str, tuple[BivaConfig, TrainConfig]] = {
+    "default28": (preset("default28"), BASE_TRAIN),
+    "default28-convz1": (_conv_bottom(preset("default28")), BASE_TRAIN),
+    "hvae48": (_hvae(48), BASE_TRAIN),
+    "hvae64": (_hvae(64), BASE_TRAIN),
+    "hvae48-bernoulli": (_hvae(48), replace(BASE_TRAIN, binarize="bernoulli")),
+    "hvae48-warmup": (_hvae(48), replace(BASE_TRAIN, free_bits=0.0, kl_warmup=2.0)),
+}
+
+
+@click.group()
+def cli() -> None:
+    """Train and score the OOD study's candidates."""
+
+
+@cli.command("train")
+@click.argument("candidate", type=click.Choice(sorted(CANDIDATES)))
+@click.option("--minutes", default=20.0, show_default=True, help="Wall-time budget, compilation included.")
+@click.option("--threads", default=1, show_default=True, help="torch threads (two runs side by side: 1 each).")
+@click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/study"),
+              show_default=True, help="Folder of the study's run folders.")
+def train_cmd(candidate: str, minutes: float, threads: int, runs: Path) -> None:
+    """Train one candidate for a fixed wall-time budget."""
+    torch.set_num_threads(threads)
+    cfg, tc = CANDIDATES[candidate]
+    run_dir = runs / candidate
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train(cfg, replace(tc, max_minutes=minutes), run_dir / "model.pt", run_dir)
+
+
+OOD_SETS = ("mnist", "digits")
+
+
+def score_checkpoint(path: Path, n: int = 1000, in_spec: str = "fashion-mnist:test") -> dict:
+    """AUROC of every score (L1, L>k, LLR>k for k = 1..L-1) vs each OOD set, and the test ELBO, of one checkpoint."""
+    model, meta = load_model(path)
+    model.eval()
+    ks = tuple(range(1, model.cfg.n_layers))
+    cats = {spec: per_image(model, load_for_model(spec, meta, n), ks=ks) for spec in (in_spec, *OOD_SETS)}
+    return {"test_elbo": float(cats[in_spec]["elbo"].mean()),
+            "auroc": {spec: ood_aurocs(cats[in_spec], cats[spec], ks) for spec in OOD_SETS}}
+
+
+def _snapshots(run_dir: Path) -> list[tuple[int, Path]]:
+    return sorted((int(p.stem.split("_")[1]), p) for p in run_dir.glob("epoch_*.pt"))
+
+
+def score_run(run_dir: Path, n: int, last_only: bool) -> list[dict]:
+    """One row per epoch snapshot: training minutes and validation ELBO from the log, then the scores."""
+    log = {r["epoch"]: r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
+    snaps = _snapshots(run_dir)
+    rows = []
+    for epoch, path in snaps[-1:] if last_only else snaps:
+        r = log[epoch]
+        rows.append({"candidate": run_dir.name, "epoch": epoch, "minutes": round(r["minutes"], 1),
+                     "val_elbo": r["val_elbo"], **score_checkpoint(path, n)})
+        click.echo(json.dumps(rows[-1]), err=True)
+    return rows
+
+
+def best(auroc: dict[str, float]) -> tuple[str, float]:
+    name = max(auroc, key=auroc.get)
+    return name, auroc[name]
+
+
+def markdown(rows: list[dict]) -> str:
+    """The README's study table: one line per row, the best score per OOD set and every LLR>k."""
+    head = "| candidate | epoch | minutes | val -L_1 | test -L_1 | MNIST: best | MNIST: LLR>k | digits: best |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        m, d = r["auroc"]["mnist"], r["auroc"]["digits"]
+        llr = ", ".join(f"{v:.3f}" for k, v in m.items() if k.startswith("LLR"))
+        bm, bd = best(m), best(d)
+        lines.append(f"| {r['candidate']} | {r['epoch']} | {r['minutes']:.0f} | {-r['val_elbo']:.1f} | "
+                     f"{-r['test_elbo']:.1f} | {bm[1]:.3f} ({bm[0]}) | {llr} | {bd[1]:.3f} ({bd[0]}) |")
+    return "\n".join(lines)
+
+
+@cli.command("eval")
+@click.option("--runs", type=click.Path(file_okay=False, exists=True, path_type=Path), default=Path("runs/study"),
+              show_default=True, help="Folder of the study's run folders.")
+@click.option("--candidates", default="", help="Comma-separated names (default: every run folder).")
+@click.option("--n", default=1000, show_default=True, help="Images per set (MNIST: n/10 per class).")
+@click.option("--last-only", is_flag=True, help="Score only each run's last snapshot.")
+@click.option("--threads", default=1, show_default=True, help="torch threads.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Append the rows to this JSON-lines file.")
+def eval_cmd(runs: Path, candidates: str, n: int, last_only: bool, threads: int, json_out: Path | None) -> None:
+    """Score each candidate's snapshots: validation ELBO, test ELBO, AUROC vs MNIST and vs digits."""
+    torch.set_num_threads(threads)
+    names = [c for c in candidates.split(",") if c] or sorted(p.name for p in runs.iterdir() if p.is_dir())
+    rows = [row for name in names for row in score_run(runs / name, n, last_only)]
+    if json_out:
+        with open(json_out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    click.echo(markdown(rows))
+
+
+if __name__ == "__main__":
+    cli()
