@@ -1,17 +1,21 @@
-"""Training throughput per default28-like configuration: how the shipped model's width and depth were chosen.
+"""Training throughput on this CPU: how the shipped model's width and depth were chosen, and what each
+speed lever buys for a study candidate.
 
-    python -m biva_bench.train_speed
+    python -m biva_bench.train_speed                       # images/s per default28-like configuration
+    python -m biva_bench.train_speed --levers hvae48       # eager vs compiled, channels-last, batch size, threads
 
-One Adamax step on a batch of 64 random binary 28x28 images, median of 6 steps, 2 torch threads;
-prints images/s and the parameter count per configuration.
+One Adamax step on a batch of random binary 28x28 images, warm-up steps first (compilation included there),
+then the median of the timed steps. `--levers` also checks that every lever computes the same loss and
+gradients as the eager step on the same batch and weights (relative 1e-4), and prints the max difference.
 """
 from __future__ import annotations
 
 import time
 
+import click
 import torch
 
-from biva_core.config import StageSpec, preset
+from biva_core.config import BivaConfig, StageSpec, preset
 from biva_core.model import Biva
 from biva_core.objectives import training_loss
 
@@ -22,34 +26,91 @@ CONFIGS = [  # (feature maps, dense latent sizes bottom-up, M)
     (64, (32, 24, 16, 8), 1),
     (32, (32, 24, 16, 8), 3),
 ]
+# (name, batch, threads, compiled, channels_last); the first is the reference every lever is checked against
+LEVERS = [
+    ("eager, batch 64, 2 threads", 64, 2, False, False),
+    ("eager, channels-last", 64, 2, False, True),
+    ("compiled", 64, 2, True, False),
+    ("compiled, channels-last", 64, 2, True, True),
+    ("compiled, batch 128", 128, 2, True, False),
+    ("compiled, 1 thread", 64, 1, True, False),
+]
 
 
-def config(channels: int, dims: tuple[int, ...], m: int):
+def config(channels: int, dims: tuple[int, ...], m: int) -> BivaConfig:
     stages = [StageSpec(channels, 3, 2, dims[0])]
     stages += [StageSpec(channels, 3, 2 if i == len(dims) else 1, d) for i, d in enumerate(dims[1:], 2)]
     return preset("default28", stages=tuple(stages), m_layers=m, dense_bottleneck=8)
 
 
-def images_per_second(channels: int, dims: tuple[int, ...], m: int, batch: int = 64, steps: int = 6) -> tuple[float, int]:
-    model = Biva(config(channels, dims, m))
-    opt = torch.optim.Adamax(model.parameters(), 2e-3)
-    x = (torch.rand(batch, 1, 28, 28) > 0.5).float()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        loss, _ = training_loss(model, x, torch.randn(batch, model.noise_dim), 2.0)
-        opt.zero_grad()
+def _step_fn(model: Biva, compiled: bool):
+    fn = torch.compile(training_loss) if compiled else training_loss
+    lam, beta = torch.tensor(2.0), torch.tensor(1.0)
+
+    def step(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        loss, _ = fn(model, x, eps, lam, beta)
         loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def measure(cfg: BivaConfig, batch: int, compiled: bool = False, channels_last: bool = False, warmup: int = 3,
+            steps: int = 6, seed: int = 0) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(images/s of one optimiser step, loss and gradients of the first step on a fixed batch and weights)."""
+    torch.manual_seed(seed)
+    model = Biva(cfg).eval()  # eval: no dropout draws, so every lever computes the same function
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.Adamax(model.parameters(), 2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.rand(batch, 1, 28, 28, generator=gen) > 0.5).float().contiguous(memory_format=fmt)
+    eps = torch.randn(batch, model.noise_dim, generator=gen)
+    step = _step_fn(model, compiled)
+    loss0 = step(x, eps)  # before any update: the numbers every lever must reproduce
+    grad0 = torch.cat([p.grad.flatten() for p in model.parameters()])
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        step(x, eps)
         opt.step()
-        times.append(time.perf_counter() - t)
-    return batch / sorted(times)[len(times) // 2], sum(p.numel() for p in model.parameters())
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return batch / sorted(times)[len(times) // 2], loss0, grad0
 
 
-def main() -> None:
+def run_levers(cfg: BivaConfig) -> None:
+    ref = None
+    for name, batch, threads, compiled, cl in LEVERS:
+        torch.set_num_threads(threads)
+        ips, loss, grad = measure(cfg, batch, compiled, cl)
+        if ref is None:
+            ref = (ips, loss, grad)
+        diff = ""
+        if batch == 64:
+            rel = float((grad - ref[2]).abs().max() / ref[2].abs().max())
+            assert abs(float(loss - ref[1])) <= 1e-4 * abs(float(ref[1])) and rel <= 1e-4, (name, loss, ref[1], rel)
+            diff = f"  loss diff {abs(float(loss - ref[1])):.1e}, grad max rel diff {rel:.1e}"
+        click.echo(f"{name:28s} {ips:7.1f} images/s  {ips / ref[0]:5.2f}x{diff}")
+
+
+@click.command()
+@click.option("--levers", "candidate", default=None,
+              help="A candidate of the OOD study (python -m biva_bench.ood_study): measure the speed levers on it.")
+def main(candidate: str | None) -> None:
+    """Training images/s per configuration, or per speed lever for one model."""
+    if candidate:
+        from .ood_study import CANDIDATES
+
+        run_levers(CANDIDATES[candidate][0])
+        return
     torch.set_num_threads(2)
     for channels, dims, m in CONFIGS:
-        ips, n = images_per_second(channels, dims, m)
-        print(f"maps {channels:3d}  L {len(dims)}  M {m}  params {n / 1e6:5.2f} M  {ips:6.1f} images/s", flush=True)
+        cfg = config(channels, dims, m)
+        ips, _, _ = measure(cfg, 64)
+        n = sum(p.numel() for p in Biva(cfg).parameters())
+        click.echo(f"maps {channels:3d}  L {len(dims)}  M {m}  params {n / 1e6:5.2f} M  {ips:6.1f} images/s")
 
 
 if __name__ == "__main__":
