@@ -20,6 +20,8 @@ class StageSpec:
     stride: int  # overall stride of the stage (1 or 2), applied by its first layer
     z_dim: int  # latent units (dense) or latent feature maps (conv)
     dense: bool = True  # densely connected latent (binary nets) or convolutional (natural nets)
+    latent_kernel: int = 3  # conv latents: kernel of the q / p heads (natural presets: the latent's own
+    #                         resolution, Appendix C and the authors' code; even kernels pad as TF's SAME)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,9 @@ class BivaConfig:
     dropout_gen: float = 0.5  # dropout in the generative network's deterministic layers
     dense_bottleneck: int = 0  # dense latents: 1x1 conv to this many maps around the dense layers (0: none, as the paper)
     min_std: float = 1e-3  # std = softplus(raw) + min_std: any std in (min_std, inf), below 1 included
+    q_td_path: bool = False  # a second deterministic inference path h^TD beside h (the authors' code), merged
+    #                          with d_i by a gated layer before q(z_i^TD) and with h_L before q(z_L);
+    #                          False: q(z_i^TD | <h_i; d_i>) as eq. (10)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -48,6 +53,8 @@ class BivaConfig:
         for i, s in enumerate(self.stages, 1):
             if s.stride not in (1, 2):
                 raise ValueError(f"stage {i}: stride must be 1 or 2, got {s.stride}")
+            if s.latent_kernel < 1:
+                raise ValueError(f"stage {i}: latent_kernel must be >= 1, got {s.latent_kernel}")
             if h % s.stride or w % s.stride:
                 raise ValueError(f"stage {i}: resolution {h}x{w} is not divisible by stride {s.stride}")
             h, w = h // s.stride, w // s.stride
@@ -104,23 +111,41 @@ def _binary28() -> BivaConfig:
 
 def _natural32() -> BivaConfig:
     # Appendix C, 32x32: L=15, g_1 = 3 x 96x5x5 stride 2, g_2..g_15 = 3 x 96x3x3, 11 and 15 strided;
-    # conv latents with 38, 36, ..., 10 feature maps; dropout 0.2 in the inference network.
-    stages = [StageSpec(96, 5 if i == 1 else 3, 2 if i in (1, 11, 15) else 1, 40 - 2 * i, dense=False)
-              for i in range(1, 16)]
-    return BivaConfig(image_shape=(3, 32, 32), likelihood="dmol", stages=tuple(stages), m_layers=3,
-                      dropout_inf=0.2, dropout_gen=0.0)
+    # conv latents with 38, 36, ..., 10 feature maps whose q / p heads have kernels as wide as the latent
+    # (16x16 at layers 1-10, 8x8 at 11-14, 4x4 at 15: Appendix C, and get_deep_vae_cifar in biva-pytorch
+    # and in the TF code); the authors' second inference path and merge layers; dropout 0.2 in inference.
+    # Built here: biva 102.85M parameters, lvae+ 72.01M, lvae 70.89M (Table 1: 102.95M, 73.35M, 72.36M).
+    def spec(i: int) -> StageSpec:
+        stride = 2 if i in (1, 11, 15) else 1
+        return StageSpec(96, 5 if i == 1 else 3, stride, 40 - 2 * i, dense=False,
+                         latent_kernel=16 if i <= 10 else 8 if i <= 14 else 4)
+
+    return BivaConfig(image_shape=(3, 32, 32), likelihood="dmol", stages=tuple(spec(i) for i in range(1, 16)),
+                      m_layers=3, dropout_inf=0.2, dropout_gen=0.0, q_td_path=True)
+
+
+def _tiny32() -> BivaConfig:
+    # For tests of the natural-image path: natural32's structure (32x32x3, coupled logistic mixture, even
+    # 16x16 / 8x8 latent kernels, second inference path and merges) at a width that runs in milliseconds.
+    stages = (StageSpec(8, 3, 2, 4, dense=False, latent_kernel=16),
+              StageSpec(8, 3, 1, 3, dense=False, latent_kernel=16),
+              StageSpec(8, 3, 2, 2, dense=False, latent_kernel=8))
+    return replace(_natural32(), stages=stages, m_layers=1, n_mixtures=3, dropout_inf=0.0)
 
 
 def _natural64() -> BivaConfig:
     # Appendix C, 64x64: L=20, g_1 = 64x7x7 s2, g_2 = 64x5x5 s2, g_3..g_11 = 64x3x3 (11 strided),
-    # g_12..g_20 = 128x3x3 (20 strided); conv latents 20, 19, ..., 1; dropout 0.2 in inference.
+    # g_12..g_20 = 128x3x3 (20 strided); conv latents 20, 19, ..., 1 with head kernels as wide as the
+    # latent (32, 16, 8, 4: Appendix C's rule); dropout 0.2 in inference. Neither of the authors' repositories
+    # has a 64x64 configuration, so the rest (second inference path, merges) follows their 32x32 one.
     def spec(i: int) -> StageSpec:
         kernel = {1: 7, 2: 5}.get(i, 3)
         stride = 2 if i in (1, 2, 11, 20) else 1
-        return StageSpec(64 if i <= 11 else 128, kernel, stride, 21 - i, dense=False)
+        latent_kernel = 32 if i == 1 else 16 if i <= 10 else 8 if i <= 19 else 4
+        return StageSpec(64 if i <= 11 else 128, kernel, stride, 21 - i, dense=False, latent_kernel=latent_kernel)
 
     return BivaConfig(image_shape=(3, 64, 64), likelihood="dmol", stages=tuple(spec(i) for i in range(1, 21)),
-                      m_layers=3, dropout_inf=0.2, dropout_gen=0.0)
+                      m_layers=3, dropout_inf=0.2, dropout_gen=0.0, q_td_path=True)
 
 
 def _default28() -> BivaConfig:
@@ -144,6 +169,7 @@ PRESETS = {
     "binary28": _binary28,
     "natural32": _natural32,
     "natural64": _natural64,
+    "tiny32": _tiny32,
     "default28": _default28,
     "tiny": _tiny,
 }

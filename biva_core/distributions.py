@@ -66,28 +66,45 @@ class Bernoulli:
 
 
 class DiscretizedLogisticMixture:
-    """Discretised logistic mixture over 8-bit pixels (Salimans et al., 2017, PixelCNN++).
+    """Discretised logistic mixture over 8-bit pixels with PixelCNN++'s linear channel coupling
+    (Salimans et al., 2017, section 2.2), the likelihood of the paper's natural-image models.
 
-    One set of mixture weights per pixel shared by the channels; each channel has its own location and
-    scale per component (PixelCNN++'s linear channel coupling is left out, so channels are conditionally
-    independent given the mixture component). Pixels are in [0, 1] with 256 bins.
+    Per pixel: M mixture weights shared by the channels; per component and channel a location and a log
+    scale (clamped at -7); per component C(C-1)/2 coupling coefficients (tanh, in (-1, 1)), so that given
+    the component the mean of channel c is loc_c + sum_{j<c} a_{c,j} x_j: the channels are autoregressive
+    within a pixel, and p(x_pixel) = sum_k pi_k prod_c p(x_c | x_<c, k). Pixels are in [0, 1] with 256
+    bins; the edge bins 0 and 255 take the logistic's whole tail. Channel layout of `params`:
+    [logit_pi (M) | loc (M, C) | log_scale (M, C) | coeff (M, C(C-1)/2)], coefficients ordered
+    (1, 0), (2, 0), (2, 1), ..., as PixelCNN++.
     """
 
     bins = 256
 
     def __init__(self, params: torch.Tensor, channels: int, n_mixtures: int):
         b, _, h, w = params.shape
-        m = n_mixtures
+        m, c = n_mixtures, channels
+        self.channels = c
         self.logit_pi = params[:, :m]  # (B, M, H, W)
-        rest = params[:, m:].reshape(b, 2, m, channels, h, w)
-        self.loc = torch.tanh(rest[:, 0])  # (B, M, C, H, W) in [-1, 1]
-        self.log_scale = torch.clamp(rest[:, 1], min=-7.0)
+        self.loc = params[:, m:m + m * c].reshape(b, m, c, h, w)  # (B, M, C, H, W), in [-1, 1] units
+        self.log_scale = torch.clamp(params[:, m + m * c:m + 2 * m * c].reshape(b, m, c, h, w), min=-7.0)
+        self.coeff = torch.tanh(params[:, m + 2 * m * c:].reshape(b, m, c * (c - 1) // 2, h, w))
+
+    def _coupled(self, xs: torch.Tensor) -> torch.Tensor:
+        """loc_c + sum_{j<c} a_{c,j} xs_j for every channel: (B, M, C, H, W). xs: (B, 1 or M, C, H, W)."""
+        means, k = [], 0
+        for c in range(self.channels):
+            mu = self.loc[:, :, c]
+            for j in range(c):
+                mu = mu + self.coeff[:, :, k] * xs[:, :, j]
+                k += 1
+            means.append(mu)
+        return torch.stack(means, dim=2)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Per-pixel log p, (B, H, W): sums over channels inside each component, then log-sum-exp."""
         xs = (x * 2.0 - 1.0).unsqueeze(1)  # (B, 1, C, H, W) in [-1, 1]
         half = 1.0 / (self.bins - 1)
-        centred = xs - self.loc
+        centred = xs - self._coupled(xs)
         inv_s = torch.exp(-self.log_scale)
         plus = inv_s * (centred + half)
         minus = inv_s * (centred - half)
@@ -104,10 +121,18 @@ class DiscretizedLogisticMixture:
         return torch.logsumexp(lp, dim=1)
 
     def mean(self) -> torch.Tensor:
-        """Mixture mean per channel, in [0, 1]: (B, C, H, W)."""
+        """Mixture mean per channel, in [0, 1]: (B, C, H, W). Given a component, E[x_c] follows the coupling
+        with E[x_j] in place of x_j (exact for the logistic; the clipping at the edge bins is ignored)."""
+        e = []
+        for c in range(self.channels):  # E[x_c | k], recursively: (B, M, H, W)
+            k0 = c * (c - 1) // 2
+            mu = self.loc[:, :, c]
+            for j in range(c):
+                mu = mu + self.coeff[:, :, k0 + j] * e[j]
+            e.append(mu)
         pi = torch.softmax(self.logit_pi, dim=1).unsqueeze(2)  # (B, M, 1, H, W)
-        return ((pi * self.loc).sum(dim=1) + 1.0) / 2.0
+        return torch.clamp(((pi * torch.stack(e, dim=2)).sum(dim=1) + 1.0) / 2.0, 0.0, 1.0)
 
     @staticmethod
     def n_params(channels: int, n_mixtures: int) -> int:
-        return n_mixtures * (1 + 2 * channels)
+        return n_mixtures * (1 + 2 * channels + channels * (channels - 1) // 2)

@@ -83,21 +83,30 @@ class GaussianHead(nn.Module):
     """Maps a feature map to `n_groups` diagonal Gaussians over flat latents (B, n)."""
 
     def __init__(self, in_ch: int, hw: tuple[int, int], z_dim: int, dense: bool, n_groups: int, min_std: float,
-                 bottleneck: int = 0):
+                 bottleneck: int = 0, kernel: int = 3):
         super().__init__()
         self.dense, self.n_groups, self.min_std = dense, n_groups, min_std
         out = 2 * n_groups * z_dim
         # dense latents: an optional 1x1 conv to `bottleneck` maps before flattening keeps the linear small
         self.squeeze = weight_norm(nn.Conv2d(in_ch, bottleneck, 1)) if (dense and bottleneck) else None
+        self.pad = None
         if dense:
             self.net = weight_norm(nn.Linear((bottleneck or in_ch) * hw[0] * hw[1], out))
+        elif kernel % 2:
+            self.net = weight_norm(nn.Conv2d(in_ch, out, kernel, padding=kernel // 2))
         else:
-            self.net = weight_norm(nn.Conv2d(in_ch, out, 3, padding=1))
+            # an even kernel (the natural presets' 16x16, 8x8, 4x4 heads) pads as TensorFlow's SAME: the extra
+            # row and column at the end, so the latent keeps the feature map's resolution
+            lo = (kernel - 1) // 2
+            self.pad = nn.ZeroPad2d((lo, kernel - 1 - lo, lo, kernel - 1 - lo))
+            self.net = weight_norm(nn.Conv2d(in_ch, out, kernel))
 
     def forward(self, h: torch.Tensor) -> list[DiagGaussian]:
         h = F.elu(h)
         if self.squeeze is not None:
             h = F.elu(self.squeeze(h))
+        if self.pad is not None:
+            h = self.pad(h)
         raw = self.net(h.flatten(1)) if self.dense else self.net(h)
         parts = raw.chunk(2 * self.n_groups, dim=1)
         return [DiagGaussian(parts[2 * g].flatten(1), softplus(parts[2 * g + 1].flatten(1)) + self.min_std)

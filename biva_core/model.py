@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .config import BivaConfig
 from .distributions import Bernoulli, DiagGaussian, DiscretizedLogisticMixture
-from .layers import Block, GaussianHead, LatentEmbed
+from .layers import Block, GaussianHead, LatentEmbed, ResLayer
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class BottomUp(NamedTuple):
     q_bu: list[DiagGaussian | None]  # q(z_i^BU | .) for i = 1..L-1 (None without BU latents)
     z_bu: list[torch.Tensor | None]  # their draws
     q_top: DiagGaussian  # q(z_L | x, z_<L^BU)
+    h_td: list[torch.Tensor] | None = None  # the second inference path's h_i^TD, i = 1..L (cfg.q_td_path only)
 
 
 class Pass(NamedTuple):
@@ -104,11 +105,14 @@ class Biva(nn.Module):
             self.bu_blocks.append(Block(in_ch, s.channels, s.kernel, s.stride, False, cfg.m_layers, skip_ch,
                                         [s.stride] * cfg.m_layers, cfg.dropout_inf))
         self.q_bu_heads = nn.ModuleList(
-            GaussianHead(ch[i - 1], res[i], stages[i - 1].z_dim, stages[i - 1].dense, 1, cfg.min_std, bn)
+            GaussianHead(ch[i - 1], res[i], stages[i - 1].z_dim, stages[i - 1].dense, 1, cfg.min_std, bn,
+                         stages[i - 1].latent_kernel)
             for i in range(1, L) if cfg.bu_latents
         )
         top = stages[-1]
-        self.q_top_head = GaussianHead(ch[-1], res[L], top.z_dim, top.dense, 1, cfg.min_std, bn)
+        self.q_top_head = GaussianHead(ch[-1], res[L], top.z_dim, top.dense, 1, cfg.min_std, bn, top.latent_kernel)
+        if cfg.q_td_path:
+            self._build_q_td_path()
 
         # Top-down path, shared by the generative and the inference model: td_blocks[s-1] maps z_s
         # (and the skips d_{s,j}) to d_{s-1}; td_blocks[0] produces d_0 for p(x | z).
@@ -126,16 +130,35 @@ class Biva(nn.Module):
                                         skip_ch, ratios, cfg.dropout_gen))
         self.p_heads = nn.ModuleList(
             GaussianHead(ch[i - 1], res[i], stages[i - 1].z_dim, stages[i - 1].dense, self._n_groups(i),
-                         cfg.min_std, bn)
+                         cfg.min_std, bn, stages[i - 1].latent_kernel)
             for i in range(1, L)
         )
+        q_td_in = 1 if cfg.q_td_path else 2  # the merged h_i^TD, or the concatenation <h_i; d_i> (eq. 10)
         self.q_td_heads = nn.ModuleList(
-            GaussianHead(2 * ch[i - 1], res[i], stages[i - 1].z_dim, stages[i - 1].dense, 1, cfg.min_std, bn)
+            GaussianHead(q_td_in * ch[i - 1], res[i], stages[i - 1].z_dim, stages[i - 1].dense, 1, cfg.min_std, bn,
+                         stages[i - 1].latent_kernel)
             for i in range(1, L)
         )
         lik = Bernoulli if cfg.likelihood == "bernoulli" else DiscretizedLogisticMixture
         self.out_head = nn.Conv2d(ch[0], lik.n_params(x_ch, cfg.n_mixtures), 3, padding=1)
         self.out_head = torch.nn.utils.parametrizations.weight_norm(self.out_head)
+
+    def _build_q_td_path(self) -> None:
+        """The authors' second deterministic inference path (biva-pytorch's `q_td_convs`, the TF code's
+        `deterministic_top_down`): stage i runs M gated layers from h_{i-1}^TD (x for i = 1), each also fed
+        the BU path's h_i; a gated merge layer then combines h_i^TD with d_i before q(z_i^TD) and with h_L
+        before q(z_L). Strides as the BU path's (first layer), so every skip here is at its own resolution."""
+        cfg, ch = self.cfg, [s.channels for s in self.cfg.stages]
+        self.q_td_blocks = nn.ModuleList(
+            Block(cfg.image_shape[0] if i == 1 else ch[i - 2], s.channels, s.kernel, s.stride, False, cfg.m_layers,
+                  s.channels, [1] * cfg.m_layers, cfg.dropout_inf)
+            for i, s in enumerate(cfg.stages, 1)
+        )
+        # merges i = 1..L-1 take d_i (generative dropout, as the authors' merge); merge L takes h_L (inference)
+        self.q_merges = nn.ModuleList(
+            ResLayer(c, c, 3, 1, False, c, 1, cfg.dropout_inf if i == cfg.n_layers else cfg.dropout_gen)
+            for i, c in enumerate(ch, 1)
+        )
 
     # ---- layout ---------------------------------------------------------------------------------
     def _n_groups(self, level: int) -> int:
@@ -185,7 +208,14 @@ class Biva(nn.Module):
             else:
                 q_bu.append(None)
                 z_bu.append(None)
-        return BottomUp(hs, q_bu[:L - 1], z_bu[:L - 1], self.q_top_head(hs[-1])[0])
+        if not self.cfg.q_td_path:
+            return BottomUp(hs, q_bu[:L - 1], z_bu[:L - 1], self.q_top_head(hs[-1])[0])
+        h_td, inp = [], x * 2.0 - 1.0
+        for i in range(1, L + 1):
+            inp = self.q_td_blocks[i - 1](inp, [hs[i - 1]] * self.cfg.m_layers)[-1]
+            h_td.append(inp)
+        q_top = self.q_top_head(self.q_merges[L - 1](h_td[-1], hs[-1]))[0]
+        return BottomUp(hs, q_bu[:L - 1], z_bu[:L - 1], q_top, h_td)
 
     def top_down(self, bu: BottomUp | None, eps: torch.Tensor, k: int | torch.Tensor = 0,
                  temperature: float | torch.Tensor = 1.0, z_given: torch.Tensor | None = None,
@@ -217,7 +247,7 @@ class Biva(nn.Module):
                     elif g.name == "bu":
                         posts.append(bu.q_bu[level - 1])
                     else:
-                        posts.append(self.q_td_heads[level - 1](torch.cat([bu.h[level - 1], d], dim=1))[0])
+                        posts.append(self.q_td_heads[level - 1](self._q_td_input(bu, level, d))[0])
             m = _prior_mask(level, k, eps)
             level_z = []
             for g, p, q in zip(groups, priors, posts):
@@ -258,6 +288,12 @@ class Biva(nn.Module):
             log_px=log_px,
             x_mean=lik.mean(),
         )
+
+    def _q_td_input(self, bu: BottomUp, level: int, d: torch.Tensor) -> torch.Tensor:
+        """What q(z_i^TD) reads: <h_i; d_i> (eq. 10), or the gated merge of h_i^TD with d_i (cfg.q_td_path)."""
+        if bu.h_td is not None:
+            return self.q_merges[level - 1](bu.h_td[level - 1], d)
+        return torch.cat([bu.h[level - 1], d], dim=1)  # (B, 2C, H, W)
 
     def _td_order(self) -> list[int]:
         """Permutation from top-down visiting order to the flat layout's group order."""
