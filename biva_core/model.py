@@ -56,13 +56,15 @@ class Pass(NamedTuple):
     q_log_std: torch.Tensor  # (B, D)
     log_ratio: torch.Tensor  # (B, G) log p(z_g | z_>g) - log q(z_g | .), zero for groups taken from the prior
     kl: torch.Tensor  # (B, G) analytic KL(q || p) per group (posterior groups only)
-    log_px: torch.Tensor  # (B,) log p(x | z), zeros when no x was given
+    log_px: torch.Tensor  # (B,) log p(x | z), zeros when no x was given (float64 for the logistic mixture)
     x_mean: torch.Tensor  # (B, C, H, W) mean of p(x | z)
 
     @property
     def log_w(self) -> torch.Tensor:
-        """Per-sample log importance weight: log p(x|z) + sum over posterior groups of log p - log q."""
-        return self.log_px + self.log_ratio.sum(dim=1)
+        """Per-sample log importance weight: log p(x|z) + sum over posterior groups of log p - log q,
+        in the latents' dtype (a float64 log p(x|z) is rounded once, here)."""
+        log_w = self.log_px + self.log_ratio.sum(dim=1)
+        return log_w if log_w.dtype == self.log_ratio.dtype else log_w.to(self.log_ratio.dtype)
 
 
 def _prior_mask(level: int, k: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
@@ -276,8 +278,14 @@ class Biva(nn.Module):
 
         d0 = self.td_blocks[0](self.td_embed[0](z_above), d_skips if self.cfg.skip else None)[-1]
         lik = self._likelihood(self.out_head(F.elu(d0)))
-        log_px = (lik.log_prob(x).flatten(1).sum(dim=1) if x is not None
-                  else torch.zeros(B, dtype=eps.dtype, device=eps.device))
+        if x is None:
+            log_px = torch.zeros(B, dtype=eps.dtype, device=eps.device)
+        elif self.cfg.likelihood == "bernoulli":
+            log_px = lik.log_prob(x).flatten(1).sum(dim=1)
+        else:  # H x W pixel terms of several nats each: summed in float32, the total (thousands of nats) is
+            # off by more than the export's 1e-3-nat tolerance, differently in each runtime; kept in float64
+            # until log_w rounds it once
+            log_px = lik.log_prob(x).flatten(1).to(torch.float64).sum(dim=1)
         order = self._order
         return Pass(
             z=torch.cat([zs[j] for j in order], dim=1),
