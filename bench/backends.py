@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 import torch
 
-from biva_export.graphs import GraphSpec
+from biva_export.contract import ENCODER, SAMPLER, SCORE, SCORER, GraphSpec, LogMeanExp, iw_chunks
 
 POOL = 3  # distinct input sets per shape
 
@@ -34,17 +34,11 @@ class Case:
 
 def make_cases(iw: int) -> dict[str, Case]:
     return {
-        "sampler": Case("sampler", "biva_sampler", 1, "biva_sampler"),
-        "encoder": Case("encoder", "biva_encoder", 1, "biva_encoder"),
-        "scorer_k1": Case("scorer_k1", "biva_scorer", 1, "biva_scorer"),
-        "scorer_iw": Case("scorer_iw", "biva_encoder", iw, "biva_score"),
+        "sampler": Case("sampler", SAMPLER, 1, SAMPLER),
+        "encoder": Case("encoder", ENCODER, 1, ENCODER),
+        "scorer_k1": Case("scorer_k1", SCORER, 1, SCORER),
+        "scorer_iw": Case("scorer_iw", ENCODER, iw, SCORE),
     }
-
-
-def iw_chunks(k: int, batch: int, graph_max: int) -> list[int]:
-    """Importance samples per graph call, as the biva_score front model slices them (rows = samples x B)."""
-    per_call = max(1, graph_max // batch)
-    return [min(per_call, k - s) for s in range(0, k, per_call)]
 
 
 # ---- in process: PyTorch eager and ONNX Runtime ---------------------------------------------------
@@ -94,10 +88,10 @@ def inprocess_call(runner, case: Case, make_inputs: Callable[[int, int], dict[st
              for c in set(chunks)}
 
     def call(i: int) -> np.ndarray:
-        log_w = np.concatenate([runner(pools[c][i % 2])[log_w_index][:, 0] for c in chunks])  # (K * B,)
-        log_w = log_w.reshape(case.rows_per_image, batch).astype(np.float64)  # (K, B)
-        m = log_w.max(axis=0)
-        return m + np.log(np.exp(log_w - m).mean(axis=0))  # log (1/K) sum_k w_k, per image
+        lme = LogMeanExp(batch)  # log (1/K) sum_k w_k per image, as biva_score computes it
+        for c in chunks:
+            lme.add(runner(pools[c][i % 2])[log_w_index][:, 0].reshape(c, batch))  # (c, B)
+        return lme.value()
     return call
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
+from biva_export.contract import ORT_LEVELS as _ORT_LEVELS
+
 from .measure import MeasureConfig
 from .triton import Variant
 
 BACKENDS = ("torch", "ort", "triton_http", "triton_grpc")
 CASES = ("sampler", "encoder", "scorer_k1", "scorer_iw")
-ORT_LEVELS = ("disable", "basic", "extended", "all")
+ORT_LEVELS = tuple(_ORT_LEVELS)
 
 
 def default_threads() -> int:

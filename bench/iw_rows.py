@@ -22,18 +22,16 @@ import numpy as np
 @click.option("--reps", default=4, show_default=True, help="Alternating timed runs per graph (after one warm-up).")
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
 def main(repo: Path, rows: int, reps: int, threads: int) -> None:
-    import onnxruntime as ort
+    from biva_export.contract import ENCODER, SCORER, ort_session
+    from biva_export.repository import read_meta
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    sessions = {g: ort.InferenceSession(str(repo / g / "1" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-                for g in ("biva_scorer", "biva_encoder")}
-    enc = sessions["biva_encoder"]
+    meta = read_meta(repo)
+    sessions = {g: ort_session(str(repo / g / "1" / "model.onnx"), threads) for g in (SCORER, ENCODER)}
     rng = np.random.default_rng(0)
-    image = (rng.random((1, *enc.get_inputs()[0].shape[1:])) > 0.5).astype(np.float32)
-    feeds = {"biva_encoder": {"images": np.repeat(image, rows, axis=0),
-                              "noise": rng.standard_normal((rows, enc.get_inputs()[1].shape[1]), dtype=np.float32)}}
-    feeds["biva_scorer"] = {**feeds["biva_encoder"], "k": np.zeros((rows, 1), np.int64)}
+    image = (rng.random((1, *meta.image_shape)) > 0.5).astype(np.float32)
+    feeds = {ENCODER: {"images": np.repeat(image, rows, axis=0),
+                       "noise": rng.standard_normal((rows, meta.noise_dim), dtype=np.float32)}}
+    feeds[SCORER] = {**feeds[ENCODER], "k": np.zeros((rows, 1), np.int64)}
     log_w = {g: s.run(["log_w"], feeds[g])[0] for g, s in sessions.items()}  # also the warm-up
     times: dict[str, list[float]] = {g: [] for g in sessions}
     for _ in range(reps):
@@ -43,9 +41,9 @@ def main(repo: Path, rows: int, reps: int, threads: int) -> None:
             times[g].append(time.perf_counter() - t0)
     med = {g: float(np.median(t)) for g, t in times.items()}
     click.echo(f"max |log_w scorer - log_w encoder| over {rows} rows: "
-               f"{float(np.abs(log_w['biva_scorer'] - log_w['biva_encoder']).max()):.3g} nats")
-    click.echo(f"{rows} IW rows, ONNX Runtime {threads} threads, median of {reps}: scorer {med['biva_scorer']:.2f} s, "
-               f"encoder {med['biva_encoder']:.2f} s, scorer/encoder {med['biva_scorer'] / med['biva_encoder']:.2f}x")
+               f"{float(np.abs(log_w[SCORER] - log_w[ENCODER]).max()):.3g} nats")
+    click.echo(f"{rows} IW rows, ONNX Runtime {threads} threads, median of {reps}: scorer {med[SCORER]:.2f} s, "
+               f"encoder {med[ENCODER]:.2f} s, scorer/encoder {med[SCORER] / med[ENCODER]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from biva_export.cli import sha256_file
+from biva_export.contract import REPORT, ort_session
+from biva_export.repository import read_meta, sha256_file
 
 from .backends import Case, OrtRunner, TorchRunner, async_call, inprocess_call, make_cases, sync_call, \
     triton_inputs
@@ -33,7 +34,7 @@ from .config import BenchConfig
 from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
 from .measure import MeasureConfig, measure_async, measure_sync
 from .report import add_achieved, compute_ratios, write_outputs
-from .triton import Variant, graph_max_batch, stats_delta, stats_snapshot, write_variant
+from .triton import Variant, stats_delta, stats_snapshot, write_variant
 
 RESULT = "bench.json"
 
@@ -60,7 +61,7 @@ def system_info(threads: int) -> dict[str, Any]:
 
 def _check_repo(repo: Path, ckpt: Path) -> None:
     """The served graphs must hold the checkpoint's weights, or PyTorch and ONNX compare different models."""
-    report = repo / "export_report.json"
+    report = repo / REPORT
     if not report.is_file():
         raise BenchError(f"{repo}: no export_report.json; write the repository with biva-export")
     want = json.loads(report.read_text()).get("checkpoint_sha256")
@@ -69,31 +70,16 @@ def _check_repo(repo: Path, ckpt: Path) -> None:
 
 
 def _ort_session(path: Path, cfg: BenchConfig, work: Path):
-    import onnxruntime as ort
-
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-
-    def options(level):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = cfg.threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = level
-        return opts
-
+    """A session at the config's optimisation level; with ort_saved_graph, optimised once, saved, and the saved
+    graph loaded without optimising again (only that load is timed)."""
     t = time.perf_counter()
-    if cfg.ort_saved_graph:  # optimise once, save, load the saved graph without optimising again
+    if cfg.ort_saved_graph:
         saved = work / f"{path.parent.parent.name}.opt.onnx"
-        opts = options(levels[cfg.ort_level])
-        opts.optimized_model_filepath = str(saved)
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        ort_session(str(path), cfg.threads, cfg.ort_level, saved_graph=str(saved))
         t = time.perf_counter()
-        path = saved
-        sess = ort.InferenceSession(str(path), options(levels["disable"]), providers=["CPUExecutionProvider"])
+        sess = ort_session(str(saved), cfg.threads, "disable")
     else:
-        sess = ort.InferenceSession(str(path), options(levels[cfg.ort_level]), providers=["CPUExecutionProvider"])
+        sess = ort_session(str(path), cfg.threads, cfg.ort_level)
     return sess, time.perf_counter() - t
 
 
@@ -172,7 +158,7 @@ def bench_triton_sync(cfg: BenchConfig, cases: dict[str, Case], server, repo: Pa
                 spec = specs[case.graph]
                 make = lambda rows, seed, spec=spec: example_inputs(spec, plain, rows, seed)  # noqa: E731
                 outputs = (spec.output_names if case.rows_per_image == 1 else ["iw_bound"])
-                limit = graph_max_batch(repo, case.graph)
+                limit = read_meta(repo).graph_max_batch
                 for b in _batches(cfg, case):
                     if case.rows_per_image == 1 and b > limit:
                         entry = {"skipped": f"batch {b} > the graph model's max_batch_size {limit}"}
@@ -303,14 +289,14 @@ def run_bench(ckpt: Path, out_dir: Path, cfg: BenchConfig, repo: Path | None = N
     with tempfile.TemporaryDirectory(prefix="biva-bench-") as tmp:
         work = Path(tmp)
         if repo is None:
-            from biva_export.cli import run_export
+            from biva_export.pipeline import run_export
 
             repo = work / "repo"
             log("exporting the checkpoint (pass --repo to reuse an exported repository) ...")
             run_export(ckpt, repo, log=lambda *_: None)
         result["meta"]["repository"] = str(repo) if repo.parent != work else "exported into a temporary folder"
         graphs = {g: repo / g / "1" / "model.onnx" for g in specs}
-        graph_max = int(json.loads((repo / "export_report.json").read_text())["meta"]["graph_max_batch"])
+        graph_max = read_meta(repo).graph_max_batch
         result["flops"] = _flops(cases, graphs, plain, specs)
         result["notes"].append("FLOPs per image: the ONNX count (Conv, ConvTranspose, MatMul, Gemm; 2 per "
                                "multiply-add) where shape inference gave every shape; it leaves out work the "

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from biva_export.repository import FRONT_GRAPHS, parse_config
+from biva_export.contract import FRONT_GRAPHS
+from biva_export.repository import parse_config
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,6 @@ def write_variant(src: Path, dst: Path, models: list[str], v: Variant) -> Path:
             cfg = dst / name / "config.pbtxt"
             cfg.write_text(rewrite_graph_config(cfg.read_text(), v))
     return dst
-
-
-def graph_max_batch(repo: Path, graph: str) -> int:
-    cfg = parse_config((repo / graph / "config.pbtxt").read_text())
-    return int(cfg.max_batch_size)
 
 
 # ---- statistics -------------------------------------------------------------------------------------

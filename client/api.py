@@ -1,4 +1,4 @@
-"""`BivaClient`: one typed call per request of the served API (export/repository.py `front_specs`).
+"""`BivaClient`: one typed call per request of the served API (biva_export.contract: names, caps, checks).
 
     client = BivaClient("127.0.0.1:8000", protocol="http")
     images = client.sample(n=16, seed=0)                       # (16, C, H, W) in [0, 1]
@@ -16,8 +16,6 @@ safe to share across threads), so the methods can be called from a pool of worke
 """
 from __future__ import annotations
 
-import json
-import math
 import socket
 import threading
 import time
@@ -27,10 +25,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from biva_export import contract
+from biva_export.contract import META_PARAMETER, MODEL_PREFIX, ROLES, ModelMeta, RequestError  # noqa: F401
+
 PROTOCOLS = ("http", "grpc")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
-ROLES = ("sample", "regenerate", "encode", "score")
-INT64_MAX = 2**63 - 1
 T = TypeVar("T")
 
 # Exit codes of the CLI, one per kind of failure (documented in biva_client/cli.py).
@@ -79,39 +78,6 @@ class ServerError(ClientError):
         self.transient = transient
 
 
-@dataclass(frozen=True)
-class ModelMeta:
-    """The `biva_meta` parameter every served model carries (written by biva-export)."""
-
-    image_shape: tuple[int, int, int]  # (C, H, W)
-    likelihood: str  # "bernoulli" (binary images) or "dmol" (8-bit)
-    binarize: str  # how the checkpoint's test set was preprocessed: "threshold", "bernoulli" or "8bit"
-    n_layers: int  # L, stochastic layers; k in 0..L
-    latent_dim: int  # D, width of the flat z / q_mu / q_log_std
-    noise_dim: int  # noise drawn per image per importance sample
-    groups: tuple[str, ...]  # latent group names in the flat layout (z1_bu, z1_td, ..., zL)
-    caps: dict[str, float]  # server-side request caps: max_n, max_images, max_iw, max_iw_rows, max_temperature
-    raw: dict[str, Any]  # the whole JSON, for anything not named above
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelMeta:
-        d = json.loads(text)
-        return cls(image_shape=tuple(int(v) for v in d["image_shape"]), likelihood=d["likelihood"],
-                   binarize=d["binarize"], n_layers=int(d["n_layers"]), latent_dim=int(d["latent_dim"]),
-                   noise_dim=int(d["noise_dim"]), groups=tuple(d["groups"]), caps=dict(d["caps"]), raw=d)
-
-    @property
-    def n_dims(self) -> int:
-        """C * H * W, the denominator of bits per dimension."""
-        c, h, w = self.image_shape
-        return c * h * w
-
-    def data_meta(self) -> dict[str, Any]:
-        """The checkpoint-style "data" entry that biva_core.data.load_for_model expects."""
-        return {"image_shape": list(self.image_shape), "binarize": self.binarize,
-                "test_seed": int(self.raw.get("test_seed", 0))}
-
-
 @dataclass
 class Scores:
     """Per-image bounds in nats from biva_score: (B,) each, l_gt_k (B, len(ks)), kl (B, G)."""
@@ -140,9 +106,19 @@ def default_url(protocol: str) -> str:
 
 
 def check_seed(seed: int, what: str = "seed") -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= INT64_MAX:
-        raise InputError(f"{what}: expected an integer in 0..2^63-1, got {seed!r}")
-    return int(seed)
+    with _as_input_error():
+        return contract.check_seed(seed, what)
+
+
+class _as_input_error:
+    """The contract's RequestError (the server would refuse it) as the client's InputError (nothing sent)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, e, tb) -> None:
+        if kind is not None and issubclass(kind, RequestError):
+            raise InputError(str(e)) from None
 
 
 def _first_line(text: str) -> str:
@@ -153,7 +129,7 @@ def _first_line(text: str) -> str:
 class BivaClient:
     """A connection to the BIVA front models on one Triton server (HTTP or gRPC)."""
 
-    def __init__(self, url: str | None = None, protocol: str = "http", model_prefix: str = "biva_",
+    def __init__(self, url: str | None = None, protocol: str = "http", model_prefix: str = MODEL_PREFIX,
                  timeout: float = 120.0, retries: int = 6, backoff: float = 0.25):
         if protocol not in PROTOCOLS:
             raise InputError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
@@ -315,9 +291,9 @@ class BivaClient:
     def fetch_meta(self, role: str) -> ModelMeta:
         cfg = self.model_config(role)
         try:
-            meta = ModelMeta.from_json(cfg["parameters"]["biva_meta"]["string_value"])
+            meta = ModelMeta.from_json(cfg["parameters"][META_PARAMETER]["string_value"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ServerError(f"model {self.model_name(role)!r} has no valid biva_meta parameter ({e}); "
+            raise ServerError(f"model {self.model_name(role)!r} has no valid {META_PARAMETER} parameter ({e}); "
                               "was it written by biva-export?") from None
         if self._meta is None:
             self._meta = meta
@@ -350,41 +326,28 @@ class BivaClient:
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
         """float32 (B, C, H, W) matching the model, 1 <= B <= max_images; InputError otherwise."""
-        meta = self.meta
-        want = tuple(meta.image_shape)
-        if images.ndim != 4 or tuple(images.shape[1:]) != want:
-            raise InputError(f"images: the model expects shape (N, {', '.join(map(str, want))}), "
-                             f"got {tuple(images.shape)}")
-        cap = int(meta.caps["max_images"])
-        if not 1 <= images.shape[0] <= cap:
-            raise InputError(f"images: {images.shape[0]} in one request, expected 1..{cap} (server cap max_images)")
+        with _as_input_error():
+            contract.check_rows("images", images, self.meta.image_shape, self.meta.caps.max_images)
         return np.ascontiguousarray(images, dtype=np.float32)
 
-    def _check_temperature(self, t: float) -> None:
-        cap = float(self.meta.caps["max_temperature"])
-        if not (math.isfinite(t) and 0.0 < t <= cap):
-            raise InputError(f"temperature: expected > 0 and <= {cap:g} (server cap max_temperature), got {t}")
-
     def sample(self, n: int, seed: int, temperature: float = 1.0) -> np.ndarray:
-        """n images (n, C, H, W) from the prior, at most caps["max_n"] per request."""
-        cap = int(self.meta.caps["max_n"])
-        if not 1 <= n <= cap:
-            raise InputError(f"n: {n} in one request, expected 1..{cap} (server cap max_n)")
-        self._check_temperature(temperature)
+        """n images (n, C, H, W) from the prior, at most caps.max_n per request."""
+        with _as_input_error():
+            contract.check_n(n, self.meta.caps)
+            contract.check_temperature(temperature, self.meta.caps)
         out = self._infer("sample", {"n": np.array([n], np.int64), "seed": np.array([check_seed(seed)], np.int64),
                                      "temperature": np.array([temperature], np.float32)}, ["images"])
         return out["images"]
 
     def regenerate(self, z: np.ndarray, k: int, seed: int, temperature: float = 1.0) -> np.ndarray:
         """Keep z_{>k} of the flat latents z (B, D), redraw z_{<=k} from the prior (Figure 12)."""
-        L, D = self.meta.n_layers, self.meta.latent_dim
-        if z.ndim != 2 or z.shape[1] != D:
-            raise InputError(f"z: expected shape (B, {D}), got {tuple(z.shape)}")
-        if not 0 <= k <= L:
-            raise InputError(f"k: expected 0..{L}, got {k}")
-        self._check_temperature(temperature)
+        meta = self.meta
+        with _as_input_error():
+            z = contract.check_vectors("z", z, meta.latent_dim, meta.caps.max_images, meta.caps.max_abs_latent)
+            contract.check_k("k", k, meta.n_layers)
+            contract.check_temperature(temperature, meta.caps)
         out = self._infer("regenerate", {
-            "z": np.ascontiguousarray(z, dtype=np.float32), "k": np.array([k], np.int64),
+            "z": z, "k": np.array([k], np.int64),
             "seed": np.array([check_seed(seed)], np.int64), "temperature": np.array([temperature], np.float32)},
             ["images"])
         return out["images"]
@@ -410,12 +373,8 @@ class BivaClient:
 
 def check_score_request(meta: ModelMeta, batch: int, iw: int, ks: Sequence[int]) -> None:
     """The server's caps on biva_score, checked here so that nothing is sent that would be refused."""
-    caps, L = meta.caps, meta.n_layers
-    if not 1 <= iw <= int(caps["max_iw"]):
-        raise InputError(f"iw: expected 1..{int(caps['max_iw'])} (server cap max_iw), got {iw}")
-    if iw * batch > int(caps["max_iw_rows"]):
-        raise InputError(f"iw x batch size = {iw} x {batch} exceeds the server cap max_iw_rows = "
-                         f"{int(caps['max_iw_rows'])}; use --batch-size <= {int(caps['max_iw_rows']) // iw}")
-    bad = [k for k in ks if not 0 <= int(k) <= L]
-    if bad or len(ks) > L + 1:
-        raise InputError(f"k: got {list(ks)}, expected at most {L + 1} values, each in 0..{L}")
+    with _as_input_error():
+        contract.check_iw(iw, meta.caps)
+        contract.check_iw_rows(iw, batch, meta.caps)
+        if ks:
+            contract.check_ks(np.asarray(ks), meta.n_layers)

@@ -28,6 +28,7 @@ import click
 import numpy as np
 
 from biva_core.data import DATA_SPEC_HELP
+from biva_export.contract import MODEL_PREFIX
 
 from .api import (EXIT_ERROR, EXIT_FLAGGED, EXIT_INTERRUPTED, PROTOCOLS, BivaClient, ClientError, InputError,
                   default_url)
@@ -111,7 +112,7 @@ def _group(*args, **kwargs):
                                           "127.0.0.1:8001 for grpc].")
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default="http", show_default=True,
               help="Triton protocol.")
-@click.option("--model-prefix", default="biva_", show_default=True,
+@click.option("--model-prefix", default=MODEL_PREFIX, show_default=True,
               help="Prefix of the front models (PREFIX sample, regenerate, encode, score).")
 @click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1),
               help="Images per request; batch i of a job uses seed --seed + i.")
@@ -344,8 +345,8 @@ def ood_fit(settings: Settings, in_spec, score_name, tpr, iw, limit, seed, out):
            "calibration": {"data": in_spec, "n": int(len(scores)), "limit": limit, "seed": seed,
                            "batch_size": settings.batch_size,
                            "accepted": float(1.0 - flag(scores, threshold).mean())},
-           "model": {key: meta.raw[key] for key in ("image_shape", "likelihood", "binarize", "n_layers",
-                                                    "latent_dim", "groups")}}
+           "model": {key: meta.to_dict()[key] for key in ("image_shape", "likelihood", "binarize", "n_layers",
+                                                          "latent_dim", "groups")}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     click.echo(f"score {name}: threshold {threshold:.4f} accepts {doc['calibration']['accepted']:.1%} of "
@@ -387,9 +388,9 @@ def ood_check(settings: Settings, threshold_file, data, limit, seed, out):
     def run(client: BivaClient):
         model = doc.get("model", {})
         for key in ("image_shape", "n_layers", "latent_dim", "groups"):
-            if key in model and model[key] != client.meta.raw.get(key):
+            if key in model and model[key] != client.meta.to_dict().get(key):
                 raise InputError(f"{threshold_file} was fitted on a model with {key} = {model[key]}, the server's "
-                                 f"model has {client.meta.raw.get(key)}")
+                                 f"model has {client.meta.to_dict().get(key)}")
         return _score_set(client, settings, data, limit, seed, doc["iw"], () if k is None else (k,), "check")
 
     table = _with_client(run, settings)
@@ -475,7 +476,7 @@ def encode(settings: Settings, data, limit, seed, out):
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, q_mu=enc.q_mu, q_log_std=enc.q_log_std, z=enc.z, kl=enc.kl, groups=np.array(meta.groups),
              seeds=image_seeds(len(enc.z), settings.batch_size, seed), image_shape=np.array(meta.image_shape),
-             meta=json.dumps(meta.raw))
+             meta=meta.to_json())
     click.echo(f"wrote {out}: q_mu, q_log_std, z {enc.z.shape}, kl {enc.kl.shape}, groups {', '.join(meta.groups)}")
 
 

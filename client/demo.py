@@ -36,7 +36,7 @@ def run_demo(ckpt: Path, out_dir: Path, repo: Path, n_samples: int = 64, ll_limi
              ood_spec: str = "digits", seed: int = 0, batch_size: int = 100, concurrency: int = 2,
              progress: bool | None = None) -> dict[str, Path]:
     """Export, serve, query; returns {what: path} of every output written."""
-    from biva_export.cli import run_export
+    from biva_export.pipeline import run_export
     from biva_export.launcher import start_server
 
     from .metrics import format_table, ood_scores, ood_table

@@ -131,7 +131,7 @@ def sample_images(client: BivaClient, n: int, seed: int, temperature: float = 1.
     if n < 1:
         raise InputError(f"n: expected >= 1, got {n}")
     check_seed(seed)
-    cap = int(client.meta.caps["max_n"])
+    cap = client.meta.caps.max_n
     parts = [client.sample(stop - start, batch_seed(seed, j), temperature)
              for j, (start, stop) in enumerate(batches(n, cap))]
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -159,7 +159,7 @@ class ScoreTable:
 
 def check_batch_size(meta: ModelMeta, batch_size: int, iw: int = 1, ks: Sequence[int] = ()) -> None:
     """Refuse a job whose requests the server would refuse, before anything is sent."""
-    cap = int(meta.caps["max_images"])
+    cap = meta.caps.max_images
     if not 1 <= batch_size <= cap:
         raise InputError(f"batch size: expected 1..{cap} (server cap max_images), got {batch_size}")
     check_score_request(meta, batch_size, iw, ks)

@@ -17,8 +17,6 @@ different k or temperature can share one batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
@@ -26,32 +24,8 @@ from torch.nn.utils import parametrize
 from biva_core.model import Biva
 from biva_core.objectives import log_weights
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy dtype name: "float32" or "int64"
-    dims: tuple[int, ...]  # per-row shape, without the batch dimension
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    name: str  # Triton model name and ONNX file stem
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    atol: dict[str, float]  # output name -> max |ONNX Runtime - PyTorch| allowed in validation
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
-
-
-IMAGE_ATOL = 1e-4  # images and latents
-NATS_ATOL = 1e-3  # every log-likelihood output, in nats
+from . import contract
+from .contract import EncoderOut, GraphSpec, SamplerOut, ScorerOut
 
 
 class SamplerGraph(nn.Module):
@@ -61,7 +35,7 @@ class SamplerGraph(nn.Module):
 
     def forward(self, z: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor, noise: torch.Tensor):
         out = self.model.top_down(None, noise, k, temperature, z_given=z)
-        return out.x_mean, out.z
+        return SamplerOut(images=out.x_mean, z_out=out.z)
 
 
 class EncoderGraph(nn.Module):
@@ -71,7 +45,7 @@ class EncoderGraph(nn.Module):
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor):
         out = self.model(images, noise)
-        return out.z, out.q_mu, out.q_log_std, out.kl, out.log_w.unsqueeze(1)
+        return EncoderOut(z=out.z, q_mu=out.q_mu, q_log_std=out.q_log_std, kl=out.kl, log_w=out.log_w.unsqueeze(1))
 
 
 class ScorerGraph(nn.Module):
@@ -81,35 +55,15 @@ class ScorerGraph(nn.Module):
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor, k: torch.Tensor):
         log_w, log_w_gt_k, kl = log_weights(self.model, images, noise, k)
-        return log_w.unsqueeze(1), log_w_gt_k.unsqueeze(1), kl  # (B, 1), (B, 1), (B, G)
+        return ScorerOut(log_w=log_w.unsqueeze(1), log_w_gt_k=log_w_gt_k.unsqueeze(1), kl=kl)  # (B, 1), (B, 1), (B, G)
 
 
-GRAPH_MODULES = {"biva_sampler": SamplerGraph, "biva_encoder": EncoderGraph, "biva_scorer": ScorerGraph}
+GRAPH_MODULES = {contract.SAMPLER: SamplerGraph, contract.ENCODER: EncoderGraph, contract.SCORER: ScorerGraph}
 
 
 def graph_specs(model: Biva) -> dict[str, GraphSpec]:
-    """The specs of the three graphs for this model's sizes."""
-    img = tuple(model.cfg.image_shape)
-    D, N, G = model.latent_dim, model.noise_dim, len(model.groups)
-    f32 = lambda name, *dims: TensorSpec(name, "float32", tuple(dims))  # noqa: E731
-    i64 = lambda name, *dims: TensorSpec(name, "int64", tuple(dims))  # noqa: E731
-    return {
-        "biva_sampler": GraphSpec(
-            "biva_sampler",
-            (f32("z", D), i64("k", 1), f32("temperature", 1), f32("noise", D)),
-            (f32("images", *img), f32("z_out", D)),
-            {"images": IMAGE_ATOL, "z_out": IMAGE_ATOL}),
-        "biva_encoder": GraphSpec(
-            "biva_encoder",
-            (f32("images", *img), f32("noise", N)),
-            (f32("z", D), f32("q_mu", D), f32("q_log_std", D), f32("kl", G), f32("log_w", 1)),
-            {"z": IMAGE_ATOL, "q_mu": IMAGE_ATOL, "q_log_std": IMAGE_ATOL, "kl": NATS_ATOL, "log_w": NATS_ATOL}),
-        "biva_scorer": GraphSpec(
-            "biva_scorer",
-            (f32("images", *img), f32("noise", N), i64("k", 1)),
-            (f32("log_w", 1), f32("log_w_gt_k", 1), f32("kl", G)),
-            {"log_w": NATS_ATOL, "log_w_gt_k": NATS_ATOL, "kl": NATS_ATOL}),
-    }
+    """The specs of the three graphs for this model's sizes (contract.graph_specs)."""
+    return contract.graph_specs(tuple(model.cfg.image_shape), model.latent_dim, model.noise_dim, len(model.groups))
 
 
 def inference_copy(model: Biva) -> Biva:

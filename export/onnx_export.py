@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from biva_core.model import Biva
 from biva_core.noise import NoiseStream
 
-from .graphs import GRAPH_MODULES, GraphSpec
+from .contract import GraphSpec, ort_session
+from .graphs import GRAPH_MODULES
 
 DEFAULT_OPSET = 18
 
@@ -95,27 +95,24 @@ class GraphReport:
         return f"{self.name}: {'ok' if self.ok else 'FAILED'}: max |ORT - torch|: " + ", ".join(parts)
 
 
-def make_session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def validate_graph(spec: GraphSpec, model: Biva, path: Path, batches: tuple[int, ...] = (1, 7, 33),
                    seed: int = 12345, atol_scale: float = 1.0) -> GraphReport:
     """Run the ONNX graph in ONNX Runtime and the PyTorch module on the same fresh inputs (several batch
-    sizes, so the dynamic axis is exercised) and record the max |difference| of every output."""
+    sizes, so the dynamic axis is exercised) and record the max |difference| of every output, paired by
+    name: the module returns the contract's named tuple, whose fields must be the spec's output names."""
     module = GRAPH_MODULES[spec.name](model).eval()
-    sess = make_session(path)
+    sess = ort_session(str(path))
     rep = GraphReport(spec.name, atol={k: v * atol_scale for k, v in spec.atol.items()}, batches=list(batches))
     for i, b in enumerate(batches):
         ex = example_inputs(spec, model, b, seed + i)
-        got = sess.run(spec.output_names, ex)
+        got = dict(zip(spec.output_names, sess.run(spec.output_names, ex)))
         with torch.no_grad():
             ref = module(*(torch.from_numpy(ex[n]) for n in spec.input_names))
-        for name, g, r in zip(spec.output_names, got, ref):
-            r = r.numpy()
+        if tuple(getattr(ref, "_fields", ())) != tuple(spec.output_names):
+            raise ValidationError(f"{spec.name}: the module returns {getattr(ref, '_fields', type(ref).__name__)}, "
+                                  f"the spec names {spec.output_names}")
+        for name, r in ref._asdict().items():
+            g, r = got[name], r.numpy()
             if g.shape != r.shape:
                 raise ValidationError(f"{spec.name}: output {name} has shape {g.shape}, PyTorch gives {r.shape}")
             d = float(np.max(np.abs(g - r))) if g.size else 0.0

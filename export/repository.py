@@ -8,12 +8,14 @@
       biva_regenerate/ biva_encode/ biva_score/
       export_report.json
 
-Every config.pbtxt is generated here from the specs (graphs.py for the graphs, FRONT_SPECS below for the
-API), and parsed back into Triton's ModelConfig protobuf before anything is written.
+Every config.pbtxt is generated here from the contract's specs (contract.py: graph_specs, front_specs) and
+parsed back into Triton's ModelConfig protobuf before anything is written. Beside every python-backend
+model.py goes a copy of contract.py (as biva_contract.py), so the server imports the same contract.
 """
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import shutil
@@ -21,46 +23,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .graphs import GraphSpec, TensorSpec
+from .contract import CONTRACT_COPY, META_PARAMETER, REPORT, ROLE_PARAMETER, FrontSpec, GraphSpec, ModelMeta, TensorSpec
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 PYTHON_DIR = Path(__file__).parent / "triton_python"
-
-# The graph models each API (front) model calls through BLS (front_model.py's _call).
-FRONT_GRAPHS = {"biva_sample": ("biva_sampler",), "biva_regenerate": ("biva_sampler",),
-                "biva_encode": ("biva_encoder",), "biva_score": ("biva_scorer", "biva_encoder")}
-
-# Default request caps (issue: one request must not exhaust memory). Documented in the README.
-DEFAULT_CAPS = {"max_n": 1024, "max_images": 1024, "max_iw": 5000, "max_iw_rows": 262144, "max_temperature": 10.0}
-
-
-@dataclass(frozen=True)
-class FrontSpec:
-    name: str
-    role: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    optional: tuple[str, ...] = ()
-
-
-def front_specs(image_shape: tuple[int, ...], D: int, G: int) -> dict[str, FrontSpec]:
-    """The request API. Non-batched models: -1 is a free dimension (B images, n samples, nk values)."""
-    f32 = lambda name, *dims: TensorSpec(name, "float32", tuple(dims))  # noqa: E731
-    i64 = lambda name, *dims: TensorSpec(name, "int64", tuple(dims))  # noqa: E731
-    img = (-1, *image_shape)
-    seed_in, temp_in, seed_out = i64("seed", 1), f32("temperature", 1), i64("seed", 1)
-    return {
-        "biva_sample": FrontSpec("biva_sample", "sample", (i64("n", 1), seed_in, temp_in),
-                                 (f32("images", *img), seed_out), ("seed", "temperature")),
-        "biva_regenerate": FrontSpec("biva_regenerate", "regenerate", (f32("z", -1, D), i64("k", 1), seed_in, temp_in),
-                                     (f32("images", *img), seed_out), ("seed", "temperature")),
-        "biva_encode": FrontSpec("biva_encode", "encode", (f32("images", *img), seed_in),
-                                 (f32("z", -1, D), f32("q_mu", -1, D), f32("q_log_std", -1, D), f32("kl", -1, G),
-                                  seed_out), ("seed",)),
-        "biva_score": FrontSpec("biva_score", "score", (f32("images", *img), i64("iw", 1), i64("ks", -1), seed_in),
-                                (f32("elbo", -1), f32("iw_bound", -1), f32("l_gt_k", -1, -1), f32("kl", -1, G),
-                                 seed_out), ("iw", "ks", "seed")),
-    }
+CONTRACT_FILE = Path(__file__).parent / "contract.py"
 
 
 def _tensor_block(kind: str, tensors: tuple[TensorSpec, ...], optional: tuple[str, ...] = ()) -> str:
@@ -77,32 +44,48 @@ def _params(params: dict[str, str]) -> str:
                    for k, v in params.items())
 
 
-def graph_config(spec: GraphSpec, backend: str, max_batch: int, instances: int, threads: int,
-                 preferred: tuple[int, ...], queue_delay_us: int) -> str:
+@dataclass(frozen=True)
+class ServingConfig:
+    """How the graph models are served (biva-export's options)."""
+
+    backend: str = "python"  # "python" (ONNX Runtime in the python backend) or "onnxruntime" (native, GPU)
+    max_batch: int = 1024  # rows per graph call: max_batch_size of the graph models
+    instances: int = 1  # instances per graph model
+    front_instances: int = 2  # instances per front (API) model
+    threads: int = 0  # ONNX Runtime intra-op threads per python-backend graph instance (0: all cores)
+    preferred: tuple[int, ...] = ()  # dynamic batcher preferred batch sizes (none: batch what has arrived)
+    queue_delay_us: int = 500  # dynamic batcher: longest a request waits for others to join its batch
+
+
+def graph_config(spec: GraphSpec, sc: ServingConfig, meta: ModelMeta | None = None) -> str:
     """config.pbtxt of a graph model: python backend (ONNX Runtime inside) or native onnxruntime."""
+    backend, max_batch, instances = sc.backend, sc.max_batch, sc.instances
     head = f'name: "{spec.name}"\n'
     if backend == "python":
         head += 'backend: "python"\n'
-        kind, extra = "KIND_CPU", _params({"onnx_file": "model.onnx", "intra_op_threads": str(threads)})
+        params = {"onnx_file": "model.onnx", "intra_op_threads": str(sc.threads)}
+        if meta is not None:
+            params[META_PARAMETER] = meta.to_json()
+        kind, extra = "KIND_CPU", _params(params)
     else:
         head += 'platform: "onnxruntime_onnx"\n'
         kind = "KIND_GPU"
         extra = ("optimization { execution_accelerators { gpu_execution_accelerator [ { name: \"tensorrt\"\n"
                  "  parameters { key: \"precision_mode\" value: \"FP32\" }\n"
                  "  parameters { key: \"max_workspace_size_bytes\" value: \"1073741824\" } } ] } }\n")
-    pref = ", ".join(str(p) for p in preferred if p <= max_batch)
+    pref = ", ".join(str(p) for p in sc.preferred if p <= max_batch)
     pref = f"preferred_batch_size: [ {pref} ] " if pref else ""
     return (head + f"max_batch_size: {max_batch}\n" + _tensor_block("input", spec.inputs)
             + _tensor_block("output", spec.outputs)
-            + f"dynamic_batching {{ {pref}max_queue_delay_microseconds: {queue_delay_us} }}\n"
+            + f"dynamic_batching {{ {pref}max_queue_delay_microseconds: {sc.queue_delay_us} }}\n"
             + f"instance_group [ {{ count: {instances} kind: {kind} }} ]\n" + extra)
 
 
-def front_config(spec: FrontSpec, meta: dict, instances: int) -> str:
+def front_config(spec: FrontSpec, meta: ModelMeta, instances: int) -> str:
     return (f'name: "{spec.name}"\nbackend: "python"\nmax_batch_size: 0\n'
             + _tensor_block("input", spec.inputs, spec.optional) + _tensor_block("output", spec.outputs)
             + f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
-            + _params({"role": spec.role, "biva_meta": json.dumps(meta, sort_keys=True)}))
+            + _params({ROLE_PARAMETER: spec.role, META_PARAMETER: meta.to_json()}))
 
 
 def parse_config(text: str):
@@ -120,12 +103,35 @@ def write_model_files(root: Path, configs: dict[str, str], onnx_files: dict[str,
         version = root / name / "1"
         version.mkdir(parents=True)
         (root / name / "config.pbtxt").write_text(text)
+        source = PYTHON_DIR / ("graph_model.py" if name in onnx_files else "front_model.py")
         if name in onnx_files:
             shutil.copyfile(onnx_files[name], version / "model.onnx")
-            if backend == "python":
-                shutil.copyfile(PYTHON_DIR / "graph_model.py", version / "model.py")
-        else:
-            shutil.copyfile(PYTHON_DIR / "front_model.py", version / "model.py")
+        if name not in onnx_files or backend == "python":
+            shutil.copyfile(source, version / "model.py")
+            shutil.copyfile(CONTRACT_FILE, version / CONTRACT_COPY)  # the server imports the same contract
+
+
+def generated_copies(root: Path) -> dict[Path, Path]:
+    """Every python file biva-export copied into repository `root` -> the source file it must equal."""
+    out = {}
+    for model_py in sorted(root.glob("*/1/model.py")):
+        graph = "onnx_file" in (model_py.parent.parent / "config.pbtxt").read_text()
+        out[model_py] = PYTHON_DIR / ("graph_model.py" if graph else "front_model.py")
+        out[model_py.parent / CONTRACT_COPY] = CONTRACT_FILE
+    return out
+
+
+def read_meta(repo: Path) -> ModelMeta:
+    """The model metadata of a repository written by biva-export (from its report)."""
+    return ModelMeta.from_json(json.dumps(json.loads((repo / REPORT).read_text())["meta"]))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _exchange(a: Path, b: Path) -> bool:

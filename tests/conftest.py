@@ -46,10 +46,12 @@ def tiny_ckpt(tmp_path_factory, digits_npy) -> Path:
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory, tiny_ckpt) -> Path:
     """biva-export of the tiny checkpoint (python backend, small graph batch so slicing is exercised)."""
-    from biva_export.cli import run_export
+    from biva_export.pipeline import ExportConfig, run_export
+    from biva_export.repository import ServingConfig
 
     out = tmp_path_factory.mktemp("tiny_repo") / "triton_models"
-    run_export(tiny_ckpt, out, max_batch_size=64, threads=1, front_instances=2, log=lambda *_: None)
+    run_export(tiny_ckpt, out, ExportConfig(serving=ServingConfig(max_batch=64, threads=1, front_instances=2)),
+               log=lambda *_: None)
     return out
 
 

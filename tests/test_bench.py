@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from biva_bench.backends import iw_chunks
+from biva_export.contract import iw_chunks
 from biva_bench.measure import MeasureConfig, Window, is_stable, measure_sync
 from biva_bench.triton import Variant, rewrite_graph_config, stats_delta
 
@@ -73,7 +73,7 @@ def test_variant_repository_holds_every_graph_a_front_model_calls(tmp_path: Path
     import re
 
     from biva_bench.triton import write_variant
-    from biva_export.repository import FRONT_GRAPHS
+    from biva_export.contract import FRONT_GRAPHS
 
     out = write_variant(tiny_repo, tmp_path / "v", ["biva_score"], Variant())
     assert sorted(p.name for p in out.iterdir()) == ["biva_encoder", "biva_score", "biva_scorer"]

@@ -6,6 +6,7 @@ Pure parts (metrics, threshold, grid, retries) run without a server; the rest sh
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -227,7 +228,8 @@ def test_sample_above_the_cap_splits_with_derived_seeds(tiny_server, tiny_model)
 
     model, _ = tiny_model
     with BivaClient(tiny_server.grpc_url, "grpc") as client:
-        client.meta.caps["max_n"] = 4  # pretend a small cap: 10 = 4 + 4 + 2, seeds 3, 4, 5
+        client._meta = dataclasses.replace(client.meta, caps=dataclasses.replace(client.meta.caps, max_n=4))
+        # a pretended small cap: 10 = 4 + 4 + 2, seeds 3, 4, 5
         images = sample_images(client, 10, seed=3)
         assert client.requests_sent == 3
     with torch.no_grad():

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from biva_client.demo import run_demo
-from biva_export.cli import sha256_file
+from biva_export.repository import sha256_file
 
 
 @pytest.mark.slow

@@ -18,9 +18,10 @@ from biva_core.config import preset
 from biva_core.model import Biva
 from biva_core.noise import NoiseStream
 from biva_core.objectives import evaluate_bounds
-from biva_export.cli import REPORT, ExportError, run_export
+from biva_export.contract import REPORT, Caps, ModelMeta, front_specs
+from biva_export.pipeline import ExportConfig, ExportError, run_export
 from biva_export.graphs import graph_specs
-from biva_export.repository import front_config, front_specs, graph_config, parse_config
+from biva_export.repository import ServingConfig, front_config, graph_config, parse_config
 
 torch.set_num_threads(1)
 NATS_TOL = 1e-3  # per image, PyTorch vs Triton
@@ -39,7 +40,9 @@ def _tree_digest(root: Path) -> dict[str, str]:
 def test_every_generated_config_parses_into_model_config(backend):
     model = Biva(preset("tiny"))
     for spec in graph_specs(model).values():
-        cfg = parse_config(graph_config(spec, backend, 512, 2, 1, (64, 256, 1024), 1000))
+        sc = ServingConfig(backend=backend, max_batch=512, instances=2, threads=1, preferred=(64, 256, 1024),
+                           queue_delay_us=1000)
+        cfg = parse_config(graph_config(spec, sc))
         assert cfg.name == spec.name and cfg.max_batch_size == 512
         assert [i.name for i in cfg.input] == spec.input_names
         assert [o.name for o in cfg.output] == spec.output_names
@@ -50,14 +53,16 @@ def test_every_generated_config_parses_into_model_config(backend):
             assert cfg.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
         else:
             assert cfg.backend == "python" and cfg.instance_group[0].count == 2
-    no_pref = parse_config(graph_config(graph_specs(model)["biva_scorer"], "python", 64, 1, 1, (), 500))
+    no_pref = parse_config(graph_config(graph_specs(model)["biva_scorer"], ServingConfig(max_batch=64, threads=1)))
     assert list(no_pref.dynamic_batching.preferred_batch_size) == []
     assert no_pref.dynamic_batching.max_queue_delay_microseconds == 500
+    meta = ModelMeta((1, 28, 28), "bernoulli", "threshold", model.cfg.n_layers, model.latent_dim, model.noise_dim,
+                     tuple(model.group_names()), 64, Caps(max_n=7))
     for spec in front_specs((1, 28, 28), model.latent_dim, len(model.groups)).values():
-        cfg = parse_config(front_config(spec, {"caps": {}}, 2))
+        cfg = parse_config(front_config(spec, meta, 2))
         assert cfg.backend == "python" and cfg.max_batch_size == 0
         assert {i.name for i in cfg.input if i.optional} == set(spec.optional)
-        assert json.loads(cfg.parameters["biva_meta"].string_value) == {"caps": {}}
+        assert ModelMeta.from_json(cfg.parameters["biva_meta"].string_value) == meta
 
 
 # ---- export ---------------------------------------------------------------------------------------
@@ -83,7 +88,7 @@ def test_failed_validation_leaves_previous_repository_intact(tiny_ckpt, tiny_rep
     shutil.copytree(tiny_repo, repo)
     before = _tree_digest(repo)
     with pytest.raises(ExportError) as e:
-        run_export(tiny_ckpt, repo, atol_scale=0.0, log=lambda *_: None)
+        run_export(tiny_ckpt, repo, ExportConfig(atol_scale=0.0), log=lambda *_: None)
     msg = str(e.value)
     assert "validation failed" in msg and "left untouched" in msg and "biva_sampler: max |ORT - torch|" in msg
     assert " > 0" in msg
@@ -96,7 +101,7 @@ def test_export_refuses_a_foreign_directory(tiny_ckpt, tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(ExportError, match="not written by biva-export"):
-        run_export(tiny_ckpt, foreign, validate=False, log=lambda *_: None)
+        run_export(tiny_ckpt, foreign, ExportConfig(validate=False), log=lambda *_: None)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
@@ -240,7 +245,7 @@ BAD_REQUESTS = [
     ("biva_sample", {"n": _i64(0)}, "n: got 0"),
     ("biva_sample", {"n": _i64(10**6)}, "n: got 1000000"),
     ("biva_sample", {"n": _i64(2), "temperature": np.array([0.0], np.float32)}, "temperature: got 0"),
-    ("biva_sample", {"n": _i64(2), "temperature": np.array([np.nan], np.float32)}, "temperature: expected a finite"),
+    ("biva_sample", {"n": _i64(2), "temperature": np.array([np.nan], np.float32)}, "temperature: got nan"),
     ("biva_sample", {"n": _i64(2), "seed": _i64(-3)}, "seed: expected one integer >= 0"),
     ("biva_score", {"images": np.full((2, 1, 28, 28), 0.5, np.float32)}, "images: this model is binary"),
     ("biva_score", {"images": np.full((2, 1, 28, 28), 2.0, np.float32)}, "images: values in [2, 2]"),
@@ -282,7 +287,7 @@ def test_default_model_exports_and_serves(tmp_path):
     from biva_export.launcher import start_server
 
     repo = tmp_path / "triton_models"
-    report = run_export(DEFAULT_CKPT, repo, threads=1, log=lambda *_: None)
+    report = run_export(DEFAULT_CKPT, repo, ExportConfig(serving=ServingConfig(threads=1)), log=lambda *_: None)
     assert all(g["ok"] for g in report["graphs"].values())
     model, meta = load_model(DEFAULT_CKPT)
     x = load_for_model("fashion-mnist:test", meta, limit=8)
@@ -327,5 +332,5 @@ def test_export_killed_mid_write_leaves_previous_repository_served(tiny_ckpt, ti
         imgs, _ = _infer(server, "http", "biva_sample", {"n": _i64(2), "seed": _i64(1)}, ["images", "seed"])
         assert imgs.shape == (2, 1, 28, 28)
         server.stop()
-    run_export(tiny_ckpt, repo, validate=False, log=lambda *_: None)
+    run_export(tiny_ckpt, repo, ExportConfig(validate=False), log=lambda *_: None)
     assert not list(tmp_path.glob(".triton_models.staging-*"))

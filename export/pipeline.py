@@ -1,0 +1,138 @@
+"""The export pipeline behind `biva-export`, driven by one frozen `ExportConfig`.
+
+Steps: load the checkpoint -> fold weight norm -> export sampler, encoder, scorer (dynamic batch) ->
+onnx.checker(full_check) -> ONNX Runtime vs PyTorch on fresh random inputs -> write the repository in
+a staging folder -> swap it into place. Nothing is replaced unless every graph passes validation.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .contract import REPORT, Caps, ModelMeta
+from .repository import ServingConfig, front_config, graph_config, sha256_file, staging_dir, swap_into_place, \
+    write_model_files
+
+
+class ExportError(RuntimeError):
+    """Export or validation failed; the message says which graph and by how much."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18  # ONNX opset
+    exporter: str = "torchscript"  # torch.onnx exporter: "torchscript" (tracing, fast) or "dynamo"
+    validate: bool = True  # check every graph against PyTorch before writing anything
+    atol_scale: float = 1.0  # multiplies every validation tolerance; 0 demands exact equality
+    force: bool = False  # replace an output folder that biva-export did not write
+    quiet: bool = True  # hide the ONNX exporter's own output
+    caps: Caps = field(default_factory=Caps)  # request caps written into every served model's metadata
+    serving: ServingConfig = field(default_factory=ServingConfig)  # how the graph and front models are served
+
+
+@contextlib.contextmanager
+def _quiet_exporter(enabled: bool):
+    """torch.onnx's dynamo exporter prints pages of progress; keep them out of the user's terminal."""
+    if not enabled:
+        yield
+        return
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            for lg, lv in zip(loggers, levels):
+                lg.setLevel(lv)
+
+
+def _report_head(ckpt: Path, cfg: ExportConfig, source: str | None) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"checkpoint": source or str(ckpt), "checkpoint_sha256": sha256_file(ckpt),
+            "backend": cfg.serving.backend, "opset": cfg.opset, "exporter": cfg.exporter,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+                         "onnxruntime": onnxruntime.__version__},
+            "validated": cfg.validate, "graphs": {}}
+
+
+def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig, log, out: Path
+                         ) -> tuple[dict, dict]:
+    """Each graph exported into `tmp` and validated; returns (name -> onnx path, name -> report entry)."""
+    from .onnx_export import export_graph, validate_graph
+
+    onnx_files, entries = {}, {}
+    for name, spec in specs.items():
+        path = tmp / f"{name}.onnx"
+        log(f"exporting {name} ...")
+        with _quiet_exporter(cfg.quiet):
+            export_graph(spec, plain, path, cfg.opset, cfg.exporter)
+        onnx_files[name] = path
+        entry = {"bytes": path.stat().st_size, "inputs": spec.input_names, "outputs": spec.output_names}
+        if cfg.validate:
+            rep = validate_graph(spec, model, path, atol_scale=cfg.atol_scale)
+            log("  " + rep.summary())
+            entry.update({"max_abs_diff": rep.max_abs_diff, "atol": rep.atol, "batches": rep.batches, "ok": rep.ok})
+            if not rep.ok:  # fail fast: nothing is written, the remaining graphs are not exported
+                details = ", ".join(f"{k} {v:.3g} > {rep.atol[k]:.3g}" for k, v in rep.max_abs_diff.items()
+                                    if v > rep.atol[k])
+                raise ExportError(f"validation failed, {out} left untouched: {name}: max |ORT - torch| {details}")
+        entries[name] = entry
+    return onnx_files, entries
+
+
+def model_meta(model, data_meta: dict, cfg: ExportConfig) -> ModelMeta:
+    return ModelMeta(image_shape=tuple(model.cfg.image_shape), likelihood=model.cfg.likelihood,
+                     binarize=data_meta.get("binarize", "threshold"), n_layers=model.cfg.n_layers,
+                     latent_dim=model.latent_dim, noise_dim=model.noise_dim, groups=tuple(model.group_names()),
+                     graph_max_batch=cfg.serving.max_batch, caps=cfg.caps)
+
+
+def run_export(ckpt: Path, out: Path, cfg: ExportConfig = ExportConfig(), log: Callable[[str], object] = print,
+               source: str | None = None) -> dict:
+    """Export, validate and write the repository; returns the report. Raises ExportError.
+
+    `source` is the checkpoint path recorded in the report when `ckpt` is a private copy of it.
+    """
+    from biva_core.checkpoint import load_model
+
+    from .graphs import graph_specs, inference_copy
+
+    if out.exists() and not (out / REPORT).exists() and any(out.iterdir()) and not cfg.force:
+        raise ExportError(f"{out} exists and was not written by biva-export; pass --force to replace it")
+    model, data_meta = load_model(ckpt)
+    plain = inference_copy(model)
+    specs = graph_specs(plain)
+    report = _report_head(ckpt, cfg, source)
+    meta = model_meta(model, data_meta, cfg)
+    with tempfile.TemporaryDirectory(prefix="biva-onnx-") as tmp:
+        onnx_files, report["graphs"] = _export_and_validate(model, plain, specs, Path(tmp), cfg, log, out)
+        report["meta"] = json.loads(meta.to_json())
+        configs = {name: graph_config(spec, cfg.serving, meta) for name, spec in specs.items()}
+        configs.update({name: front_config(spec, meta, cfg.serving.front_instances)
+                        for name, spec in meta.front_specs().items()})
+        staged = staging_dir(out)
+        try:
+            write_model_files(staged, configs, onnx_files, cfg.serving.backend)
+            (staged / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+            swap_into_place(staged, out)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+    log(f"wrote {out} ({cfg.serving.backend} backend): {', '.join(sorted(configs))}; report in {out / REPORT}")
+    return report

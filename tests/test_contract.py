@@ -1,0 +1,117 @@
+"""The serving contract (biva_export.contract): importable without torch, one source for names, caps and
+checks, the same L_K estimator as biva_core.objectives, and generated repository copies equal to sources."""
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from biva_export import contract
+from biva_export.contract import Caps, LogMeanExp, ModelMeta, RequestError, iw_chunks
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = [p for d in ("export", "client", "bench", "serving", "demo") for p in (ROOT / d).rglob("*.py")]
+
+
+def _meta(**kw) -> ModelMeta:
+    base = dict(image_shape=(1, 4, 4), likelihood="bernoulli", binarize="threshold", n_layers=3, latent_dim=5,
+                noise_dim=7, groups=("z1_bu", "z1_td", "z3"), graph_max_batch=16, caps=Caps())
+    return ModelMeta(**{**base, **kw})
+
+
+def test_contract_imports_without_torch() -> None:
+    code = "import sys; import biva_export.contract; print('torch' in sys.modules, 'tritonclient' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_meta_round_trips_and_rejects_foreign_keys() -> None:
+    meta = _meta(caps=Caps(max_n=3, max_temperature=2.5))
+    assert ModelMeta.from_json(meta.to_json()) == meta
+    bad = meta.to_dict()
+    bad["graphs"] = {}
+    with pytest.raises(ValueError, match="expected keys"):
+        ModelMeta.from_json(__import__("json").dumps(bad))
+    with pytest.raises(TypeError):
+        Caps(**{"max_n": 1, "max_nn": 2})
+
+
+@pytest.mark.parametrize("batch,graph_rows,iw", [(3, 16, 1), (3, 16, 40), (20, 16, 7), (1, 4, 9)])
+def test_log_mean_exp_matches_objectives(batch, graph_rows, iw) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(batch * 100 + iw)
+    log_w = rng.normal(-100, 30, (iw, batch))  # (K, B), spread so the max matters
+    chunks = iw_chunks(iw, batch, graph_rows)
+    assert sum(chunks) == iw and all(c * batch <= max(graph_rows, batch) for c in chunks)
+    lme, done = LogMeanExp(batch), 0
+    for c in chunks:
+        lme.add(log_w[done:done + c])
+        done += c
+    ref = (torch.logsumexp(torch.from_numpy(log_w), dim=0) - math.log(iw)).numpy()
+    assert np.abs(lme.value() - ref).max() <= 1e-9
+
+
+def test_graph_and_front_specs_follow_the_output_tuples() -> None:
+    meta = _meta()
+    for name, spec in meta.graph_specs().items():
+        assert tuple(spec.output_names) == contract.GRAPH_OUTPUTS[name]._fields
+        assert set(spec.atol) == set(spec.output_names)
+    assert set(meta.front_specs()) == set(contract.FRONT_GRAPHS)
+    assert {g for gs in contract.FRONT_GRAPHS.values() for g in gs} == set(contract.GRAPHS)
+
+
+@pytest.mark.parametrize("feeds,match", [
+    ({"images": np.full((2, 1, 4, 4), 0.5, np.float32)}, "binary"),
+    ({"images": np.full((2, 1, 4, 4), np.nan, np.float32)}, "NaN"),
+    ({"z": np.full((2, 5), 3e38, np.float32)}, r"\|value\|"),
+    ({"noise": np.full((2, 7), np.inf, np.float32)}, "NaN or Inf"),
+    ({"k": np.array([[4]], np.int64)}, "0..3"),
+    ({"k": np.array([[-1]], np.int64)}, "0..3"),
+    ({"temperature": np.array([[0.0]], np.float32)}, "temperature"),
+    ({"temperature": np.array([[np.nan]], np.float32)}, "temperature"),
+    ({"temperature": np.array([[1e30]], np.float32)}, "temperature"),
+    ({"z": np.zeros((2, 5), np.float32), "k": np.zeros((3, 1), np.int64)}, "row counts"),
+])
+def test_graph_input_checks_refuse(feeds, match) -> None:
+    with pytest.raises(RequestError, match=match):
+        contract.check_graph_inputs("g", feeds, _meta())
+
+
+def test_graph_input_checks_accept_good_rows() -> None:
+    contract.check_graph_inputs("g", {"images": np.ones((2, 1, 4, 4), np.float32),
+                                      "noise": np.zeros((2, 7), np.float32), "k": np.array([[0], [3]])}, _meta())
+
+
+def test_names_and_caps_are_written_once() -> None:
+    """Each graph / front model name, parameter name and cap is a literal in exactly one non-test source."""
+    texts = {p: p.read_text() for p in SOURCES if "triton_models" not in p.parts}
+    literals = [*contract.GRAPHS, contract.MODEL_PREFIX, contract.META_PARAMETER,
+                *(f.name for f in __import__("dataclasses").fields(Caps))]
+    for lit in literals:
+        where = [p.relative_to(ROOT) for p, t in texts.items() if re.search(rf"[\"']{lit}[\"']|\b{lit}: ", t)]
+        assert len(where) == 1, f"{lit!r} is written in {where}"
+    for front in (contract.SAMPLE, contract.REGENERATE, contract.ENCODE, contract.SCORE):  # prefix + role
+        assert not [p for p, t in texts.items() if f'"{front}"' in t], front
+
+
+def test_generated_copies_equal_their_sources(tiny_repo) -> None:
+    from biva_export.repository import generated_copies
+
+    copies = generated_copies(tiny_repo)
+    assert len(copies) == 2 * 7
+    for copy, source in copies.items():
+        assert copy.read_bytes() == source.read_bytes(), f"{copy} differs from {source}"
+
+
+def test_shipped_repository_copies_equal_their_sources() -> None:
+    from biva_export.repository import generated_copies
+
+    copies = generated_copies(ROOT / "triton_models")
+    assert copies, "triton_models/ has no python-backend models"
+    stale = [str(c.relative_to(ROOT)) for c, s in copies.items() if not c.exists() or c.read_bytes() != s.read_bytes()]
+    assert not stale, f"regenerate with biva-export: {stale} differ from their sources"
