@@ -30,7 +30,7 @@ test-fast: install
 	$(VENV)/bin/pytest -q -ra -m "not slow and not server"
 
 demo: install
-	$(PY) -m biva_client.demo --ckpt $(CKPT)
+	$(PY) -m biva_demo.demo --ckpt $(CKPT)
 
 bench: install
 	$(PY) -m biva_bench.cli --ckpt $(CKPT)

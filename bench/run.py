@@ -127,7 +127,7 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], graphs: dict[str, 
 
 @contextlib.contextmanager
 def _server(repo: Path, log_path: Path):
-    from biva_export.launcher import start_server
+    from biva_serving.launcher import start_server
 
     handle = start_server(repo, log_path=log_path)
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -26,7 +27,8 @@ from pathlib import Path
 from .contract import CONTRACT_COPY, META_PARAMETER, REPORT, ROLE_PARAMETER, FrontSpec, GraphSpec, ModelMeta, TensorSpec
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
-PYTHON_DIR = Path(__file__).parent / "triton_python"
+# the serving step's python-backend model code, found without importing it (biva_serving is a later step)
+PYTHON_DIR = Path(importlib.util.find_spec("biva_serving").submodule_search_locations[0]) / "triton_python"
 CONTRACT_FILE = Path(__file__).parent / "contract.py"
 
 

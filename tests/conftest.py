@@ -58,7 +58,7 @@ def tiny_repo(tmp_path_factory, tiny_ckpt) -> Path:
 @pytest.fixture(scope="session")
 def tiny_server(tiny_repo, tmp_path_factory):
     """A real tritonserver serving the tiny repository on free loopback ports."""
-    from biva_export.launcher import start_server
+    from biva_serving.launcher import start_server
 
     handle = start_server(tiny_repo, log_path=tmp_path_factory.mktemp("tiny_server") / "server.log")
     yield handle

@@ -115,3 +115,16 @@ def test_shipped_repository_copies_equal_their_sources() -> None:
     assert copies, "triton_models/ has no python-backend models"
     stale = [str(c.relative_to(ROOT)) for c, s in copies.items() if not c.exists() or c.read_bytes() != s.read_bytes()]
     assert not stale, f"regenerate with biva-export: {stale} differ from their sources"
+
+
+STEPS = ["biva_core", "biva_export", "biva_serving", "biva_client", "biva_bench", "biva_demo"]  # data-flow order
+FOLDERS = {"biva_core": "biva_core", "biva_export": "export", "biva_serving": "serving", "biva_client": "client",
+           "biva_bench": "bench", "biva_demo": "demo"}
+
+
+def test_no_step_imports_a_later_one() -> None:
+    for i, step in enumerate(STEPS[:-1]):
+        later = [s for s in STEPS[i + 1:] if not (step == "biva_bench" and s == "biva_demo")]
+        for p in (ROOT / FOLDERS[step]).rglob("*.py"):
+            bad = [s for s in later if re.search(rf"^\s*(from|import) {s}\b", p.read_text(), re.M)]
+            assert not bad, f"{p.relative_to(ROOT)} imports {bad}"

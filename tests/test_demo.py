@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from biva_client.demo import run_demo
+from biva_demo.demo import run_demo
 from biva_export.repository import sha256_file
 
 
 @pytest.mark.slow
 def test_demo_end_to_end(tiny_ckpt, digits_npy, tmp_path, monkeypatch):
-    import biva_export.launcher as launcher
+    import biva_serving.launcher as launcher
 
     servers = []
     start = launcher.start_server

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import biva_export.launcher as launcher
-from biva_export.launcher import ADDRESS_FLAGS, build_argv, find_system_tritonserver, start_server
+import biva_serving.launcher as launcher
+from biva_serving.launcher import ADDRESS_FLAGS, build_argv, find_system_tritonserver, start_server
 
 MODEL = "double"
 
@@ -88,7 +88,7 @@ def _executable(path: Path, content: bytes) -> Path:
 
 
 def test_find_system_tritonserver_skips_our_console_script(tmp_path: Path) -> None:
-    script = b"#!/usr/bin/python3\nfrom biva_export.launcher import main\n"
+    script = b"#!/usr/bin/python3\nfrom biva_serving.launcher import main\n"
     ours = _executable(tmp_path / "venv" / "tritonserver", script)
     real = _executable(tmp_path / "opt" / "tritonserver", b"\x7fELF" + b"\0" * 60)
     assert find_system_tritonserver(str(ours.parent)) is None

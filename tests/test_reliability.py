@@ -125,7 +125,7 @@ def test_killed_stub_gives_clean_errors_and_a_reload_recovers(tiny_repo, tmp_pat
     models keep serving); the documented recovery, reloading that model (server started with
     --model-control-mode=explicit, loopback only), brings it back with the same answers.
     Triton 2.51's python backend does not restart a dead stub by itself."""
-    from biva_export.launcher import start_server
+    from biva_serving.launcher import start_server
 
     # a model whose stub is dead never finishes unloading: don't wait Triton's default 30 s for it at exit
     args = ["--model-control-mode=explicit", "--load-model=*", "--exit-timeout-secs=5"]
@@ -167,7 +167,7 @@ def test_server_restart_during_likelihood_run_scores_every_image_once(tiny_repo,
     import subprocess
     import sys
 
-    from biva_export.launcher import free_ports, start_server
+    from biva_serving.launcher import free_ports, start_server
 
     ports = free_ports(3)
     out = tmp_path / "ll.csv"

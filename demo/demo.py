@@ -1,6 +1,6 @@
 """End-to-end demo: checkpoint -> ONNX + Triton repository -> live server -> samples, likelihoods, OOD.
 
-    python -m biva_client.demo --ckpt models/default28.pt [--out-dir demo_out] [--repo triton_models]
+    python -m biva_demo.demo --ckpt models/default28.pt [--out-dir demo_out] [--repo triton_models]
 
 Exports the checkpoint (biva-export), starts tritonserver on free loopback ports, then runs the library
 equivalents of
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from .api import EXIT_ERROR, EXIT_INTERRUPTED, BivaClient, ClientError
+from biva_client.api import EXIT_ERROR, EXIT_INTERRUPTED, BivaClient, ClientError
 
 
 def _step(msg: str, t0: float) -> None:
@@ -37,11 +37,11 @@ def run_demo(ckpt: Path, out_dir: Path, repo: Path, n_samples: int = 64, ll_limi
              progress: bool | None = None) -> dict[str, Path]:
     """Export, serve, query; returns {what: path} of every output written."""
     from biva_export.pipeline import run_export
-    from biva_export.launcher import start_server
+    from biva_serving.launcher import start_server
 
-    from .metrics import format_table, ood_scores, ood_table
-    from .output import RowWriter, image_grid, plot_ood, save_png
-    from .tasks import (likelihood_columns, likelihood_rows, likelihood_summary, load_inputs, parse_k_list,
+    from biva_client.metrics import format_table, ood_scores, ood_table
+    from biva_client.output import RowWriter, image_grid, plot_ood, save_png
+    from biva_client.tasks import (likelihood_columns, likelihood_rows, likelihood_summary, load_inputs, parse_k_list,
                         reconstruct, sample_images, score_images)
 
     t0 = time.monotonic()

@@ -50,7 +50,7 @@ from typing import IO, NoReturn, Sequence
 
 LOOPBACK = "127.0.0.1"
 ADDRESS_FLAGS = ("--http-address", "--grpc-address", "--metrics-address")
-_OUR_MARKER = b"biva_export.launcher"
+_OUR_MARKER = b"biva_serving.launcher"
 _ELF_MAGIC = b"\x7fELF"
 _ERROR_LINE = re.compile(r"E\d{4} ")
 
@@ -355,7 +355,7 @@ def _launch(repo: Path, extra_args: Sequence[str], log_path: Path, env: dict | N
             ports: Sequence[int] | None = None) -> ServerHandle:
     http, grpc, metrics = ports if ports else free_ports(3)
     cmd = [
-        sys.executable, "-m", "biva_export.launcher",
+        sys.executable, "-m", "biva_serving.launcher",
         f"--model-repository={Path(repo).resolve()}",
         f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
         *(f"{flag}={LOOPBACK}" for flag in ADDRESS_FLAGS),  # also for a system binary
