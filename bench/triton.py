@@ -32,7 +32,7 @@ def rewrite_graph_config(text: str, v: Variant) -> str:
         text = re.sub(r'(key: "intra_op_threads" value: \{ string_value: )"\d+"', rf'\1"{v.threads}"', text)
     if v.instances:
         text = re.sub(r"instance_group \[ \{ count: \d+", f"instance_group [ {{ count: {v.instances}", text)
-    db = re.search(r"dynamic_batching \{[^}]*\}\n", text)
+    db = re.search(r"dynamic_batching \{[^\n]*\n(?:  [^\n]*\n)*", text)  # the block and its indented lines
     if db is not None:
         if not v.dynamic_batching:
             text = text.replace(db.group(0), "")

@@ -124,7 +124,7 @@ def run_export(ckpt: Path, out: Path, cfg: ExportConfig = ExportConfig(), log: C
         onnx_files, report["graphs"] = _export_and_validate(model, plain, specs, Path(tmp), cfg, log, out)
         report["meta"] = json.loads(meta.to_json())
         configs = {name: graph_config(spec, cfg.serving, meta) for name, spec in specs.items()}
-        configs.update({name: front_config(spec, meta, cfg.serving.front_instances)
+        configs.update({name: front_config(spec, meta, cfg.serving)
                         for name, spec in meta.front_specs().items()})
         staged = staging_dir(out)
         try:

@@ -57,6 +57,9 @@ class ServingConfig:
     threads: int = 0  # ONNX Runtime intra-op threads per python-backend graph instance (0: all cores)
     preferred: tuple[int, ...] = ()  # dynamic batcher preferred batch sizes (none: batch what has arrived)
     queue_delay_us: int = 500  # dynamic batcher: longest a request waits for others to join its batch
+    front_queue: int = 4  # requests waiting per front model beyond those running; more are refused as busy
+    front_queue_timeout_us: int = 1_000_000  # longest a front request waits for an instance, then "busy"
+    graph_queue: int = 256  # requests waiting per graph model (front models' slices and direct callers)
 
 
 def graph_config(spec: GraphSpec, sc: ServingConfig, meta: ModelMeta | None = None) -> str:
@@ -79,14 +82,20 @@ def graph_config(spec: GraphSpec, sc: ServingConfig, meta: ModelMeta | None = No
     pref = f"preferred_batch_size: [ {pref} ] " if pref else ""
     return (head + f"max_batch_size: {max_batch}\n" + _tensor_block("input", spec.inputs)
             + _tensor_block("output", spec.outputs)
-            + f"dynamic_batching {{ {pref}max_queue_delay_microseconds: {sc.queue_delay_us} }}\n"
+            + f"dynamic_batching {{ {pref}max_queue_delay_microseconds: {sc.queue_delay_us}\n"
+            + f"  default_queue_policy {{ max_queue_size: {sc.graph_queue} timeout_action: REJECT }} }}\n"
             + f"instance_group [ {{ count: {instances} kind: {kind} }} ]\n" + extra)
 
 
-def front_config(spec: FrontSpec, meta: ModelMeta, instances: int) -> str:
+def front_config(spec: FrontSpec, meta: ModelMeta, sc: ServingConfig) -> str:
+    """A front model: no batching, but a bounded queue with a bounded wait (back-pressure: Triton answers
+    429 / UNAVAILABLE "Exceeds maximum queue size" or "Request timeout expired" instead of queueing)."""
+    policy = (f"default_queue_policy {{ max_queue_size: {sc.front_queue} timeout_action: REJECT "
+              f"default_timeout_microseconds: {sc.front_queue_timeout_us} }}")
     return (f'name: "{spec.name}"\nbackend: "python"\nmax_batch_size: 0\n'
             + _tensor_block("input", spec.inputs, spec.optional) + _tensor_block("output", spec.outputs)
-            + f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
+            + f"dynamic_batching {{ {policy} }}\n"
+            + f"instance_group [ {{ count: {sc.front_instances} kind: KIND_CPU }} ]\n"
             + _params({ROLE_PARAMETER: spec.role, META_PARAMETER: meta.to_json()}))
 
 

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import IO, NoReturn, Sequence
 
 LOOPBACK = "127.0.0.1"
+DIRECT_FLAG = "--biva-direct"  # no front, no supervisor: Triton's own endpoints, as before issue 10
 ADDRESS_FLAGS = ("--http-address", "--grpc-address", "--metrics-address")
 _OUR_MARKER = b"biva_serving.launcher"
 _ELF_MAGIC = b"\x7fELF"
@@ -209,20 +210,34 @@ def bundled_env(dist: Path, base: dict[str, str] | None = None) -> dict[str, str
     return env
 
 
-def main(argv: Sequence[str] | None = None) -> NoReturn:
-    args = list(sys.argv[1:] if argv is None else argv)
+def _resolve(args: list[str]) -> tuple[Path, list[str], dict[str, str]]:
+    """(binary, its arguments, its environment): a real tritonserver on PATH with the arguments unchanged, or
+    the bundled one with a backend directory, its cache folder and the environment its stubs need."""
     system = find_system_tritonserver()
     if system is not None:
-        os.execv(system, [str(system), *args])
+        return system, args, dict(os.environ)
+    dist = pytriton_dist()
+    backend_directory = None if has_flag(args, "--backend-directory") else prepare_backend_directory(dist)
+    full = build_argv(args, backend_directory=backend_directory, cache_directory=dist / "caches")
+    return dist / "bin" / "tritonserver", full, bundled_env(dist)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """`tritonserver ARGS`: Triton behind the HTTP front and the supervisor (serving/front.py,
+    serving/supervisor.py); `--biva-direct` runs Triton alone with ARGS, as a plain tritonserver would."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    direct = DIRECT_FLAG in args
+    args = [a for a in args if a != DIRECT_FLAG]
     try:
-        dist = pytriton_dist()
-        backend_directory = None if has_flag(args, "--backend-directory") else prepare_backend_directory(dist)
+        binary, full, env = _resolve(args)
     except RuntimeError as exc:
         print(f"tritonserver: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    binary = dist / "bin" / "tritonserver"
-    full = build_argv(args, backend_directory=backend_directory, cache_directory=dist / "caches")
-    os.execve(binary, [str(binary), *full], bundled_env(dist))
+    if direct:
+        os.execve(binary, [str(binary), *full], env)
+    from .guard import serve
+
+    raise SystemExit(serve(binary, full, env))
 
 
 # ---------------------------------------------------------------------------

@@ -23,7 +23,8 @@ input [
 output [
   { name: "log_w" data_type: TYPE_FP32 dims: [ 1 ] }
 ]
-dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 2000 }
+dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 2000
+  default_queue_policy { max_queue_size: 256 timeout_action: REJECT } }
 instance_group [ { count: 1 kind: KIND_CPU } ]
 parameters { key: "onnx_file" value: { string_value: "model.onnx" } }
 parameters { key: "intra_op_threads" value: { string_value: "1" } }
@@ -60,10 +61,11 @@ def test_iw_chunks_cover_k_like_the_front_model() -> None:
 
 def test_rewrite_graph_config_variants() -> None:
     off = rewrite_graph_config(CONFIG, Variant(dynamic_batching=False, threads=2, instances=3))
-    assert "dynamic_batching" not in off
+    assert "dynamic_batching" not in off and "default_queue_policy" not in off
     assert 'string_value: "2"' in off and "count: 3" in off
     tuned = rewrite_graph_config(CONFIG, Variant(preferred=(), queue_delay_us=100))
     assert "preferred_batch_size" not in tuned and "max_queue_delay_microseconds: 100" in tuned
+    assert "max_queue_size: 256" in tuned
     assert rewrite_graph_config(CONFIG, Variant()) == CONFIG
 
 

@@ -1,0 +1,285 @@
+"""The HTTP front: what every HTTP request to the default deployment passes before it reaches Triton.
+
+Triton 2.51's own HTTP endpoint dies on an infer request whose JSON is nested about 40,000 levels deep,
+lets a declared shape whose element count overflows 64 bits through to the python-backend stub (which it
+kills), has no body-size limit, and serves the shared-memory, repository, logging and trace APIs. The
+launcher therefore starts Triton's HTTP endpoint on a private loopback port, restricted to callers that
+send a per-start secret header, and serves the public HTTP port from this front, which
+
+- allows only the health, metadata, config, statistics and inference paths (403 for the others);
+- bounds the header block and the body (431 / 413), and the time to send them (408: slowloris);
+- for infer requests, bounds the JSON nesting depth of the JSON part before parsing it, then checks each
+  input's declared shape against its data: element counts computed exactly (no overflow), byte sizes within
+  the body limit, `binary_data_size` equal to shape x element size, the binary parts adding up to the body,
+  JSON `data` holding exactly the declared number of elements (400 naming the input otherwise);
+- answers not-ready (503) on the ready endpoints while the supervisor reloads a model whose stub died;
+- answers 429 (busy, retry later) where Triton answers 503 for a request that waited out the queue timeout
+  (Triton's own answer to a full queue is already 429).
+
+Everything else is relayed unchanged over one keep-alive upstream connection per client connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+DTYPE_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2, "UINT32": 4,
+               "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
+ALLOWED_PATH = re.compile(rb"^/v2(/health/(live|ready)|/models/stats|/models/[A-Za-z0-9_.-]+(/versions/[0-9]+)?"
+                          rb"(/ready|/config|/stats|/infer)?)?/?$")
+READY_PATH = re.compile(rb"^/v2(/health/ready|/models/([A-Za-z0-9_.-]+)(/versions/[0-9]+)?/ready)/?$")
+HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"upgrade",
+               b"proxy-connection", b"te", b"trailer"}
+STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 411: "Length Required",
+           413: "Payload Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+           502: "Bad Gateway", 503: "Service Unavailable"}
+
+
+@dataclass(frozen=True)
+class FrontConfig:
+    upstream_port: int  # Triton's private HTTP port on 127.0.0.1
+    secret_header: bytes  # b"name: value", the header Triton's restricted APIs require
+    max_body_bytes: int = 64 << 20  # a full request of the largest cap fits with room to spare
+    max_header_bytes: int = 16 << 10
+    max_json_depth: int = 32  # a request for a (B, C, H, W) tensor nests 6 deep
+    header_timeout_s: float = 10.0  # to send the request line and headers
+    body_timeout_s: float = 60.0  # to send the body
+    max_connections: int = 512
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str, close: bool = False):
+        super().__init__(message)
+        self.status, self.close = status, close
+
+
+def json_depth(text: bytes) -> int:
+    """Deepest nesting of [ and { outside strings (vectorised: no recursion, no per-byte Python)."""
+    a = np.frombuffer(STRINGS.sub(b"", text), np.uint8)
+    if not a.size:
+        return 0
+    step = np.isin(a, (ord("["), ord("{"))).astype(np.int64) - np.isin(a, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max())
+
+
+def _count_leaves(data) -> int:
+    n, stack = 0, [data]
+    while stack:
+        d = stack.pop()
+        if isinstance(d, list):
+            stack.extend(d)
+        else:
+            n += 1
+    return n
+
+
+def _check_input(inp, limit: int) -> int:
+    """Byte size of the binary part an input declares (0 for JSON data); Refused on any lie."""
+    if not isinstance(inp, dict):
+        raise Refused(400, "inputs: each input must be a JSON object")
+    name = str(inp.get("name"))[:64]
+    shape, dtype = inp.get("shape"), inp.get("datatype")
+    if (not isinstance(shape, list) or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise Refused(400, f"input {name}: shape must be a list of at most 8 integers >= 0, got {str(shape)[:80]}")
+    elements = int(np.prod(shape, dtype=object)) if shape else 1  # exact: Python integers
+    size = elements * DTYPE_BYTES.get(dtype, 1)
+    if size > limit:
+        raise Refused(400, f"input {name}: shape {shape} declares {size} bytes, more than the body limit of {limit}")
+    params = inp.get("parameters") or {}
+    binary = params.get("binary_data_size") if isinstance(params, dict) else None
+    if binary is not None:
+        if dtype in DTYPE_BYTES and binary != size:
+            raise Refused(400, f"input {name}: binary_data_size {binary} but shape {shape} of {dtype} is {size} bytes")
+        if not isinstance(binary, int) or binary < 0:
+            raise Refused(400, f"input {name}: binary_data_size must be an integer >= 0")
+        return binary
+    if "data" not in inp:
+        raise Refused(400, f"input {name}: no data and no binary_data_size")
+    if _count_leaves(inp["data"]) != elements:
+        raise Refused(400, f"input {name}: data holds {_count_leaves(inp['data'])} values, shape {shape} "
+                           f"declares {elements}")
+    return 0
+
+
+def check_infer(body: bytes, header_length: bytes | None, cfg: FrontConfig) -> None:
+    """Refused(400) unless the infer body's JSON part is shallow and every declared shape matches its data."""
+    try:
+        n = int(header_length) if header_length is not None else len(body)
+    except ValueError:
+        raise Refused(400, "Inference-Header-Content-Length must be an integer") from None
+    if not 0 <= n <= len(body):
+        raise Refused(400, f"Inference-Header-Content-Length {n} outside the body of {len(body)} bytes")
+    head = body[:n]
+    depth = json_depth(head)
+    if depth > cfg.max_json_depth:
+        raise Refused(400, f"request JSON nests {depth} levels, more than {cfg.max_json_depth}")
+    try:
+        req = json.loads(head)
+    except (ValueError, RecursionError):
+        raise Refused(400, "request body is not valid JSON") from None
+    inputs = req.get("inputs") if isinstance(req, dict) else None
+    if not isinstance(inputs, list):
+        raise Refused(400, "request JSON has no list of inputs")
+    binary = sum(_check_input(inp, cfg.max_body_bytes) for inp in inputs)
+    if n + binary != len(body):
+        raise Refused(400, f"body is {len(body)} bytes, the JSON part and binary_data_size values add up to "
+                           f"{n + binary}")
+
+
+# ---- HTTP plumbing --------------------------------------------------------------------------------
+
+
+def _response(status: int, message: str, close: bool) -> bytes:
+    body = json.dumps({"error": message}).encode()
+    return (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{'Connection: close' if close else 'Connection: keep-alive'}\r\n\r\n"
+            ).encode() + body
+
+
+async def _read_head(reader: asyncio.StreamReader, limit: int, timeout: float) -> bytes | None:
+    try:
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    except asyncio.IncompleteReadError as e:
+        if e.partial.strip():
+            raise Refused(400, "incomplete request head", close=True) from None
+        return None
+    except asyncio.LimitOverrunError:
+        raise Refused(431, f"request head over {limit} bytes", close=True) from None
+    except asyncio.TimeoutError:
+        raise Refused(408, "request head not received in time", close=True) from None
+
+
+def _parse_head(head: bytes) -> tuple[bytes, bytes, dict[bytes, bytes], list[bytes]]:
+    lines = head[:-4].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        raise Refused(400, "malformed request line", close=True)
+    headers, raw = {}, []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name.strip():
+            raise Refused(400, "malformed header line", close=True)
+        key = name.strip().lower()
+        headers[key] = value.strip()
+        if key not in HOP_HEADERS:
+            raw.append(line)
+    return parts[0], parts[1], headers, raw
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[bytes, bytes], cfg: FrontConfig) -> bytes:
+    if b"transfer-encoding" in headers:
+        raise Refused(411, "chunked request bodies are not accepted; send Content-Length", close=True)
+    try:
+        length = int(headers.get(b"content-length", b"0"))
+    except ValueError:
+        raise Refused(400, "Content-Length must be an integer", close=True) from None
+    if length < 0 or length > cfg.max_body_bytes:
+        raise Refused(413, f"body of {length} bytes, the limit is {cfg.max_body_bytes}", close=True)
+    try:
+        return await asyncio.wait_for(reader.readexactly(length), cfg.body_timeout_s)
+    except (asyncio.TimeoutError, asyncio.IncompleteReadError):
+        raise Refused(408, "request body not received in time", close=True) from None
+
+
+async def _read_upstream(up: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One response from Triton: (head, body), the body de-chunked if it was chunked."""
+    head = await up.readuntil(b"\r\n\r\n")
+    fields = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n")[1:])}
+    if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
+        parts = []
+        while True:
+            size = int((await up.readuntil(b"\r\n")).split(b";")[0], 16)
+            parts.append(await up.readexactly(size + 2))
+            if size == 0:
+                break
+        return head, b"".join(p[:-2] for p in parts)
+    return head, await up.readexactly(int(fields.get(b"content-length", b"0")))
+
+
+def _relay_head(head: bytes, body: bytes, close: bool) -> bytes:
+    lines = head[:-4].split(b"\r\n")
+    status = lines[0]
+    if b" 503 " in status + b" " and b"timeout expired" in body.lower():
+        status = b"HTTP/1.1 429 Too Many Requests"  # waited the front model's queue timeout: busy, retry later
+    keep = [ln for ln in lines[1:] if ln.partition(b":")[0].strip().lower() not in HOP_HEADERS]
+    keep += [b"Content-Length: " + str(len(body)).encode(), b"Connection: " + (b"close" if close else b"keep-alive")]
+    return b"\r\n".join([status, *keep]) + b"\r\n\r\n"
+
+
+class Front:
+    """The asyncio server on the public HTTP port. `not_ready(model or None)` comes from the supervisor."""
+
+    def __init__(self, cfg: FrontConfig, not_ready: Callable[[str | None], bool]):
+        self.cfg, self.not_ready = cfg, not_ready
+        self.connections = 0
+
+    async def serve(self, host: str, port: int) -> asyncio.base_events.Server:
+        return await asyncio.start_server(self._client, host, port, limit=self.cfg.max_header_bytes,
+                                          reuse_address=True)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.connections += 1
+        try:
+            if self.connections > self.cfg.max_connections:
+                raise Refused(503, "too many connections", close=True)
+            while True:
+                close, up = await self._one(reader, writer, up)
+                if close:
+                    break
+        except Refused as e:
+            writer.write(_response(e.status, str(e), True))
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            self.connections -= 1
+            for w in (writer, up[1] if up else None):
+                if w is not None:
+                    w.close()
+
+    async def _one(self, reader, writer, up):
+        """Serve one request; returns (close the connection, upstream connection)."""
+        head = await _read_head(reader, self.cfg.max_header_bytes, self.cfg.header_timeout_s)
+        if head is None:
+            return True, up
+        method, target, headers, raw = _parse_head(head)
+        body = await _read_body(reader, headers, self.cfg)
+        close = headers.get(b"connection", b"").lower() == b"close"
+        path = target.split(b"?", 1)[0]
+        try:
+            self._admit(method, path, body, headers)
+        except Refused as e:
+            writer.write(_response(e.status, str(e), close or e.close))
+            await writer.drain()
+            return close or e.close, up
+        if up is None:
+            up = await asyncio.open_connection("127.0.0.1", self.cfg.upstream_port, limit=1 << 20)
+        up[1].write(b"\r\n".join([method + b" " + target + b" HTTP/1.1", *raw, b"Host: 127.0.0.1",
+                                  self.cfg.secret_header, b"Content-Length: " + str(len(body)).encode()])
+                    + b"\r\n\r\n" + body)
+        await up[1].drain()
+        try:
+            rhead, rbody = await _read_upstream(up[0])
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            writer.write(_response(502, "the server closed the connection", True))
+            return True, up
+        writer.write(_relay_head(rhead, rbody, close) + rbody)
+        await writer.drain()
+        return close, up
+
+    def _admit(self, method: bytes, path: bytes, body: bytes, headers: dict[bytes, bytes]) -> None:
+        if not ALLOWED_PATH.match(path):
+            raise Refused(403, f"{path.decode(errors='replace')[:80]} is not allowed on this port (the shared-memory, "
+                               "repository, logging and trace APIs are closed)")
+        ready = READY_PATH.match(path)
+        if ready and self.not_ready(ready.group(2).decode() if ready.group(2) else None):
+            raise Refused(503, "not ready: a model is being reloaded after its backend process died")
+        if method == b"POST" and path.endswith(b"/infer"):
+            check_infer(body, headers.get(b"inference-header-content-length"), self.cfg)

@@ -1,0 +1,313 @@
+"""Issue 10: what an attacker on the port can send, replayed against the default deployment (the project's
+`tritonserver`: front + supervisor) serving the tiny model. After every attack a good request must succeed.
+
+Every socket has a timeout and every test a pytest timeout, so a regression cannot hang CI."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from biva_serving.front import json_depth
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
+
+
+def _raw(server, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def _good(server) -> None:
+    """A good request over HTTP and gRPC: the server is up and the models serve."""
+    for mod, url in ((thttp, server.http_url), (tgrpc, server.grpc_url)):
+        client = mod.InferenceServerClient(url)
+        try:
+            n = mod.InferInput("n", [1], "INT64")
+            n.set_data_from_numpy(np.array([2], np.int64))
+            images = client.infer("biva_sample", [n]).as_numpy("images")
+            assert images.shape == (2, 1, 28, 28) and np.isfinite(images).all()
+        finally:
+            client.close()
+
+
+def _infer_json(inputs: list[dict]) -> bytes:
+    return json.dumps({"inputs": inputs}).encode()
+
+
+def test_json_depth_is_counted_outside_strings() -> None:
+    assert json_depth(b'{"a": [[1], [2]]}') == 3
+    assert json_depth(b'{"a": "[[[[[[[["}') == 1
+    assert json_depth(b"[" * 40000 + b"]" * 40000) == 40000
+
+
+def test_deeply_nested_json_is_refused_and_the_server_keeps_serving(tiny_server) -> None:
+    deep = b'{"inputs": [{"name": "n", "shape": [1], "datatype": "INT64", "data": ' + b"[" * 40000 + b"1" \
+        + b"]" * 40000 + b"}]}"
+    status, body = _raw(tiny_server, "POST", "/v2/models/biva_sample/infer", deep)
+    assert status == 400 and b"nests 40003 levels" in body
+    _good(tiny_server)
+
+
+@pytest.mark.parametrize("shape,params", [
+    ([2**62, 1, 28, 28], {}),  # element count overflows 64 bits, no data
+    ([2**62, 1, 28, 28], {"binary_data_size": 0}),
+    ([2**40, 1, 28, 28], {"binary_data_size": 3136}),  # a lie: far more than the bytes sent
+    ([3, 1, 28, 28], {"binary_data_size": 3136}),  # one image of data for three declared
+])
+def test_declared_shapes_that_lie_are_refused_over_http(tiny_server, shape, params) -> None:
+    inp = {"name": "images", "shape": shape, "datatype": "FP32"}
+    if params:
+        inp["parameters"] = params
+    head = _infer_json([inp])
+    body = head + (b"\0" * params["binary_data_size"] if params.get("binary_data_size") else b"")
+    headers = {"Inference-Header-Content-Length": str(len(head))} if params else {}
+    for model in ("biva_score", "biva_encode", "biva_encoder"):
+        status, answer = _raw(tiny_server, "POST", f"/v2/models/{model}/infer", body, headers)
+        assert status == 400 and b"images" in answer, (model, status, answer)
+    _good(tiny_server)
+
+
+def test_json_data_longer_than_the_shape_is_refused(tiny_server) -> None:
+    body = _infer_json([{"name": "n", "shape": [1], "datatype": "INT64", "data": [5, 6]}])
+    status, answer = _raw(tiny_server, "POST", "/v2/models/biva_sample/infer", body)
+    assert status == 400 and b"data holds 2 values" in answer
+    _good(tiny_server)
+
+
+def test_bodies_over_the_limit_and_slow_heads_are_refused(tiny_server) -> None:
+    with socket.create_connection(("127.0.0.1", tiny_server.http_port), timeout=30) as s:
+        s.sendall(b"POST /v2/models/biva_score/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 209715200\r\n\r\n")
+        assert s.recv(200).startswith(b"HTTP/1.1 413")
+    with socket.create_connection(("127.0.0.1", tiny_server.http_port), timeout=30) as s:
+        s.sendall(b"GET /v2/health/ready HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 20000 + b"\r\n\r\n")
+        assert s.recv(200).startswith(b"HTTP/1.1 431")
+    _good(tiny_server)
+
+
+@pytest.mark.parametrize("method,path", [
+    ("POST", "/v2/systemsharedmemory/region/stolen/register"),
+    ("GET", "/v2/systemsharedmemory/status"),
+    ("POST", "/v2/repository/index"),
+    ("POST", "/v2/repository/models/biva_score/unload"),
+    ("POST", "/v2/logging"),
+    ("POST", "/v2/trace/setting"),
+    ("GET", "/v2/models/biva_score/trace/setting"),
+])
+def test_admin_apis_are_refused_over_http(tiny_server, method, path) -> None:
+    status, body = _raw(tiny_server, method, path, b'{"log_verbose_level": 1}' if method == "POST" else b"")
+    assert status == 403 and b"not allowed" in body
+    _good(tiny_server)
+
+
+def test_admin_apis_are_refused_over_grpc(tiny_server) -> None:
+    client = tgrpc.InferenceServerClient(tiny_server.grpc_url)
+    try:
+        for call in (lambda: client.register_system_shared_memory("stolen", "/triton_python_backend_shm", 1024),
+                     lambda: client.get_system_shared_memory_status(), lambda: client.unload_model("biva_score"),
+                     lambda: client.update_log_settings({"log_verbose_level": 1}),
+                     lambda: client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})):
+            with pytest.raises(InferenceServerException, match="restricted"):
+                call()
+        assert client.is_model_ready("biva_score")
+    finally:
+        client.close()
+    _good(tiny_server)
+
+
+BAD_GRAPH_INPUTS = [  # graph model, inputs, expected words; the tiny model has L = 3, D = 22
+    ("biva_sampler", {"temperature": np.array([[np.nan]], np.float32)}, "temperature"),
+    ("biva_sampler", {"temperature": np.array([[1e30]], np.float32)}, "temperature"),
+    ("biva_sampler", {"temperature": np.array([[0.0]], np.float32)}, "temperature"),
+    ("biva_sampler", {"k": np.array([[-1]], np.int64)}, "k: got -1"),
+    ("biva_sampler", {"k": np.array([[99]], np.int64)}, "k: got 99"),
+    ("biva_sampler", {"z": np.full((1, 22), 3e38, np.float32)}, "z: |value|"),
+    ("biva_sampler", {"noise": np.full((1, 22), np.nan, np.float32)}, "noise: contains NaN"),
+    ("biva_encoder", {"images": np.full((1, 1, 28, 28), 0.5, np.float32)}, "binary"),
+    ("biva_scorer", {"images": np.full((1, 1, 28, 28), -3.0, np.float32)}, "[0, 1]"),
+    ("biva_scorer", {"k": np.array([[6]], np.int64)}, "k: got 6"),
+]
+
+
+def _graph_inputs(model: str, over: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    base = {"biva_sampler": {"z": np.zeros((1, 22), np.float32), "k": np.array([[3]], np.int64),
+                             "temperature": np.ones((1, 1), np.float32),
+                             "noise": rng.standard_normal((1, 22)).astype(np.float32)}}
+    images = (rng.random((1, 1, 28, 28)) > 0.5).astype(np.float32)
+    noise = rng.standard_normal((1, 32)).astype(np.float32)
+    base["biva_encoder"] = {"images": images, "noise": noise}
+    base["biva_scorer"] = {"images": images, "noise": noise, "k": np.array([[1]], np.int64)}
+    return {**base[model], **over}
+
+
+def _infer_graph(client, mod, model: str, inputs: dict[str, np.ndarray]):
+    ins = []
+    for name, a in inputs.items():
+        t = mod.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64")
+        t.set_data_from_numpy(a)
+        ins.append(t)
+    return client.infer(model, ins)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_graph_models_validate_their_inputs(tiny_server, tiny_ckpt, protocol) -> None:
+    from biva_core.checkpoint import load_model
+
+    model, _ = load_model(tiny_ckpt)
+    assert (model.cfg.n_layers, model.latent_dim, model.noise_dim) == (3, 22, 32)
+    mod = thttp if protocol == "http" else tgrpc
+    client = mod.InferenceServerClient(tiny_server.http_url if protocol == "http" else tiny_server.grpc_url)
+    try:
+        for name, over, words in BAD_GRAPH_INPUTS:
+            with pytest.raises(InferenceServerException) as e:
+                _infer_graph(client, mod, name, _graph_inputs(name, over))
+            assert words in e.value.message(), (name, e.value.message())
+            good = _infer_graph(client, mod, name, _graph_inputs(name, {}))
+            assert all(np.isfinite(good.as_numpy(o)).all() for o in ("images", "z", "log_w")
+                       if good.get_output(o) is not None)
+    finally:
+        client.close()
+
+
+def test_regenerate_with_huge_latents_is_refused(tiny_server) -> None:
+    client = tgrpc.InferenceServerClient(tiny_server.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException, match="z: |value|"):
+            _infer_graph(client, tgrpc, "biva_regenerate",
+                         {"z": np.full((2, 22), 3e38, np.float32), "k": np.array([1], np.int64)})
+    finally:
+        client.close()
+    _good(tiny_server)
+
+
+# ---- a stub that dies: the supervisor reloads its model ------------------------------------------
+
+def _overflow_over_grpc(url: str, model: str) -> None:
+    """An images input declaring 2^62 x 784 floats and carrying none: 2.51 computes 0 bytes and the stub dies."""
+    import grpc
+
+    with grpc.insecure_channel(url) as channel:
+        req = service_pb2.ModelInferRequest(model_name=model)
+        inp = req.inputs.add(name="images", datatype="FP32", shape=[2**62, 1, 28, 28])
+        del inp
+        req.raw_input_contents.append(b"")
+        try:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=60)
+        except grpc.RpcError:
+            pass
+
+
+def _ready_code(server, path: str) -> int:
+    return _raw(server, "GET", path)[0]
+
+
+def _wait_serving(server, seconds: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        try:
+            _score_one(server)
+            return time.monotonic() - t0
+        except InferenceServerException:
+            time.sleep(0.25)
+    raise AssertionError(f"biva_score did not recover within {seconds} s")
+
+
+def _score_one(server) -> np.ndarray:
+    client = tgrpc.InferenceServerClient(server.grpc_url)
+    try:
+        x = tgrpc.InferInput("images", [1, 1, 28, 28], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.float32))
+        s = tgrpc.InferInput("seed", [1], "INT64")
+        s.set_data_from_numpy(np.array([1], np.int64))
+        return client.infer("biva_score", [x, s], client_timeout=60).as_numpy("elbo")
+    finally:
+        client.close()
+
+
+def _stub_pids(server, model: str) -> list[int]:
+    from biva_serving.supervisor import list_stubs
+
+    triton = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == server.process.pid]
+    return [pid for t in triton for pid, s in list_stubs(t).items() if s.model == model]
+
+
+def _ppid(pid: str) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+@pytest.fixture
+def own_server(tiny_repo, tmp_path):
+    """A server of this test's own: these tests kill stubs."""
+    from biva_serving.launcher import start_server
+
+    from biva_serving.supervisor import list_stubs
+
+    regions: set[str] = set()
+    with start_server(tiny_repo, log_path=tmp_path / "server.log") as server:
+        yield server
+        triton = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == server.process.pid]
+        regions = {s.shm_region for t in triton for s in list_stubs(t).values()}
+    assert regions
+    leaked = regions & set(os.listdir("/dev/shm"))
+    assert not leaked, f"shared-memory regions left in /dev/shm: {leaked}"
+
+
+@pytest.mark.slow
+def test_stub_killed_by_an_overflowing_grpc_shape_is_reloaded(own_server) -> None:
+    before = _score_one(own_server)
+    old = set(_stub_pids(own_server, "biva_score"))
+    assert old
+    for _ in range(2):  # two requests once disabled both instances for good
+        _overflow_over_grpc(own_server.grpc_url, "biva_score")
+    seen_not_ready = False
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 60:
+        if _ready_code(own_server, "/v2/models/biva_score/ready") != 200:
+            seen_not_ready = True
+        if seen_not_ready and _ready_code(own_server, "/v2/health/ready") == 200:
+            break
+        time.sleep(0.1)
+    assert seen_not_ready, "readiness never reported the dead stub"
+    _wait_serving(own_server, 60)
+    assert np.array_equal(_score_one(own_server), before)
+    assert set(_stub_pids(own_server, "biva_score")) - old  # fresh stubs (the old ones may still be exiting)
+    _good(own_server)
+
+
+@pytest.mark.slow
+def test_a_killed_stub_is_noticed_within_seconds_and_reloaded(own_server) -> None:
+    before = _score_one(own_server)
+    pids = _stub_pids(own_server, "biva_scorer")
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    while _ready_code(own_server, "/v2/models/biva_score/ready") == 200:
+        assert time.monotonic() - t0 < 5, "the dead stub was not noticed within 5 s"
+        time.sleep(0.05)
+    noticed = time.monotonic() - t0
+    recovered = _wait_serving(own_server, 60)
+    assert np.array_equal(_score_one(own_server), before)
+    assert _ready_code(own_server, "/v2/health/ready") == 200
+    print(f"dead scorer stub: not ready after {noticed:.2f} s, serving again {recovered:.1f} s later")
+    _good(own_server)
