@@ -1,0 +1,143 @@
+"""The natural-image path end to end: `tiny32` (32x32x3, PixelCNN++'s coupled logistic mixture, natural32's
+structure at test width) trained briefly on colour images this test makes, exported with validation at the
+usual tolerances, served by a real tritonserver, and its samples, encodings and scores checked against
+PyTorch for the same seeds."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+
+from biva_core.checkpoint import load_model
+from biva_core.config import preset
+from biva_core.noise import NoiseStream
+from biva_core.objectives import evaluate_bounds
+from biva_export.contract import ENCODE, IMAGE_ATOL, NATS_ATOL, REPORT, SAMPLE, SCORE, ModelMeta
+
+torch.set_num_threads(1)
+PROTOCOLS = {"http": thttp, "grpc": tgrpc}
+# A float32 log-likelihood can be held to NATS_ATOL (1e-3 nats) only below 2^14 nats, where its spacing
+# is 2^-10; 32x32x3 at 8 bits/dim is 17,035 nats, so the images scored here must beat 7.7 bits/dim.
+FLOAT32_EXACT_NATS = 2.0**14
+
+
+def _colour_images(n: int, seed: int) -> np.ndarray:
+    """Smooth 8-bit colour images, (n, 3, 32, 32) uint8: a tint per image plus a few plane waves shared
+    by the channels, and a little pixel noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(np.linspace(0, 1, 32), np.linspace(0, 1, 32), indexing="ij")
+    out = np.empty((n, 3, 32, 32))
+    for i in range(n):
+        wave = sum(rng.uniform(0.3, 1) * np.sin(2 * np.pi * (rng.uniform(0.5, 3) * yy + rng.uniform(0.5, 3) * xx)
+                                                + rng.uniform(0, 2 * np.pi)) for _ in range(3))
+        out[i] = rng.uniform(0.2, 0.8, (3, 1, 1)) + 0.15 * wave + 0.01 * rng.standard_normal((3, 32, 32))
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def nat_ckpt(tmp_path_factory) -> Path:
+    """tiny32 trained for 6 short epochs (about 25 s): about 6.9 bits/dim on these images, enough for the
+    scores below to stay under FLOAT32_EXACT_NATS."""
+    from biva_core.train import TrainConfig, train
+
+    d = tmp_path_factory.mktemp("tiny32")
+    np.save(d / "train.npy", _colour_images(400, seed=0))
+    train(preset("tiny32"), TrainConfig(data=f"npy:{d / 'train.npy'}", binarize="8bit", epochs=6, batch_size=16,
+                                        lr=8e-3, ema=0.9), d / "tiny32.pt", d)
+    return d / "tiny32.pt"
+
+
+@pytest.fixture(scope="module")
+def nat_repo(tmp_path_factory, nat_ckpt) -> Path:
+    from biva_export.pipeline import ExportConfig, run_export
+    from biva_export.repository import ServingConfig
+
+    out = tmp_path_factory.mktemp("tiny32_repo") / "triton_models"
+    run_export(nat_ckpt, out, ExportConfig(serving=ServingConfig(max_batch=8, threads=1, front_instances=1)),
+               log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nat_server(nat_repo, tmp_path_factory):
+    from biva_serving.launcher import start_server
+
+    handle = start_server(nat_repo, log_path=tmp_path_factory.mktemp("tiny32_server") / "server.log")
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def nat_model(nat_ckpt):
+    return load_model(nat_ckpt)[0]
+
+
+@pytest.fixture(scope="module")
+def held_out() -> np.ndarray:
+    """Images the model never saw, as the server takes them: float32 in [0, 1] on the 8-bit grid."""
+    return (_colour_images(5, seed=1) / 255).astype(np.float32)
+
+
+def _infer(server, protocol, model, inputs, outputs):
+    mod = PROTOCOLS[protocol]
+    client = mod.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
+    try:
+        ins = []
+        for name, a in inputs.items():
+            t = mod.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64")
+            t.set_data_from_numpy(a)
+            ins.append(t)
+        res = client.infer(model, ins, outputs=[mod.InferRequestedOutput(o) for o in outputs])
+        return [res.as_numpy(o) for o in outputs]
+    finally:
+        client.close()
+
+
+def _i64(v):
+    return np.array(v if isinstance(v, list) else [v], np.int64)
+
+
+def test_natural_export_validates_at_the_usual_tolerances(nat_repo):
+    import json
+
+    report = json.loads((nat_repo / REPORT).read_text())
+    meta = ModelMeta.from_json(json.dumps(report["meta"]))
+    assert meta.likelihood == "dmol" and meta.image_shape == (3, 32, 32) and meta.binarize == "8bit"
+    for name, g in report["graphs"].items():
+        assert g["ok"], (name, g["max_abs_diff"])
+        for out, tol in g["atol"].items():  # the same tolerances as every other model: no scaling
+            assert tol == (IMAGE_ATOL if out in ("images", "z_out", "z", "q_mu", "q_log_std") else NATS_ATOL)
+            assert g["max_abs_diff"][out] <= tol
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_natural_sample_matches_pytorch(nat_server, nat_model, protocol):
+    imgs, seed = _infer(nat_server, protocol, SAMPLE, {"n": _i64(3), "seed": _i64(21)}, ["images", "seed"])
+    with torch.no_grad():
+        ref = nat_model.sample(NoiseStream(21).take((3, nat_model.latent_dim))).x_mean.numpy()
+    assert imgs.shape == (3, 3, 32, 32) and seed[0] == 21
+    assert np.abs(imgs - ref).max() <= IMAGE_ATOL
+    assert 0 <= imgs.min() and imgs.max() <= 1 and imgs.std() > 0
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_natural_score_and_encode_match_pytorch(nat_server, nat_model, held_out, protocol):
+    ks = [0, 1]  # L^{>2}, L^{>3} of this briefly trained model reach past 2^14 nats on some images
+    elbo, iw, lgk, kl = _infer(nat_server, protocol, SCORE,
+                               {"images": held_out, "iw": _i64(3), "ks": _i64(ks), "seed": _i64(9)},
+                               ["elbo", "iw_bound", "l_gt_k", "kl"])
+    assert (np.abs(lgk) < FLOAT32_EXACT_NATS).all(), lgk  # the model learned enough for 1e-3 nats to exist
+    ref = evaluate_bounds(nat_model, torch.from_numpy(held_out), NoiseStream(9), 3, tuple(ks))
+    assert np.abs(elbo - ref.elbo.numpy()).max() <= NATS_ATOL
+    assert np.abs(iw - ref.iw.numpy()).max() <= NATS_ATOL
+    for j, k in enumerate(ks):
+        assert np.abs(lgk[:, j] - ref.l_gt_k[k].numpy()).max() <= NATS_ATOL
+    assert np.abs(kl - ref.kl.numpy()).max() <= NATS_ATOL
+    z, mu = _infer(nat_server, protocol, ENCODE, {"images": held_out, "seed": _i64(4)}, ["z", "q_mu"])
+    with torch.no_grad():
+        out = nat_model(torch.from_numpy(held_out), NoiseStream(4).take((len(held_out), nat_model.noise_dim)))
+    assert np.abs(z - out.z.numpy()).max() <= IMAGE_ATOL and np.abs(mu - out.q_mu.numpy()).max() <= IMAGE_ATOL
