@@ -10,11 +10,12 @@ import contextlib
 import io
 import json
 import logging
+import math
 import platform
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -96,6 +97,28 @@ def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig
     return onnx_files, entries
 
 
+# Memory sizing (issue 13). A natural32 row carries 2.7 MiB of float32 tensors through a graph call (noise
+# 234,400 + z, q_mu, q_log_std 156,320 each + the image), and ONNX Runtime's peak grows by about 2.7x that
+# per row (measured, one thread: encoder 7.0 MB/row, scorer 7.4, sampler 5.2, over 1.0 / 1.0 / 0.5 GB of
+# weights): 1024 rows would need about 22 GB for the three graphs. Binary models' rows are a few KB.
+GRAPH_CALL_BYTES = 512 << 20  # row tensors per graph call: natural32 gets 128 rows (about 4.8 GB, 3 graphs)
+REQUEST_BYTES = 128 << 20  # latents per request (an encode answer is 3 per image): natural32, 64 images
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << max(n, 1).bit_length() - 1
+
+
+def fit_to_memory(cfg: ExportConfig, latent_dim: int, noise_dim: int, image_shape: tuple[int, ...]) -> ExportConfig:
+    """`cfg` with the graphs' max batch and the images-per-request cap lowered (to powers of two) where a
+    model's rows are too large for the defaults; binary models and anything already small are unchanged."""
+    pixels = int(math.prod(image_shape))
+    rows = _pow2_at_most(GRAPH_CALL_BYTES // (4 * (noise_dim + 3 * latent_dim + pixels)))
+    images = _pow2_at_most(REQUEST_BYTES // (4 * (3 * latent_dim + pixels)))
+    return replace(cfg, serving=replace(cfg.serving, max_batch=min(cfg.serving.max_batch, rows)),
+                   caps=replace(cfg.caps, max_images=min(cfg.caps.max_images, images)))
+
+
 def model_meta(model, data_meta: dict, cfg: ExportConfig) -> ModelMeta:
     return ModelMeta(image_shape=tuple(model.cfg.image_shape), likelihood=model.cfg.likelihood,
                      binarize=data_meta.get("binarize", "threshold"), n_layers=model.cfg.n_layers,
@@ -116,6 +139,11 @@ def run_export(ckpt: Path, out: Path, cfg: ExportConfig = ExportConfig(), log: C
     if out.exists() and not (out / REPORT).exists() and any(out.iterdir()) and not cfg.force:
         raise ExportError(f"{out} exists and was not written by biva-export; pass --force to replace it")
     model, data_meta = load_model(ckpt)
+    fitted = fit_to_memory(cfg, model.latent_dim, model.noise_dim, model.cfg.image_shape)
+    if fitted != cfg:
+        log(f"memory: graph max batch {cfg.serving.max_batch} -> {fitted.serving.max_batch} rows, images per "
+            f"request {cfg.caps.max_images} -> {fitted.caps.max_images} (rows of this model are large)")
+        cfg = fitted
     plain = inference_copy(model)
     specs = graph_specs(plain)
     report = _report_head(ckpt, cfg, source)
