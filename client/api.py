@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from biva_export import contract
-from biva_export.contract import META_PARAMETER, MODEL_PREFIX, ROLES, ModelMeta, RequestError  # noqa: F401
+from biva_export.contract import META_PARAMETER, MODEL_PREFIX, ModelMeta, RequestError
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}

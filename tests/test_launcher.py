@@ -111,13 +111,47 @@ def _capture_exec(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple]:
 
 
 def test_main_execs_system_binary_with_args_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--biva-direct: the real binary alone, as a plain tritonserver (no front, no supervisor)."""
     real = _executable(tmp_path / "opt" / "tritonserver", b"\x7fELF" + b"\0" * 60)
     monkeypatch.setenv("PATH", str(real.parent))
-    calls = _capture_exec(monkeypatch, "execv")
+    calls = _capture_exec(monkeypatch, "execve")
+    args = ["--model-repository", "triton_models", "--http-port=1"]
+    with pytest.raises(_Exec):
+        launcher.main([*args, launcher.DIRECT_FLAG])
+    assert [c[:2] for c in calls] == [(real, [str(real), *args])]
+
+
+def test_main_serves_behind_the_front_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import biva_serving.guard as guard
+
+    real = _executable(tmp_path / "opt" / "tritonserver", b"\x7fELF" + b"\0" * 60)
+    monkeypatch.setenv("PATH", str(real.parent))
+    calls: list[tuple] = []
+
+    def fake_serve(*a):
+        calls.append(a)
+        raise _Exec
+
+    monkeypatch.setattr(guard, "serve", fake_serve)
     args = ["--model-repository", "triton_models", "--http-port=1"]
     with pytest.raises(_Exec):
         launcher.main(args)
-    assert calls == [(real, [str(real), *args])]
+    assert [c[:2] for c in calls] == [(real, args)]
+
+
+def test_triton_args_behind_the_front_restrict_and_reload() -> None:
+    from biva_serving.guard import take_flag, triton_args
+
+    port, rest = take_flag(["--model-repository", "r", "--http-port", "9", "--http-port=10"], "--http-port", "8000")
+    assert port == "10" and rest == ["--model-repository", "r"]
+    args, reload = triton_args(rest, 4242, "s3cret")
+    assert reload and "--model-control-mode=explicit" in args and args[-2:] == rest
+    assert "--http-port=4242" in args and "--http-address=127.0.0.1" in args
+    [http] = _values(args, "--http-restricted-api")
+    assert http.endswith(":biva-admin-key=s3cret") and "inference" in http and "shared-memory" in http
+    [grpc] = _values(args, "--grpc-restricted-protocol")
+    assert grpc.split(":")[0].split(",") == ["shared-memory", "model-repository", "trace", "logging"]
+    assert not triton_args(["--model-control-mode=none"], 1, "s")[1]
 
 
 def test_main_runs_bundled_binary_with_backend_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,7 +159,7 @@ def test_main_runs_bundled_binary_with_backend_and_env(tmp_path: Path, monkeypat
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     calls = _capture_exec(monkeypatch, "execve")
     with pytest.raises(_Exec):
-        launcher.main(["--model-repository", "triton_models"])
+        launcher.main(["--model-repository", "triton_models", launcher.DIRECT_FLAG])
     [(binary, argv, env)] = calls
     dist = launcher.pytriton_dist()
     assert binary == dist / "bin" / "tritonserver" and argv[0] == str(binary)
@@ -226,9 +260,9 @@ def test_remote_model_load_is_refused(server) -> None:
     for client_module, url in ((httpclient, server.http_url), (grpcclient, server.grpc_url)):
         client = client_module.InferenceServerClient(url)
         try:
-            with pytest.raises(InferenceServerException, match="not allowed"):
+            with pytest.raises(InferenceServerException, match="not allowed|restricted"):
                 client.load_model(MODEL)
-            with pytest.raises(InferenceServerException, match="not allowed"):
+            with pytest.raises(InferenceServerException, match="not allowed|restricted"):
                 client.unload_model(MODEL)
             assert client.is_model_ready(MODEL)
         finally:
