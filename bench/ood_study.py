@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from biva_core.checkpoint import load_model
-from biva_core.config import BivaConfig, StageSpec, preset
+from biva_core.config import BivaConfig, preset
 from biva_core.data import load_for_model
 from biva_core.evaluate import ood_aurocs, per_image
 from biva_core.train import TrainConfig, train
@@ -31,10 +31,8 @@ BASE_TRAIN = TrainConfig(data="fashion-mnist:train", binarize="threshold", batch
 
 
 def _hvae(channels: int) -> BivaConfig:
-    # hvae-oodd's shape (Havtorn et al., 2021) as a BIVA: a conv bottom latent of 8 maps at 14x14, then dense
-    # latents of 16 (at 7x7) and 8, in BIVA's bottom-up + top-down form, default28's other settings.
-    stages = (StageSpec(channels, 3, 2, 8, dense=False), StageSpec(channels, 3, 2, 16), StageSpec(channels, 3, 1, 8))
-    return replace(preset("default28"), stages=stages)
+    # the ood28 preset (hvae-oodd's latent shape as a BIVA) with another width
+    return replace(preset("ood28"), stages=tuple(replace(s, channels=channels) for s in preset("ood28").stages))
 
 
 def _conv_bottom(cfg: BivaConfig) -> BivaConfig:
@@ -96,7 +94,7 @@ def score_run(run_dir: Path, n: int, last_only: bool) -> list[dict]:
     rows = []
     for epoch, path in snaps[-1:] if last_only else snaps:
         r = log[epoch]
-        rows.append({"candidate": run_dir.name, "epoch": epoch, "minutes": round(r["minutes"], 1),
+        rows.append({"candidate": run_dir.name, "epoch": epoch, "step": r["step"], "minutes": round(r["minutes"], 1),
                      "val_elbo": r["val_elbo"], **score_checkpoint(path, n)})
         click.echo(json.dumps(rows[-1]), err=True)
     return rows
@@ -109,13 +107,13 @@ def best(auroc: dict[str, float]) -> tuple[str, float]:
 
 def markdown(rows: list[dict]) -> str:
     """The README's study table: one line per row, the best score per OOD set and every LLR>k."""
-    head = "| candidate | epoch | minutes | val -L_1 | test -L_1 | MNIST: best | MNIST: LLR>k | digits: best |"
-    lines = [head, "|" + "---|" * 8]
+    head = "| candidate | epoch | steps | minutes | val -L_1 | test -L_1 | MNIST: best | MNIST: LLR>k | digits: best |"
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         m, d = r["auroc"]["mnist"], r["auroc"]["digits"]
         llr = ", ".join(f"{v:.3f}" for k, v in m.items() if k.startswith("LLR"))
         bm, bd = best(m), best(d)
-        lines.append(f"| {r['candidate']} | {r['epoch']} | {r['minutes']:.0f} | {-r['val_elbo']:.1f} | "
+        lines.append(f"| {r['candidate']} | {r['epoch']} | {r.get('step', '')} | {r['minutes']:.0f} | {-r['val_elbo']:.1f} | "
                      f"{-r['test_elbo']:.1f} | {bm[1]:.3f} ({bm[0]}) | {llr} | {bd[1]:.3f} ({bd[0]}) |")
     return "\n".join(lines)
 
@@ -138,6 +136,24 @@ def eval_cmd(runs: Path, candidates: str, n: int, last_only: bool, threads: int,
         with open(json_out, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     click.echo(markdown(rows))
+
+
+@cli.command("progress")
+@click.option("--run-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+              help="The long run's folder (its last.pt and log.jsonl).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="JSON-lines file the row is appended to (committed: AUROC against training time).")
+@click.option("--n", default=1000, show_default=True, help="Images per set (MNIST: n/10 per class).")
+@click.option("--threads", default=1, show_default=True, help="torch threads.")
+def progress_cmd(run_dir: Path, out: Path, n: int, threads: int) -> None:
+    """Score a long run's current EMA weights and append the row: how AUROC grows with training time."""
+    torch.set_num_threads(threads)
+    last = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
+    row = {"run": run_dir.name, "epoch": last["epoch"], "step": last["step"], "minutes": round(last["minutes"], 1),
+           "val_elbo": last["val_elbo"], **score_checkpoint(run_dir / "last.pt", n)}
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    click.echo(markdown([{**row, "candidate": row["run"]}]))
 
 
 if __name__ == "__main__":

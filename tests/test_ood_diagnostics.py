@@ -126,7 +126,7 @@ def test_study_scores_every_snapshot_of_a_run(tiny_trained):
         assert set(r["auroc"]["mnist"]) == {"L1", "L>1", "L>2", "LLR>1", "LLR>2"}  # k = 1..L-1
         assert r["val_elbo"] < 0 and r["test_elbo"] < 0
     table = markdown(rows).splitlines()
-    assert len(table) == 4 and table[2].startswith(f"| {tiny_trained.name} | 1 |")
+    assert len(table) == 4 and table[2].startswith(f"| {tiny_trained.name} | 1 | {rows[0]['step']} |")
     # every candidate derives from the shipped recipe and builds
     for name, (cfg, tc) in CANDIDATES.items():
         assert tc.data == "fashion-mnist:train" and tc.compile, name
