@@ -6,12 +6,12 @@
         table = score_images(client, x, seed=0, batch_size=50, concurrency=2, iw=8, ks=(1, 2))
 """
 from .api import (BivaClient, ClientError, Encoding, InputError, ModelMeta, ModelNotReady, RequestTimeout, Scores,
-                  ServerError, ServerUnavailable)
+                  ServerBusy, ServerError, ServerUnavailable)
 from .tasks import (ScoreTable, encode_images, load_inputs, reconstruct, regenerate_latents, sample_images,
                     score_images)
 
 __all__ = [
     "BivaClient", "ClientError", "Encoding", "InputError", "ModelMeta", "ModelNotReady", "RequestTimeout", "Scores",
-    "ServerError", "ServerUnavailable", "ScoreTable", "encode_images", "load_inputs", "reconstruct",
+    "ServerBusy", "ServerError", "ServerUnavailable", "ScoreTable", "encode_images", "load_inputs", "reconstruct",
     "regenerate_latents", "sample_images", "score_images",
 ]

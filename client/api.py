@@ -65,6 +65,16 @@ class ModelNotReady(ClientError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class ServerBusy(ClientError):
+    """The model's queue is full, or the request waited out its queue timeout (HTTP 429): retried, then raised."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+def _busy(status: str, msg: str) -> bool:
+    return status == "429" or "Exceeds maximum queue size" in msg or "Request timeout expired" in msg
+
+
 class RequestTimeout(ClientError):
     exit_code = EXIT_TIMEOUT
 
@@ -105,6 +115,17 @@ def default_url(protocol: str) -> str:
     return f"127.0.0.1:{DEFAULT_PORTS[protocol]}"
 
 
+def check_url(url: str) -> str:
+    """host:port (a scheme is dropped: tritonclient wants host:port); InputError unless the port is 1..65535."""
+    for scheme in ("http://", "https://", "grpc://"):
+        if url.startswith(scheme):
+            url = url[len(scheme):]
+    host, _, port = url.rstrip("/").rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise InputError(f"url: expected host:port with a port in 1..65535, got {url!r}")
+    return url.rstrip("/")
+
+
 def check_seed(seed: int, what: str = "seed") -> int:
     with _as_input_error():
         return contract.check_seed(seed, what)
@@ -136,10 +157,7 @@ class BivaClient:
         if timeout <= 0:
             raise InputError(f"timeout: expected seconds > 0, got {timeout}")
         self.protocol = protocol
-        self.url = url or default_url(protocol)
-        for scheme in ("http://", "https://", "grpc://"):  # tritonclient wants host:port
-            if self.url.startswith(scheme):
-                self.url = self.url[len(scheme):]
+        self.url = check_url(url or default_url(protocol))
         self.model_prefix = model_prefix
         self.timeout = float(timeout)
         self.retries = int(retries)
@@ -207,16 +225,23 @@ class BivaClient:
         if isinstance(e, InferenceServerException):
             status = str(e.status() or "")
             msg = _first_line(e.message() or str(e))
+            if _busy(status, msg):
+                return ServerBusy(f"{what}: the server is busy ({msg}); retry later, or lower --concurrency")
             if status.endswith("UNAVAILABLE"):
                 return ServerUnavailable(f"cannot reach {self._where()}: {msg}")
             if status.endswith("DEADLINE_EXCEEDED"):
                 return RequestTimeout(f"{what}: no answer from {self._where()} within {self.timeout:g} s "
                                       "(raise --timeout, or lower --batch-size / --iw)")
-            transient = status.isdigit() and 500 <= int(status) < 600
+            # a 4xx, or a 500 from Triton's request parser, is the request's fault: sending it again cannot help;
+            # a stub that died is reloaded by the server's supervisor within seconds
+            transient = status in ("502", "503", "504") or (status == "500" and "not healthy" in msg)
             return ServerError(f"{what}: server error: {msg}", status, transient)
         if isinstance(e, (TimeoutError, socket.timeout)) or type(e).__name__ == "Timeout":  # gevent.Timeout
             return RequestTimeout(f"{what}: no answer from {self._where()} within {self.timeout:g} s "
                                   "(raise --timeout, or lower --batch-size / --iw)")
+        if type(e).__name__ in ("HTTPParseError", "ParserError") or "parse" in type(e).__name__.lower():
+            return ServerUnavailable(f"{self._where()} does not answer in {self.protocol} (is {self.url} the "
+                                     f"{'gRPC' if self.protocol == 'http' else 'HTTP'} port?)")
         if type(e).__name__ in ("HTTPConnectionClosed", "ConnectionClosed", "RemoteDisconnected"):
             # geventhttpclient: the server closed the connection mid-request (e.g. it restarted); requests
             # carry their seed, so sending again gives the same answer
@@ -235,7 +260,7 @@ class BivaClient:
                 return fn(self._client())
             except Exception as e:  # noqa: BLE001 - classified below, re-raised as ClientError
                 err = self._classify(e, what)
-                transient = isinstance(err, ServerUnavailable) or getattr(err, "transient", False)
+                transient = isinstance(err, (ServerUnavailable, ServerBusy)) or getattr(err, "transient", False)
                 if not transient or attempt == self.retries:
                     if transient and self.retries:
                         err.args = (f"{err.args[0]} (after {attempt + 1} tries)",)

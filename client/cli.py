@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,6 +56,22 @@ class Settings:
 
     def client(self) -> BivaClient:
         return BivaClient(self.url, self.protocol, self.model_prefix, self.timeout, self.retries)
+
+
+def _writable(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """An output path is checked before anything is sent: the file, or the nearest existing folder above it
+    (missing folders are created later), must be writable."""
+    if value is None:
+        return value
+    target = value
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.exists():
+        target = Path(".")
+    ok = os.access(target, os.W_OK) and (target.is_dir() if target != value else not value.is_dir())
+    if not ok:
+        raise click.BadParameter(f"cannot write {value} ({target} is not writable)", ctx, param)
+    return value
 
 
 def _seed(settings: Settings, seed: int | None) -> int:
@@ -153,9 +170,9 @@ def _with_client(fn: Callable[[BivaClient], object], settings: Settings):
               help="Prior temperature (scales the prior's standard deviations).")
 @click.option("--seed", type=click.IntRange(0), default=None,
               help="Seed [default: the group's --seed]. Above the server's max_n, chunk j uses seed + j.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"),
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=Path("samples.png"),
               show_default=True, help="PNG grid of the samples (ceil(sqrt(n)) columns).")
-@click.option("--npy", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--npy", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=None,
               help="Also save the raw images (n, C, H, W) float32 here.")
 @click.pass_obj
 def sample(settings: Settings, n, temperature, seed, out, npy):
@@ -195,7 +212,7 @@ def _format_summary(summary: dict, what: str) -> str:
               help="Importance samples K: adds L_K (the tighter bound) to L_1.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Base seed [default: the group's --seed].")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=None,
               help="Per-image rows (.csv, .json or .jsonl), written batch by batch in input order.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_obj
@@ -271,7 +288,7 @@ def _score_set(client: BivaClient, settings: Settings, spec: str, limit, seed: i
 @click.option("--seed", type=click.IntRange(0), default=None,
               help="Base seed of each set's batches [default: the group's --seed].")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=None,
               help="PNG with score histograms of both sets (paper's Figure 4) and ROC curves.")
 @click.pass_obj
 @_job_options
@@ -318,7 +335,7 @@ def ood_score(settings: Settings, in_spec, ood_spec, k_list, iw, limit, seed, as
 @click.option("--iw", default=1, show_default=True, type=click.IntRange(1), help="K for the LK score.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Base seed [default: the group's --seed].")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("threshold.json"),
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=Path("threshold.json"),
               show_default=True, help="Threshold file for `ood check`.")
 @click.pass_obj
 @_job_options
@@ -372,7 +389,7 @@ def _read_threshold(path: Path) -> dict:
 @click.option("--data", required=True, help=DATA_HELP)
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Base seed [default: the group's --seed].")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=None,
               help="Per-image rows (.csv/.json/.jsonl) [default: CSV on stdout].")
 @click.pass_obj
 @_job_options
@@ -419,9 +436,9 @@ def ood_check(settings: Settings, threshold_file, data, limit, seed, out):
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Temperature of the redrawn layers.")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Base seed [default: the group's --seed].")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("reconstructions.png"),
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=Path("reconstructions.png"),
               show_default=True, help="PNG grid: one row per input, the input first, then one column per k.")
-@click.option("--npy", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--npy", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=None,
               help="Also save the grid's images (N, 1 + len(k), C, H, W) float32 here.")
 @click.pass_obj
 @_job_options
@@ -453,7 +470,7 @@ def reconstruct(settings: Settings, data, k_list, limit, temperature, seed, out,
 @click.option("--data", required=True, help=DATA_HELP)
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Base seed [default: the group's --seed].")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("latents.npz"),
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=Path("latents.npz"),
               show_default=True, help="Output .npz.")
 @click.pass_obj
 @_job_options
