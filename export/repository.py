@@ -57,7 +57,7 @@ class ServingConfig:
     threads: int = 0  # ONNX Runtime intra-op threads per python-backend graph instance (0: all cores)
     preferred: tuple[int, ...] = ()  # dynamic batcher preferred batch sizes (none: batch what has arrived)
     queue_delay_us: int = 500  # dynamic batcher: longest a request waits for others to join its batch
-    front_queue: int = 4  # requests waiting per front model beyond those running; more are refused as busy
+    front_queue: int = 8  # requests waiting per front model beyond those running; more are refused as busy
     front_queue_timeout_us: int = 1_000_000  # longest a front request waits for an instance, then "busy"
     graph_queue: int = 256  # requests waiting per graph model (front models' slices and direct callers)
 

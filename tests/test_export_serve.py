@@ -60,7 +60,7 @@ def test_every_generated_config_parses_into_model_config(backend):
                      tuple(model.group_names()), 64, Caps(max_n=7))
     for spec in front_specs((1, 28, 28), model.latent_dim, len(model.groups)).values():
         cfg = parse_config(front_config(spec, meta, ServingConfig(front_instances=2)))
-        assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 4
+        assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 8
         assert cfg.backend == "python" and cfg.max_batch_size == 0
         assert {i.name for i in cfg.input if i.optional} == set(spec.optional)
         assert ModelMeta.from_json(cfg.parameters["biva_meta"].string_value) == meta
