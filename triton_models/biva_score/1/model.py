@@ -16,15 +16,15 @@ in slices of at most the graph's max batch size, so memory stays bounded whateve
 Every bad request gets INVALID_ARG naming the field, the value and what was expected.
 """
 import json
-import math
 import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-
-class BadRequest(ValueError):
-    pass
+# export/contract.py, copied beside this file by biva-export: names, caps, metadata, checks, L_K estimator
+from biva_contract import (ENCODER, META_PARAMETER, ROLE_PARAMETER, SAMPLER, SCORER, LogMeanExp, ModelMeta,
+                           RequestError, check_images, check_iw, check_iw_rows, check_k, check_ks, check_n,
+                           check_temperature, check_vectors, iw_chunks)
 
 
 def _error(msg, invalid=True):
@@ -40,70 +40,48 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.role = params["role"]
-        self.meta = json.loads(params["biva_meta"])
-        self.caps = self.meta["caps"]
-        self.graph_rows = int(self.meta["graph_max_batch"])
-        self.L = int(self.meta["n_layers"])
-        self.D = int(self.meta["latent_dim"])
-        self.N = int(self.meta["noise_dim"])
-        self.image_shape = tuple(self.meta["image_shape"])
+        self.role = params[ROLE_PARAMETER]
+        self.meta = ModelMeta.from_json(params[META_PARAMETER])
+        self.caps = self.meta.caps
+        self.graph_rows = self.meta.graph_max_batch
+        self.L, self.D, self.N = self.meta.n_layers, self.meta.latent_dim, self.meta.noise_dim
 
     # ---- request parsing ----------------------------------------------------------------------
     def _get(self, req, name, required=True):
         t = pb_utils.get_input_tensor_by_name(req, name)
         if t is None:
             if required:
-                raise BadRequest(f"{name}: missing input")
+                raise RequestError(f"{name}: missing input")
             return None
         return t.as_numpy()
 
-    def _scalar(self, req, name, default, lo, hi, kind):
+    def _one(self, req, name, default):
+        """The single value of a (1,) input, or `default` when it is optional and absent."""
         a = self._get(req, name, required=default is None)
         if a is None:
             return default
         if a.size != 1:
-            raise BadRequest(f"{name}: expected one value, got shape {tuple(a.shape)}")
-        v = a.reshape(-1)[0].item()
-        if kind is float and not math.isfinite(v):
-            raise BadRequest(f"{name}: expected a finite number, got {v}")
-        if not (lo <= v <= hi) or (kind is float and lo == 0 and v <= 0):
-            rng = f"> 0 and <= {hi}" if (kind is float and lo == 0) else f"in {lo}..{hi}"
-            raise BadRequest(f"{name}: got {v}, expected a value {rng}")
-        return kind(v)
+            raise RequestError(f"{name}: expected one value, got shape {tuple(a.shape)}")
+        return a.reshape(-1)[0].item()
+
+    def _temperature(self, req):
+        t = self._one(req, "temperature", 1.0)
+        check_temperature(t, self.caps)
+        return float(t)
 
     def _seed(self, req):
         s = self._get(req, "seed", required=False)
         if s is None:
             return int.from_bytes(os.urandom(8), "little") >> 1
         if s.size != 1 or int(s.reshape(-1)[0]) < 0:
-            raise BadRequest(f"seed: expected one integer >= 0, got {s.reshape(-1)[:4].tolist()}")
+            raise RequestError(f"seed: expected one integer >= 0, got {s.reshape(-1)[:4].tolist()}")
         return int(s.reshape(-1)[0])
 
     def _images(self, req):
-        x = self._get(req, "images")
-        cap = int(self.caps["max_images"])
-        want = "(B, " + ", ".join(map(str, self.image_shape)) + f") with 1 <= B <= {cap}"
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape or not 1 <= x.shape[0] <= cap:
-            raise BadRequest(f"images: expected shape {want}, got {tuple(x.shape)}")
-        if not np.isfinite(x).all():
-            raise BadRequest("images: contains NaN or Inf; expected pixel values in [0, 1]")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0.0 or hi > 1.0:
-            raise BadRequest(f"images: values in [{lo:g}, {hi:g}], expected pixel values in [0, 1]")
-        if self.meta["likelihood"] == "bernoulli" and not np.all((x == 0.0) | (x == 1.0)):
-            raise BadRequest("images: this model is binary; expected pixel values in {0, 1} "
-                             f"(binarise with '{self.meta['binarize']}' as the checkpoint's test set was)")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return check_images(self._get(req, "images"), self.meta, self.caps.max_images)
 
     def _latents(self, req):
-        z = self._get(req, "z")
-        cap = int(self.caps["max_images"])
-        if z.ndim != 2 or z.shape[1] != self.D or not 1 <= z.shape[0] <= cap:
-            raise BadRequest(f"z: expected shape (B, {self.D}) with 1 <= B <= {cap}, got {tuple(z.shape)}")
-        if not np.isfinite(z).all():
-            raise BadRequest("z: contains NaN or Inf; expected finite latents")
-        return np.ascontiguousarray(z, dtype=np.float32)
+        return check_vectors("z", self._get(req, "z"), self.D, self.caps.max_images, self.caps.max_abs_latent)
 
     # ---- graph calls --------------------------------------------------------------------------
     def _call(self, graph, inputs, outputs):
@@ -112,88 +90,73 @@ class TritonPythonModel:
         parts = [[] for _ in outputs]
         for s in range(0, rows, self.graph_rows):
             tensors = [pb_utils.Tensor(n, np.ascontiguousarray(a[s:s + self.graph_rows])) for n, a in inputs.items()]
-            req = pb_utils.InferenceRequest(model_name=self.meta["graphs"][graph], requested_output_names=outputs,
-                                            inputs=tensors)
+            req = pb_utils.InferenceRequest(model_name=graph, requested_output_names=outputs, inputs=tensors)
             resp = req.exec()
             if resp.has_error():
-                raise RuntimeError(f"{self.meta['graphs'][graph]}: {resp.error().message()}")
+                raise RuntimeError(f"{graph}: {resp.error().message()}")
             for i, o in enumerate(outputs):
                 parts[i].append(pb_utils.get_output_tensor_by_name(resp, o).as_numpy())
         return [np.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in parts]
 
     def _sample(self, z, k, temperature, noise):
         B = z.shape[0]
-        images, _ = self._call("sampler", {
+        images, _ = self._call(SAMPLER, {
             "z": z, "k": np.full((B, 1), k, np.int64), "temperature": np.full((B, 1), temperature, np.float32),
             "noise": noise}, ["images", "z_out"])
         return images
 
     # ---- roles --------------------------------------------------------------------------------
     def _role_sample(self, req, seed, rng):
-        n = self._scalar(req, "n", None, 1, int(self.caps["max_n"]), int)
-        t = self._scalar(req, "temperature", 1.0, 0, float(self.caps["max_temperature"]), float)
+        n = check_n(self._one(req, "n", None), self.caps)
+        t = self._temperature(req)
         noise = rng.standard_normal((n, self.D), dtype=np.float32)
         images = self._sample(np.zeros((n, self.D), np.float32), self.L, t, noise)
         return {"images": images}
 
     def _role_regenerate(self, req, seed, rng):
         z = self._latents(req)
-        k = self._scalar(req, "k", None, 0, self.L, int)
-        t = self._scalar(req, "temperature", 1.0, 0, float(self.caps["max_temperature"]), float)
+        k = self._one(req, "k", None)
+        check_k("k", k, self.L)
+        t = self._temperature(req)
         noise = rng.standard_normal((z.shape[0], self.D), dtype=np.float32)
         return {"images": self._sample(z, k, t, noise)}
 
     def _role_encode(self, req, seed, rng):
         x = self._images(req)
         noise = rng.standard_normal((x.shape[0], self.N), dtype=np.float32)
-        z, mu, log_std, kl = self._call("encoder", {"images": x, "noise": noise}, ["z", "q_mu", "q_log_std", "kl"])
+        z, mu, log_std, kl = self._call(ENCODER, {"images": x, "noise": noise}, ["z", "q_mu", "q_log_std", "kl"])
         return {"z": z, "q_mu": mu, "q_log_std": log_std, "kl": kl}
 
     def _ks(self, req):
         ks = self._get(req, "ks", required=False)
-        if ks is None:
-            return np.zeros(1, np.int64)
-        ks = ks.reshape(-1).astype(np.int64)
-        if not 1 <= ks.size <= self.L + 1 or ks.min() < 0 or ks.max() > self.L:
-            raise BadRequest(f"ks: got {ks.tolist()[:8]}, expected 1 to {self.L + 1} values, each in 0..{self.L}")
-        return ks
+        return np.zeros(1, np.int64) if ks is None else check_ks(ks, self.L)
 
     def _role_score(self, req, seed, rng):
         x = self._images(req)
         B = x.shape[0]
-        K = self._scalar(req, "iw", 1, 1, int(self.caps["max_iw"]), int)
-        if K * B > int(self.caps["max_iw_rows"]):
-            raise BadRequest(f"iw: iw x batch = {K} x {B} = {K * B} exceeds the cap of {self.caps['max_iw_rows']} "
-                             "rows per request; send fewer images per request")
+        K = check_iw(self._one(req, "iw", 1), self.caps)
+        check_iw_rows(K, B, self.caps)
         ks = self._ks(req)
-        chunk = max(1, self.graph_rows // B)
-        lse = np.full(B, -np.inf)
-        done = 0
-        while done < K:
-            c = min(chunk, K - done)
+        lme = LogMeanExp(B)
+        for c in iw_chunks(K, B, self.graph_rows):
             eps = rng.standard_normal((c, B, self.N), dtype=np.float32).reshape(c * B, self.N)
-            parts = []
-            if done == 0:  # sample 0: L_1, KL and L^{>k} for every k, as biva_core.objectives does
+            if lme.count == 0:  # sample 0: L_1, KL and L^{>k} for every k, as biva_core.objectives does
                 nk = ks.size
-                log_w, log_w_gt_k, kl = self._call("scorer", {
+                log_w, log_w_gt_k, kl = self._call(SCORER, {
                     "images": np.tile(x, (nk, 1, 1, 1)), "noise": np.tile(eps[:B], (nk, 1)),
                     "k": np.repeat(ks, B).reshape(-1, 1)}, ["log_w", "log_w_gt_k", "kl"])
                 elbo, kl = log_w[:B, 0], kl[:B]
                 l_gt_k = log_w_gt_k[:, 0].reshape(nk, B).T  # (B, nk)
-                parts.append(elbo[None].astype(np.float64))
-                eps, c_rest = eps[B:], c - 1
+                parts = [elbo[None]]
+                eps, c = eps[B:], c - 1
             else:
-                c_rest = c
-            if c_rest:  # samples 1..K-1 need only log w: the encoder's single top-down pass gives it
-                lw, = self._call("encoder", {"images": np.tile(x, (c_rest, 1, 1, 1)), "noise": eps}, ["log_w"])
-                parts.append(lw[:, 0].reshape(c_rest, B).astype(np.float64))
-            block = np.concatenate(parts, axis=0)
-            m = block.max(axis=0)
-            lse = np.logaddexp(lse, m + np.log(np.exp(block - m).sum(axis=0)))
-            done += c
-        iw_bound = (lse - math.log(K)).astype(np.float32)
-        return {"elbo": elbo.astype(np.float32), "iw_bound": iw_bound, "l_gt_k": l_gt_k.astype(np.float32),
-                "kl": kl}
+                parts = []
+            if c:  # samples 1..K-1 need only log w: the encoder's single top-down pass gives it
+                lw, = self._call(ENCODER, {"images": np.tile(x, (c, 1, 1, 1)), "noise": eps}, ["log_w"])
+                parts.append(lw[:, 0].reshape(c, B))
+            lme.add(np.concatenate(parts, axis=0))
+        return {"elbo": elbo.astype(np.float32), "iw_bound": lme.value().astype(np.float32),
+                "l_gt_k": l_gt_k.astype(np.float32), "kl": kl}
 
     def execute(self, requests):
         handler = getattr(self, f"_role_{self.role}")
@@ -202,7 +165,7 @@ class TritonPythonModel:
             try:
                 seed = self._seed(req)
                 outs = handler(req, seed, np.random.default_rng(seed))
-            except BadRequest as e:
+            except RequestError as e:
                 responses.append(_error(str(e)))
                 continue
             except Exception as e:  # a graph failed: report it, keep serving

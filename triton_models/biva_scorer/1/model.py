@@ -1,59 +1,80 @@
 """Triton python-backend model serving one exported ONNX graph with ONNX Runtime.
 
-Copied into the model repository by biva-export; depends only on numpy, onnxruntime and Triton's
-triton_python_backend_utils. The dynamic batcher hands over a list of requests: their inputs are
-stacked, run once, and the outputs split back by row counts. Input and output names come from the
-model's config.pbtxt (generated from the graph's spec).
+Copied into the model repository by biva-export with the contract (biva_contract.py, export/contract.py);
+depends only on numpy, onnxruntime and Triton's triton_python_backend_utils. The dynamic batcher hands over
+a list of requests: each is checked as the API models check theirs (finite values in range, binary pixels
+for a binary model, k in 0..L, 0 < temperature <= cap), the good ones are stacked, run once, and the
+outputs split back by row counts; a row whose output is not finite is answered with an error, never a 200.
+Input and output names come from the model's config.pbtxt (generated from the graph's spec).
 """
 import json
 import os
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+# export/contract.py, copied beside this file by biva-export
+from biva_contract import META_PARAMETER, ModelMeta, RequestError, check_graph_inputs, ort_session
 
 
 def _param(config, key, default):
     return config.get("parameters", {}).get(key, {}).get("string_value", default)
 
 
+def _error(msg, invalid):
+    code = pb_utils.TritonError.INVALID_ARG if invalid else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg, code))
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
+        self.name = config["name"]
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
         self.dtypes = {t["name"]: pb_utils.triton_string_to_numpy(t["data_type"]) for t in config["input"]}
+        self.meta = ModelMeta.from_json(_param(config, META_PARAMETER, "null"))
         here = os.path.join(args["model_repository"], args["model_version"])
-        opts = ort.SessionOptions()
-        threads = int(_param(config, "intra_op_threads", "0"))
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CPUExecutionProvider"]
-        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers = [("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}),
-                         "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(os.path.join(here, _param(config, "onnx_file", "model.onnx")), opts,
-                                            providers=providers)
+        gpu = args.get("model_instance_kind") == "GPU"
+        self.session = ort_session(os.path.join(here, _param(config, "onnx_file", "model.onnx")),
+                                   int(_param(config, "intra_op_threads", "0")),
+                                   gpu_device=int(args["model_instance_device_id"]) if gpu else None)
+
+    def _feeds(self, req):
+        feeds = {n: pb_utils.get_input_tensor_by_name(req, n).as_numpy().astype(self.dtypes[n], copy=False)
+                 for n in self.inputs}
+        check_graph_inputs(self.name, feeds, self.meta)
+        return feeds
 
     def execute(self, requests):
-        feeds = {name: [] for name in self.inputs}
-        rows = []
-        for req in requests:
+        responses = [None] * len(requests)
+        good, feeds = [], {name: [] for name in self.inputs}
+        for i, req in enumerate(requests):
+            try:
+                f = self._feeds(req)
+            except RequestError as e:
+                responses[i] = _error(str(e), invalid=True)
+                continue
+            good.append((i, next(iter(f.values())).shape[0]))
             for name in self.inputs:
-                feeds[name].append(pb_utils.get_input_tensor_by_name(req, name).as_numpy())
-            rows.append(feeds[self.inputs[0]][-1].shape[0])
-        stacked = {n: np.ascontiguousarray(np.concatenate(v, axis=0), dtype=self.dtypes[n]) if len(v) > 1
-                   else np.ascontiguousarray(v[0], dtype=self.dtypes[n]) for n, v in feeds.items()}
+                feeds[name].append(f[name])
+        if not good:
+            return responses
+        stacked = {n: np.ascontiguousarray(np.concatenate(v, axis=0)) for n, v in feeds.items()}
         try:
             results = self.session.run(self.outputs, stacked)
-        except Exception as e:  # e.g. inconsistent row counts: answer every request with the error
-            err = pb_utils.TritonError(f"onnxruntime failed: {str(e).splitlines()[0][:300]}")
-            return [pb_utils.InferenceResponse(error=err) for _ in requests]
-        responses, start = [], 0
-        for n in rows:
-            outs = [pb_utils.Tensor(name, r[start:start + n]) for name, r in zip(self.outputs, results)]
-            responses.append(pb_utils.InferenceResponse(output_tensors=outs))
+        except Exception as e:  # answer every request of the batch with the error
+            for i, _ in good:
+                responses[i] = _error(f"onnxruntime failed: {str(e).splitlines()[0][:300]}", invalid=False)
+            return responses
+        start = 0
+        for i, n in good:
+            outs = [r[start:start + n] for r in results]
+            if all(np.isfinite(o).all() for o in outs):
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(name, o) for name, o in zip(self.outputs, outs)])
+            else:
+                responses[i] = _error(f"{self.name}: the inputs give a non-finite output (NaN or Inf); "
+                                      "check their range", invalid=True)
             start += n
         return responses
