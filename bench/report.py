@@ -113,20 +113,29 @@ def markdown(result: dict[str, Any]) -> str:
                              f"{'' if m['stable'] else '*'}")
             lines.append(f"| {b} | " + " | ".join(cells) + " |")
         lines.append("")
-    conc = result.get("concurrency")
-    if conc:
-        lines += [f"## Concurrency sweep: {conc['model']} over gRPC, batch-1 requests", "",
-                  "| clients | dynamic batching | images/s | p50 ms | p90 ms | p99 ms | queue us | compute us | "
-                  "mean batch |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for key, label in (("dynamic_batching", "on"), ("no_dynamic_batching", "off")):
-            for n, m in conc.get(key, {}).items():
-                s, lat = m.get("server", {}), m["latency_ms"]
-                lines.append(f"| {n} | {label} | {m['images_per_s']:.1f}{'' if m['stable'] else '*'} | "
-                             f"{lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {_fmt(s.get('queue_us'), '.0f')}"
-                             f" | {_fmt(s.get('compute_infer_us'), '.0f')} | {_fmt(s.get('mean_batch_rows'), '.1f')} |")
-        lines.append("")
-    lines += ["## Physical limit", "", "| case | MFLOP per image (ONNX) | MFLOP per image (PyTorch) |",
-              "|---|---:|---:|"]
+    lines += _concurrency_lines(result.get("concurrency")) + _limit_and_target_lines(result)
+    if result.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _concurrency_lines(conc: dict | None) -> list[str]:
+    if not conc:
+        return []
+    lines = [f"## Concurrency sweep: {conc['model']} over gRPC, batch-1 requests", "",
+             "| clients | dynamic batching | images/s | p50 ms | p90 ms | p99 ms | queue us | compute us | "
+             "mean batch |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, label in (("dynamic_batching", "on"), ("no_dynamic_batching", "off")):
+        for n, m in conc.get(key, {}).items():
+            s, lat = m.get("server", {}), m["latency_ms"]
+            lines.append(f"| {n} | {label} | {m['images_per_s']:.1f}{'' if m['stable'] else '*'} | "
+                         f"{lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {_fmt(s.get('queue_us'), '.0f')}"
+                         f" | {_fmt(s.get('compute_infer_us'), '.0f')} | {_fmt(s.get('mean_batch_rows'), '.1f')} |")
+    return lines + [""]
+
+
+def _limit_and_target_lines(result: dict[str, Any]) -> list[str]:
+    lines = ["## Physical limit", "", "| case | MFLOP per image (ONNX) | MFLOP per image (PyTorch) |", "|---|---:|---:|"]
     for case, f in result["flops"].items():
         lines.append(f"| {case} | {f['flops_per_row_onnx'] * f['rows_per_image'] / 1e6:.2f} | "
                      f"{f['flops_per_row_torch'] * f['rows_per_image'] / 1e6:.2f} |")
@@ -143,9 +152,7 @@ def markdown(result: dict[str, Any]) -> str:
     if ceiling is not None:
         lines += ["", f"Ceiling of the dynamic-batching scaling: ONNX Runtime's best in-process rate / the 1-client "
                       f"rate = {ceiling:.2f}x."]
-    if result.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -83,6 +83,10 @@ def _ort_session(path: Path, cfg: BenchConfig, work: Path):
     return sess, time.perf_counter() - t
 
 
+def _graph_files(repo: Path, specs: dict) -> dict[str, Path]:
+    return {g: repo / g / "1" / "model.onnx" for g in specs}
+
+
 def _batches(cfg: BenchConfig, case: Case) -> tuple[int, ...]:
     return cfg.iw_batches if case.rows_per_image > 1 else cfg.batches
 
@@ -99,12 +103,13 @@ def _line(case: str, backend: str, batch: int, m: dict) -> str:
             f"p99 {lat['p99']:8.2f} ms{'' if m['stable'] else '  (not stable)'}")
 
 
-def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], graphs: dict[str, Path], plain, specs,
-                    graph_max: int, results: dict, work: Path, log: Callable[[str], Any]) -> dict[str, float]:
+def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain, specs, results: dict, work: Path,
+                    log: Callable[[str], Any]) -> dict[str, float]:
     """PyTorch eager and ONNX Runtime, same weights, same thread count, one caller."""
     from biva_export.graphs import GRAPH_MODULES
     from biva_export.onnx_export import example_inputs
 
+    graphs, graph_max = _graph_files(repo, specs), read_meta(repo).graph_max_batch
     load_s = {}
     for name, case in cases.items():
         spec = specs[case.graph]
@@ -127,9 +132,10 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], graphs: dict[str, 
 
 @contextlib.contextmanager
 def _server(repo: Path, log_path: Path):
-    from biva_serving.launcher import start_server
+    from biva_serving.launcher import DIRECT_FLAG, start_server
 
-    handle = start_server(repo, log_path=log_path)
+    # Triton's own endpoints, as measured before the HTTP front existed (bench/front_latency.py measures the front)
+    handle = start_server(repo, log_path=log_path, extra_args=[DIRECT_FLAG])
     try:
         yield handle
     finally:
@@ -261,6 +267,42 @@ def _flops(cases: dict[str, Case], graphs: dict[str, Path], plain, specs) -> dic
     return out
 
 
+def _new_result(ckpt: Path, cfg: BenchConfig) -> dict[str, Any]:
+    result: dict[str, Any] = {"meta": {"mode": cfg.mode, "checkpoint": str(ckpt), "config": asdict(cfg),
+                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                       "system": system_info(cfg.threads)}, "notes": []}
+    load = os.getloadavg()[0]
+    if load > 0.5 * len(os.sched_getaffinity(0)):
+        result["notes"].append(f"the machine was busy at the start (load average {load:.1f} for "
+                               f"{len(os.sched_getaffinity(0))} cores): figures are not representative")
+    return result
+
+
+def _describe(result: dict, cfg: BenchConfig, cases: dict[str, Case], graph_max: int) -> None:
+    result["notes"].append("FLOPs per image: the ONNX count (Conv, ConvTranspose, MatMul, Gemm; 2 per "
+                           "multiply-add) where shape inference gave every shape; it leaves out work the "
+                           "exporter pruned (the encoder's unused p(x|z) head), which the PyTorch count includes.")
+    result["graphs"] = {n: {"graph": c.graph, "triton_model": c.triton_model, "rows_per_image": c.rows_per_image,
+                            "batches": list(_batches(cfg, c)), "results": {}} for n, c in cases.items()}
+    if cases.get("scorer_iw") is not None:
+        result["notes"].append(
+            f"scorer_iw: K = {cfg.iw} importance samples per image, batches {list(cfg.iw_batches)}; in process "
+            f"the encoder graph (its log_w output) runs K x B rows in chunks of at most {graph_max} rows, as "
+            "biva_score slices them; Triton gets one biva_score request with iw = K and runs sample 0 on the "
+            "scorer (L_1 and L^{>k}), samples 1..K-1 on the encoder.")
+
+
+def _finish(result: dict, cfg: BenchConfig, gemm: tuple[dict, dict], out_dir: Path, t_start: float) -> None:
+    result["gemm"] = {"start": gemm[0], "end": gemm[1], "n": cfg.gemm_n, "threads": cfg.threads,
+                      "gflops_per_s": (gemm[0]["gflops_per_s"] + gemm[1]["gflops_per_s"]) / 2}
+    add_achieved(result)
+    result["meta"]["unstable_cells"] = _unstable(result)
+    result["ratios"] = compute_ratios(result)
+    result["meta"]["duration_s"] = time.time() - t_start
+    result["meta"]["system"]["load_average_at_end"] = list(os.getloadavg())
+    write_outputs(result, out_dir)
+
+
 def run_bench(ckpt: Path, out_dir: Path, cfg: BenchConfig, repo: Path | None = None,
               log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Run every measurement, write bench.json, bench.md and the plots to `out_dir`; returns the result."""
@@ -272,13 +314,7 @@ def run_bench(ckpt: Path, out_dir: Path, cfg: BenchConfig, repo: Path | None = N
         _check_repo(repo, ckpt)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
-    result: dict[str, Any] = {"meta": {"mode": cfg.mode, "checkpoint": str(ckpt), "config": asdict(cfg),
-                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                       "system": system_info(cfg.threads)}, "notes": []}
-    load = os.getloadavg()[0]
-    if load > 0.5 * len(os.sched_getaffinity(0)):
-        result["notes"].append(f"the machine was busy at the start (load average {load:.1f} for "
-                               f"{len(os.sched_getaffinity(0))} cores): figures are not representative")
+    result = _new_result(ckpt, cfg)
     gemm_start = gemm_rate(cfg.gemm_n, cfg.threads, cfg.gemm_reps)
     log(f"GEMM {cfg.gemm_n}^3, {cfg.threads} threads: {gemm_start['gflops_per_s']:.1f} GFLOP/s")
 
@@ -295,35 +331,16 @@ def run_bench(ckpt: Path, out_dir: Path, cfg: BenchConfig, repo: Path | None = N
             log("exporting the checkpoint (pass --repo to reuse an exported repository) ...")
             run_export(ckpt, repo, log=lambda *_: None)
         result["meta"]["repository"] = str(repo) if repo.parent != work else "exported into a temporary folder"
-        graphs = {g: repo / g / "1" / "model.onnx" for g in specs}
-        graph_max = read_meta(repo).graph_max_batch
-        result["flops"] = _flops(cases, graphs, plain, specs)
-        result["notes"].append("FLOPs per image: the ONNX count (Conv, ConvTranspose, MatMul, Gemm; 2 per "
-                               "multiply-add) where shape inference gave every shape; it leaves out work the "
-                               "exporter pruned (the encoder's unused p(x|z) head), which the PyTorch count includes.")
-        result["graphs"] = {n: {"graph": c.graph, "triton_model": c.triton_model, "rows_per_image": c.rows_per_image,
-                                "batches": list(_batches(cfg, c)), "results": {}} for n, c in cases.items()}
-        if cases.get("scorer_iw") is not None:
-            result["notes"].append(
-                f"scorer_iw: K = {cfg.iw} importance samples per image, batches {list(cfg.iw_batches)}; in process "
-                f"the encoder graph (its log_w output) runs K x B rows in chunks of at most {graph_max} rows, as "
-                "biva_score slices them; Triton gets one biva_score request with iw = K and runs sample 0 on the "
-                "scorer (L_1 and L^{>k}), samples 1..K-1 on the encoder.")
+        result["flops"] = _flops(cases, _graph_files(repo, specs), plain, specs)
+        _describe(result, cfg, cases, read_meta(repo).graph_max_batch)
         log("in process (no server running):")
-        result["meta"]["ort_session_load_s"] = bench_inprocess(cfg, cases, graphs, plain, specs, graph_max,
-                                                               result["graphs"], work, log)
+        result["meta"]["ort_session_load_s"] = bench_inprocess(cfg, cases, repo, plain, specs, result["graphs"],
+                                                               work, log)
         if any(b.startswith("triton") for b in cfg.backends):
-            _bench_servers(cfg, cases, repo, work, out_dir, plain, specs, result, log)
+            _bench_servers(cfg, cases, repo, work, out_dir, plain, result, log)
         gemm_end = gemm_rate(cfg.gemm_n, cfg.threads, cfg.gemm_reps)
-    result["gemm"] = {"start": gemm_start, "end": gemm_end, "n": cfg.gemm_n, "threads": cfg.threads,
-                      "gflops_per_s": (gemm_start["gflops_per_s"] + gemm_end["gflops_per_s"]) / 2}
     log(f"GEMM at the end: {gemm_end['gflops_per_s']:.1f} GFLOP/s")
-    add_achieved(result)
-    result["meta"]["unstable_cells"] = _unstable(result)
-    result["ratios"] = compute_ratios(result)
-    result["meta"]["duration_s"] = time.time() - t_start
-    result["meta"]["system"]["load_average_at_end"] = list(os.getloadavg())
-    write_outputs(result, out_dir)
+    _finish(result, cfg, (gemm_start, gemm_end), out_dir, t_start)
     log(f"wrote {out_dir / RESULT}, {out_dir / 'bench.md'} and plots")
     return result
 
@@ -338,8 +355,11 @@ def _unstable(result: dict) -> list[str]:
     return out
 
 
-def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: Path, out_dir: Path, plain, specs,
+def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: Path, out_dir: Path, plain,
                    result: dict, log) -> None:
+    from biva_export.graphs import graph_specs
+
+    specs = graph_specs(plain)
     variant = cfg.variant if cfg.variant.threads else Variant(**{**asdict(cfg.variant), "threads": cfg.threads})
     sweep_case = make_cases(cfg.iw)[cfg.sweep_case]
     models = sorted({c.triton_model for c in cases.values()} | {sweep_case.triton_model})
@@ -360,4 +380,6 @@ def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: P
     with _server(off, out_dir / "server_plain.log") as server:
         result["concurrency"]["no_dynamic_batching"] = bench_sweep(cfg, sweep_case, server, plain, specs,
                                                                    "dynamic batching off", log)
-    result["notes"].append("Triton clients (python tritonclient) run on the same cores as the server.")
+    result["notes"].append("Triton clients (python tritonclient) run on the same cores as the server. The servers run "
+                           "with --biva-direct: Triton's own HTTP endpoint, without the HTTP front "
+                           "(python -m biva_bench.front_latency measures what the front adds).")

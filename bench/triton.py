@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from biva_export.contract import FRONT_GRAPHS
+from biva_export.contract import FRONT_GRAPHS, REPORT
 from biva_export.repository import parse_config
 
 
@@ -56,6 +56,7 @@ def write_variant(src: Path, dst: Path, models: list[str], v: Variant) -> Path:
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
+    shutil.copyfile(src / REPORT, dst / REPORT)  # the model metadata (graph rows) travels with the models
     for name in sorted(wanted):
         shutil.copytree(src / name, dst / name)
         if name not in FRONT_GRAPHS:  # a graph model

@@ -57,6 +57,11 @@ class Settings:
     def client(self) -> BivaClient:
         return BivaClient(self.url, self.protocol, self.model_prefix, self.timeout, self.retries)
 
+    def job(self, seed: int):
+        from .tasks import Job
+
+        return Job(seed, self.batch_size, self.concurrency, self.progress)
+
 
 def _writable(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
     """An output path is checked before anything is sent: the file, or the nearest existing folder above it
@@ -232,8 +237,7 @@ def likelihood(settings: Settings, data, iw, limit, seed, out, as_json):
         writer = RowWriter(out, likelihood_columns(iw)) if out is not None else None
         on_batch = (lambda i, start, s: writer.write(likelihood_rows(start, s, meta.n_dims, iw))) if writer else None
         try:
-            table = score_images(client, images, seed, settings.batch_size, settings.concurrency, iw, (),
-                                 on_batch, settings.progress, desc="likelihood")
+            table = score_images(client, images, settings.job(seed), iw, (), on_batch, desc="likelihood")
         except KeyboardInterrupt:
             if writer is not None:
                 _echo_err(f"interrupted: {writer.count} rows kept in {out}")
@@ -275,8 +279,7 @@ def _score_set(client: BivaClient, settings: Settings, spec: str, limit, seed: i
     from .tasks import load_inputs, score_images
 
     images = load_inputs(spec, client.meta, limit)
-    return score_images(client, images, seed, settings.batch_size, settings.concurrency, iw, ks,
-                        progress=settings.progress, desc=desc)
+    return score_images(client, images, settings.job(seed), iw, ks, desc=desc)
 
 
 @ood.command("score", context_settings=CONTEXT)
@@ -306,8 +309,7 @@ def ood_score(settings: Settings, in_spec, ood_spec, k_list, iw, limit, seed, as
         x_ood = load_inputs(ood_spec, client.meta, limit)  # both sets checked before anything is sent
 
         def score(x: np.ndarray, desc: str):
-            return score_images(client, x, seed, settings.batch_size, settings.concurrency, iw, ks,
-                                progress=settings.progress, desc=desc)
+            return score_images(client, x, settings.job(seed), iw, ks, desc=desc)
 
         return score(x_in, "in"), score(x_ood, "ood")
 

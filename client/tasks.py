@@ -165,14 +165,24 @@ def check_batch_size(meta: ModelMeta, batch_size: int, iw: int = 1, ks: Sequence
     check_score_request(meta, batch_size, iw, ks)
 
 
-def score_images(client: BivaClient, images: np.ndarray, seed: int = 0, batch_size: int = 100,
-                 concurrency: int = 1, iw: int = 1, ks: Sequence[int] = (), on_batch: BatchCallback | None = None,
-                 progress: bool | None = False, desc: str = "score") -> ScoreTable:
-    """Score every image; batch i is one request with seed `seed + i`.
+@dataclass(frozen=True)
+class Job:
+    """How a data-set job is split into requests and sent."""
+
+    seed: int = 0  # base seed: batch i is sent with seed + i
+    batch_size: int = 100  # images per request
+    concurrency: int = 1  # requests in flight at once
+    progress: bool | None = False  # progress bar: True, False, or None (only on a terminal)
+
+
+def score_images(client: BivaClient, images: np.ndarray, job: Job = Job(), iw: int = 1, ks: Sequence[int] = (),
+                 on_batch: BatchCallback | None = None, desc: str = "score") -> ScoreTable:
+    """Score every image; batch i is one request with seed `job.seed + i`.
 
     `on_batch(i, start, scores)` is called in batch order (a finished batch waits for the ones before it),
     so a caller can write rows incrementally and in input order.
     """
+    seed, batch_size, concurrency, progress = job.seed, job.batch_size, job.concurrency, job.progress
     ks = tuple(int(k) for k in ks)
     client.check_images(images[:1])
     check_batch_size(client.meta, min(batch_size, len(images)), iw, ks)

@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -31,29 +32,86 @@ def _step(msg: str, t0: float) -> None:
     click.echo(f"[{time.monotonic() - t0:6.1f} s] {msg}")
 
 
-def run_demo(ckpt: Path, out_dir: Path, repo: Path, n_samples: int = 64, ll_limit: int = 500,
-             ood_limit: int = 1000, k_list: str | None = "1,2,3,4", in_spec: str = "fashion-mnist:test",
-             ood_spec: str = "digits", seed: int = 0, batch_size: int = 100, concurrency: int = 2,
-             progress: bool | None = None) -> dict[str, Path]:
-    """Export, serve, query; returns {what: path} of every output written."""
+@dataclass(frozen=True)
+class DemoConfig:
+    n_samples: int = 64  # images sampled from the prior
+    ll_limit: int = 500  # images of in_spec scored for likelihoods
+    ood_limit: int = 1000  # images per OOD set
+    k_list: str | None = "1,2,3,4"  # k of the OOD scores L>k, LLR>k
+    in_spec: str = "fashion-mnist:test"  # in-distribution data spec
+    ood_spec: str = "digits"  # out-of-distribution data spec
+    seed: int = 0  # base seed of every job
+    batch_size: int = 100  # images per request
+    concurrency: int = 2  # requests in flight
+    progress: bool | None = None  # progress bars (None: only on a terminal)
+
+
+def _export(ckpt: Path, repo: Path, t0: float) -> None:
     from biva_export.pipeline import run_export
-    from biva_serving.launcher import start_server
 
-    from biva_client.metrics import format_table, ood_scores, ood_table
-    from biva_client.output import RowWriter, image_grid, plot_ood, save_png
-    from biva_client.tasks import (likelihood_columns, likelihood_rows, likelihood_summary, load_inputs, parse_k_list,
-                        reconstruct, sample_images, score_images)
-
-    t0 = time.monotonic()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outputs: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="biva-demo-") as tmp:
         # a snapshot: the checkpoint may be rewritten by a training run while this runs
         snapshot = Path(tmp) / ckpt.name
         shutil.copyfile(ckpt, snapshot)
         _step(f"exporting {ckpt} to {repo} (ONNX graphs validated against PyTorch)", t0)
         run_export(snapshot, repo, log=lambda msg: click.echo(f"    {msg}"), source=str(ckpt))
-    outputs["model repository"] = repo
+
+
+def _likelihood(client: BivaClient, cfg: DemoConfig, out_dir: Path, outputs: dict, t0: float):
+    """Scores cfg.ll_limit images of cfg.in_spec; returns the images."""
+    from biva_client.output import RowWriter
+    from biva_client.tasks import (Job, likelihood_columns, likelihood_rows, likelihood_summary, load_inputs,
+                                   score_images)
+
+    meta = client.meta
+    x = load_inputs(cfg.in_spec, meta, cfg.ll_limit)
+    path = out_dir / "likelihood.csv"
+    with RowWriter(path, likelihood_columns(1)) as w:
+        table = score_images(client, x, Job(cfg.seed, cfg.batch_size, cfg.concurrency, cfg.progress), 1, (),
+                             lambda i, start, s: w.write(likelihood_rows(start, s, meta.n_dims, 1)), desc="likelihood")
+    summary = likelihood_summary(table, meta.n_dims)
+    outputs["per-image likelihoods"] = path
+    (out_dir / "likelihood_summary.json").write_text(json.dumps({"data": cfg.in_spec, **summary}, indent=2) + "\n")
+    outputs["likelihood summary"] = out_dir / "likelihood_summary.json"
+    l1, bpd = summary["L1_nats"], summary["L1_bpd"]
+    _step(f"{cfg.in_spec}: L_1 = {l1['mean']:.2f} +- {l1['se']:.2f} nats ({bpd['mean']:.4f} bits/dim, "
+          f"n = {l1['n']})", t0)
+    return x
+
+
+def _ood(client: BivaClient, cfg: DemoConfig, x, out_dir: Path, outputs: dict, t0: float) -> None:
+    from biva_client.metrics import format_table, ood_scores, ood_table
+    from biva_client.output import plot_ood
+    from biva_client.tasks import Job, load_inputs, parse_k_list, score_images
+
+    meta, job = client.meta, Job(cfg.seed, cfg.batch_size, cfg.concurrency, cfg.progress)
+    ks = parse_k_list(cfg.k_list, meta.n_layers)
+    # the likelihood step's images when they are enough (same seeds, same numbers), else ood_limit fresh ones
+    x_in = x[:cfg.ood_limit] if cfg.ood_limit <= len(x) else load_inputs(cfg.in_spec, meta, cfg.ood_limit)
+    a = score_images(client, x_in, job, 1, ks, desc="ood in")
+    b = score_images(client, load_inputs(cfg.ood_spec, meta, cfg.ood_limit), job, 1, ks, desc="ood")
+    metrics = ood_table(a, b)
+    text = format_table(metrics)
+    (out_dir / "ood_table.txt").write_text(f"in: {cfg.in_spec} ({len(a.elbo)})  OOD: {cfg.ood_spec} "
+                                           f"({len(b.elbo)})\n" + text + "\n")
+    (out_dir / "ood_metrics.json").write_text(json.dumps({"in": cfg.in_spec, "ood": cfg.ood_spec, "ks": list(ks),
+                                                          "metrics": metrics}, indent=2) + "\n")
+    outputs["OOD table"] = out_dir / "ood_table.txt"
+    outputs["OOD metrics"] = out_dir / "ood_metrics.json"
+    outputs["OOD plot"] = plot_ood(ood_scores(a), ood_scores(b), out_dir / "ood.png", cfg.in_spec, cfg.ood_spec)
+    _step(f"OOD {cfg.in_spec} vs {cfg.ood_spec}:\n{text}", t0)
+
+
+def run_demo(ckpt: Path, out_dir: Path, repo: Path, cfg: DemoConfig = DemoConfig()) -> dict[str, Path]:
+    """Export, serve, query; returns {what: path} of every output written."""
+    from biva_client.output import image_grid, save_png
+    from biva_client.tasks import reconstruct, sample_images
+    from biva_serving.launcher import start_server
+
+    t0 = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _export(ckpt, repo, t0)
+    outputs: dict[str, Path] = {"model repository": repo}
     _step("starting tritonserver", t0)
     server = start_server(repo, log_path=out_dir / "server.log")
     outputs["server log"] = out_dir / "server.log"
@@ -62,43 +120,12 @@ def run_demo(ckpt: Path, out_dir: Path, repo: Path, n_samples: int = 64, ll_limi
         meta = client.meta
         _step(f"server ready at http://{server.http_url} (grpc {server.grpc_url}); model: image shape "
               f"{meta.image_shape}, L = {meta.n_layers} layers, latent dim {meta.latent_dim}", t0)
-
-        images = sample_images(client, n_samples, seed)
+        images = sample_images(client, cfg.n_samples, cfg.seed)
         outputs["samples grid"] = save_png(image_grid(images), out_dir / "samples.png")
-        _step(f"sampled {n_samples} images (seed {seed})", t0)
-
-        x = load_inputs(in_spec, meta, ll_limit)
-        path = out_dir / "likelihood.csv"
-        with RowWriter(path, likelihood_columns(1)) as w:
-            table = score_images(client, x, seed, batch_size, concurrency, 1, (),
-                                 lambda i, start, s: w.write(likelihood_rows(start, s, meta.n_dims, 1)),
-                                 progress, desc="likelihood")
-        summary = likelihood_summary(table, meta.n_dims)
-        outputs["per-image likelihoods"] = path
-        (out_dir / "likelihood_summary.json").write_text(json.dumps({"data": in_spec, **summary}, indent=2) + "\n")
-        outputs["likelihood summary"] = out_dir / "likelihood_summary.json"
-        l1, bpd = summary["L1_nats"], summary["L1_bpd"]
-        _step(f"{in_spec}: L_1 = {l1['mean']:.2f} +- {l1['se']:.2f} nats ({bpd['mean']:.4f} bits/dim, "
-              f"n = {l1['n']})", t0)
-
-        ks = parse_k_list(k_list, meta.n_layers)
-        # the likelihood step's images when they are enough (same seeds, same numbers), else ood_limit fresh ones
-        x_in = x[:ood_limit] if ood_limit <= len(x) else load_inputs(in_spec, meta, ood_limit)
-        a = score_images(client, x_in, seed, batch_size, concurrency, 1, ks, progress=progress, desc="ood in")
-        b = score_images(client, load_inputs(ood_spec, meta, ood_limit), seed, batch_size, concurrency, 1, ks,
-                         progress=progress, desc="ood")
-        metrics = ood_table(a, b)
-        text = format_table(metrics)
-        (out_dir / "ood_table.txt").write_text(f"in: {in_spec} ({len(a.elbo)})  OOD: {ood_spec} ({len(b.elbo)})\n"
-                                               + text + "\n")
-        (out_dir / "ood_metrics.json").write_text(json.dumps({"in": in_spec, "ood": ood_spec, "ks": list(ks),
-                                                              "metrics": metrics}, indent=2) + "\n")
-        outputs["OOD table"] = out_dir / "ood_table.txt"
-        outputs["OOD metrics"] = out_dir / "ood_metrics.json"
-        outputs["OOD plot"] = plot_ood(ood_scores(a), ood_scores(b), out_dir / "ood.png", in_spec, ood_spec)
-        _step(f"OOD {in_spec} vs {ood_spec}:\n{text}", t0)
-
-        rec = reconstruct(client, x[:8], range(meta.n_layers + 1), seed, batch_size)
+        _step(f"sampled {cfg.n_samples} images (seed {cfg.seed})", t0)
+        x = _likelihood(client, cfg, out_dir, outputs, t0)
+        _ood(client, cfg, x, out_dir, outputs, t0)
+        rec = reconstruct(client, x[:8], range(meta.n_layers + 1), cfg.seed, cfg.batch_size)
         outputs["reconstructions"] = save_png(image_grid(rec), out_dir / "reconstructions.png")
         _step("reconstructions: one row per input, the input first, then k = 0..L", t0)
     finally:
@@ -124,7 +151,7 @@ def main(ckpt, out_dir, repo, ll_limit, ood_limit, k_list, debug):
     """Export a checkpoint, serve it with Triton, and run samples, likelihoods, OOD scores and reconstructions."""
     t0 = time.monotonic()
     try:
-        outputs = run_demo(ckpt, out_dir, repo, ll_limit=ll_limit, ood_limit=ood_limit, k_list=k_list)
+        outputs = run_demo(ckpt, out_dir, repo, DemoConfig(ll_limit=ll_limit, ood_limit=ood_limit, k_list=k_list))
     except KeyboardInterrupt:
         click.echo("interrupted (server stopped)", err=True)
         sys.exit(EXIT_INTERRUPTED)

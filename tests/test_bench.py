@@ -75,13 +75,13 @@ def test_variant_repository_holds_every_graph_a_front_model_calls(tmp_path: Path
     import re
 
     from biva_bench.triton import write_variant
-    from biva_export.contract import FRONT_GRAPHS
+    from biva_export import contract
 
     out = write_variant(tiny_repo, tmp_path / "v", ["biva_score"], Variant())
-    assert sorted(p.name for p in out.iterdir()) == ["biva_encoder", "biva_score", "biva_scorer"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["biva_encoder", "biva_score", "biva_scorer"]
     source = (tiny_repo / "biva_score" / "1" / "model.py").read_text()
-    called = set(re.findall(r'self\._call\("(\w+)"', source))
-    assert {f"biva_{g}" for g in called} == {g for gs in FRONT_GRAPHS.values() for g in gs}
+    called = {getattr(contract, c) for c in re.findall(r"self\._call\((SAMPLER|ENCODER|SCORER)\b", source)}
+    assert called == {g for gs in contract.FRONT_GRAPHS.values() for g in gs}
 
 
 def test_stats_delta_per_request() -> None:

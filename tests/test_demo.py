@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from biva_demo.demo import run_demo
+from biva_demo.demo import DemoConfig, run_demo
 from biva_export.repository import sha256_file
 
 
@@ -27,8 +27,9 @@ def test_demo_end_to_end(tiny_ckpt, digits_npy, tmp_path, monkeypatch):
     np.save(inverted, 255 - np.load(digits_npy)[:40])  # white on black: far out of the digits distribution
 
     out, repo = tmp_path / "demo_out", tmp_path / "triton_models"
-    outputs = run_demo(tiny_ckpt, out, repo, n_samples=16, ll_limit=40, ood_limit=40, k_list="1,2",
-                       in_spec=f"npy:{digits_npy}", ood_spec=f"npy:{inverted}", batch_size=16, progress=False)
+    cfg = DemoConfig(n_samples=16, ll_limit=40, ood_limit=40, k_list="1,2", in_spec=f"npy:{digits_npy}",
+                     ood_spec=f"npy:{inverted}", batch_size=16, progress=False)
+    outputs = run_demo(tiny_ckpt, out, repo, cfg)
 
     for what, path in outputs.items():
         assert path.exists(), what
