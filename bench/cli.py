@@ -6,7 +6,6 @@ and without dynamic batching, and the achieved fraction of the machine's fp32 GE
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,10 +66,11 @@ def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurren
          max_windows, ort_level, ort_saved_graph, instances, queue_delay_us, preferred_batch, debug):
     """Benchmark the exported BIVA graphs: PyTorch eager, ONNX Runtime in process, Triton over HTTP and gRPC."""
     from biva_core.checkpoint import CheckpointError
+    from biva_export.cli import one_line_errors
 
     from .run import BenchError, run_bench
 
-    try:
+    with one_line_errors(debug, BenchError, CheckpointError, ValueError):
         cfg = PRESETS["quick" if quick else "full"]
         measure = cfg.measure
         if window_s is not None:
@@ -85,11 +85,6 @@ def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurren
                                       queue_delay_us=queue_delay_us),
                       **{k: v for k, v in overrides.items() if v is not None})
         run_bench(ckpt, out_dir, cfg, repo=repo, log=click.echo)
-    except (BenchError, CheckpointError, ValueError) as e:
-        if debug:
-            raise
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

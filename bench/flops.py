@@ -8,13 +8,14 @@ element-wise ops, so they are a lower bound on the work and the right numerator 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
+
+from .measure import time_calls
 
 COUNTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -103,13 +104,7 @@ def gemm_rate(n: int = 2048, threads: int = 2, reps: int = 10) -> dict[str, Any]
         a = torch.randn(n, n)
         b = torch.randn(n, n)
         c = torch.empty(n, n)
-        for _ in range(2):
-            torch.matmul(a, b, out=c)
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            torch.matmul(a, b, out=c)
-            times.append(time.perf_counter() - t)
+        times = time_calls(lambda: torch.matmul(a, b, out=c), reps)
     finally:
         torch.set_num_threads(old)
     flops = 2 * n ** 3

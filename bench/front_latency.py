@@ -9,11 +9,12 @@ gRPC does not pass the front (its admin protocols are restricted inside Triton),
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import click
 import numpy as np
+
+from .measure import time_calls
 
 
 def _requests(meta) -> dict[str, tuple[str, dict[str, np.ndarray], list[str]]]:
@@ -35,14 +36,7 @@ def _time(client, model: str, arrays: dict[str, np.ndarray], outputs: list[str],
         t.set_data_from_numpy(a)
         ins.append(t)
     outs = [thttp.InferRequestedOutput(o, binary_data=True) for o in outputs]
-    for _ in range(5):  # warm-up
-        client.infer(model, ins, outputs=outs)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        client.infer(model, ins, outputs=outs)
-        times.append(time.perf_counter() - t0)
-    return times
+    return time_calls(lambda: client.infer(model, ins, outputs=outs), reps, warmup=5)
 
 
 def measure(repo: Path, direct: bool, reps: int, log_dir: Path) -> dict[str, list[float]]:
@@ -56,11 +50,7 @@ def measure(repo: Path, direct: bool, reps: int, log_dir: Path) -> dict[str, lis
     with start_server(repo, extra_args=extra, log_path=log_dir / f"server_{'direct' if direct else 'front'}.log") as s:
         client = thttp.InferenceServerClient(s.http_url)
         try:
-            out["health ready"] = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                client.is_server_ready()
-                out["health ready"].append(time.perf_counter() - t0)
+            out["health ready"] = time_calls(client.is_server_ready, reps, warmup=5)
             for label, (model, arrays, outputs) in _requests(read_meta(repo)).items():
                 out[label] = _time(client, model, arrays, outputs, reps)
         finally:

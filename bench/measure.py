@@ -59,6 +59,18 @@ class Measurement:
         return asdict(self)
 
 
+def time_calls(fn: Callable[[], Any], reps: int, warmup: int = 2) -> list[float]:
+    """Seconds of each of `reps` calls of `fn`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def is_stable(windows: list[Window], tol: float) -> bool:
     if len(windows) < N_STABLE:
         return False

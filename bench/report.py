@@ -135,7 +135,8 @@ def _concurrency_lines(conc: dict | None) -> list[str]:
 
 
 def _limit_and_target_lines(result: dict[str, Any]) -> list[str]:
-    lines = ["## Physical limit", "", "| case | MFLOP per image (ONNX) | MFLOP per image (PyTorch) |", "|---|---:|---:|"]
+    lines = ["## Physical limit", "", "| case | MFLOP per image (ONNX) | MFLOP per image (PyTorch) |",
+             "|---|---:|---:|"]
     for case, f in result["flops"].items():
         lines.append(f"| {case} | {f['flops_per_row_onnx'] * f['rows_per_image'] / 1e6:.2f} | "
                      f"{f['flops_per_row_torch'] * f['rows_per_image'] / 1e6:.2f} |")

@@ -169,8 +169,8 @@ def bench_triton_sync(cfg: BenchConfig, cases: dict[str, Case], server, repo: Pa
                     if case.rows_per_image == 1 and b > limit:
                         entry = {"skipped": f"batch {b} > the graph model's max_batch_size {limit}"}
                     else:
-                        call = sync_call(client, mod, case.triton_model, triton_inputs(mod, case, make, b, cfg.seed + b),
-                                         outputs)
+                        bodies = triton_inputs(mod, case, make, b, cfg.seed + b)
+                        call = sync_call(client, mod, case.triton_model, bodies, outputs)
                         m, snaps = measure_sync(call, b, _mcfg(cfg, case), _stats_fn(client, mod, case))
                         entry = m.to_dict()
                         entry["server"] = _server_stats(snaps, case)

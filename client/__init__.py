@@ -12,6 +12,6 @@ from .tasks import (Job, ScoreTable, encode_images, load_inputs, reconstruct, re
 
 __all__ = [
     "BivaClient", "ClientError", "Encoding", "InputError", "ModelMeta", "ModelNotReady", "RequestTimeout", "Scores",
-    "ServerBusy", "ServerError", "ServerUnavailable", "Job", "ScoreTable", "encode_images", "load_inputs", "reconstruct",
-    "regenerate_latents", "sample_images", "score_images",
+    "ServerBusy", "ServerError", "ServerUnavailable", "Job", "ScoreTable", "encode_images", "load_inputs",
+    "reconstruct", "regenerate_latents", "sample_images", "score_images",
 ]

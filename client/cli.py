@@ -63,6 +63,11 @@ class Settings:
         return Job(seed, self.batch_size, self.concurrency, self.progress)
 
 
+LIMIT_OPTION = click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
+SEED_OPTION = click.option("--seed", type=click.IntRange(0), default=None,
+                           help="Base seed [default: the group's --seed].")
+
+
 def _writable(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
     """An output path is checked before anything is sent: the file, or the nearest existing folder above it
     (missing folders are created later), must be writable."""
@@ -77,6 +82,12 @@ def _writable(ctx: click.Context, param: click.Parameter, value: Path | None) ->
     if not ok:
         raise click.BadParameter(f"cannot write {value} ({target} is not writable)", ctx, param)
     return value
+
+
+def _output_option(flag: str, default: Path | None, help: str):
+    """An output file option, checked writable as the command line is parsed (before anything is sent)."""
+    return click.option(flag, type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=default,
+                        show_default=default is not None, help=help)
 
 
 def _seed(settings: Settings, seed: int | None) -> int:
@@ -175,10 +186,8 @@ def _with_client(fn: Callable[[BivaClient], object], settings: Settings):
               help="Prior temperature (scales the prior's standard deviations).")
 @click.option("--seed", type=click.IntRange(0), default=None,
               help="Seed [default: the group's --seed]. Above the server's max_n, chunk j uses seed + j.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=Path("samples.png"),
-              show_default=True, help="PNG grid of the samples (ceil(sqrt(n)) columns).")
-@click.option("--npy", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=None,
-              help="Also save the raw images (n, C, H, W) float32 here.")
+@_output_option("--out", Path("samples.png"), help="PNG grid of the samples (ceil(sqrt(n)) columns).")
+@_output_option("--npy", None, help="Also save the raw images (n, C, H, W) float32 here.")
 @click.pass_obj
 def sample(settings: Settings, n, temperature, seed, out, npy):
     """Draw samples from the prior. The same seed gives the same images."""
@@ -215,10 +224,9 @@ def _format_summary(summary: dict, what: str) -> str:
 @click.option("--data", required=True, help=DATA_HELP)
 @click.option("--iw", default=1, show_default=True, type=click.IntRange(1),
               help="Importance samples K: adds L_K (the tighter bound) to L_1.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
-@click.option("--seed", type=click.IntRange(0), default=None, help="Base seed [default: the group's --seed].")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=None,
-              help="Per-image rows (.csv, .json or .jsonl), written batch by batch in input order.")
+@LIMIT_OPTION
+@SEED_OPTION
+@_output_option("--out", None, help="Per-image rows (.csv, .json or .jsonl), written batch by batch in input order.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_obj
 @_job_options
@@ -291,8 +299,7 @@ def _score_set(client: BivaClient, settings: Settings, spec: str, limit, seed: i
 @click.option("--seed", type=click.IntRange(0), default=None,
               help="Base seed of each set's batches [default: the group's --seed].")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=None,
-              help="PNG with score histograms of both sets (paper's Figure 4) and ROC curves.")
+@_output_option("--plot", None, help="PNG with score histograms of both sets (paper's Figure 4) and ROC curves.")
 @click.pass_obj
 @_job_options
 def ood_score(settings: Settings, in_spec, ood_spec, k_list, iw, limit, seed, as_json, plot):
@@ -335,10 +342,9 @@ def ood_score(settings: Settings, in_spec, ood_spec, k_list, iw, limit, seed, as
 @click.option("--tpr", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Fraction of the in-distribution data that must pass (its scores <= threshold).")
 @click.option("--iw", default=1, show_default=True, type=click.IntRange(1), help="K for the LK score.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
-@click.option("--seed", type=click.IntRange(0), default=None, help="Base seed [default: the group's --seed].")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=Path("threshold.json"),
-              show_default=True, help="Threshold file for `ood check`.")
+@LIMIT_OPTION
+@SEED_OPTION
+@_output_option("--out", Path("threshold.json"), help="Threshold file for `ood check`.")
 @click.pass_obj
 @_job_options
 def ood_fit(settings: Settings, in_spec, score_name, tpr, iw, limit, seed, out):
@@ -389,10 +395,9 @@ def _read_threshold(path: Path) -> dict:
 @click.option("--threshold", "threshold_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Threshold file written by `ood fit`.")
 @click.option("--data", required=True, help=DATA_HELP)
-@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
-@click.option("--seed", type=click.IntRange(0), default=None, help="Base seed [default: the group's --seed].")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=None,
-              help="Per-image rows (.csv/.json/.jsonl) [default: CSV on stdout].")
+@LIMIT_OPTION
+@SEED_OPTION
+@_output_option("--out", None, help="Per-image rows (.csv/.json/.jsonl) [default: CSV on stdout].")
 @click.pass_obj
 @_job_options
 def ood_check(settings: Settings, threshold_file, data, limit, seed, out):
@@ -437,11 +442,10 @@ def ood_check(settings: Settings, threshold_file, data, limit, seed, out):
 @click.option("--limit", default=8, show_default=True, type=click.IntRange(1), help="Inputs (rows of the grid).")
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Temperature of the redrawn layers.")
-@click.option("--seed", type=click.IntRange(0), default=None, help="Base seed [default: the group's --seed].")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=Path("reconstructions.png"),
-              show_default=True, help="PNG grid: one row per input, the input first, then one column per k.")
-@click.option("--npy", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=None,
-              help="Also save the grid's images (N, 1 + len(k), C, H, W) float32 here.")
+@SEED_OPTION
+@_output_option("--out", Path("reconstructions.png"),
+                help="PNG grid: one row per input, the input first, then one column per k.")
+@_output_option("--npy", None, help="Also save the grid's images (N, 1 + len(k), C, H, W) float32 here.")
 @click.pass_obj
 @_job_options
 def reconstruct(settings: Settings, data, k_list, limit, temperature, seed, out, npy):
@@ -470,10 +474,9 @@ def reconstruct(settings: Settings, data, k_list, limit, temperature, seed, out,
 
 @main.command(context_settings=CONTEXT)
 @click.option("--data", required=True, help=DATA_HELP)
-@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
-@click.option("--seed", type=click.IntRange(0), default=None, help="Base seed [default: the group's --seed].")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_writable, default=Path("latents.npz"),
-              show_default=True, help="Output .npz.")
+@LIMIT_OPTION
+@SEED_OPTION
+@_output_option("--out", Path("latents.npz"), help="Output .npz.")
 @click.pass_obj
 @_job_options
 def encode(settings: Settings, data, limit, seed, out):

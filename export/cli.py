@@ -4,6 +4,7 @@ A thin click layer: the options become one frozen `ExportConfig` for `biva_expor
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -11,6 +12,18 @@ import click
 
 from .pipeline import ExportConfig, ExportError, run_export
 from .repository import ServingConfig
+
+
+@contextlib.contextmanager
+def one_line_errors(debug: bool, *kinds: type[BaseException]):
+    """The user sees `Error: <message>` and exit code 1 for these exceptions; --debug shows the traceback."""
+    try:
+        yield
+    except kinds as e:
+        if debug:
+            raise
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,13 +64,8 @@ def main(ckpt, out, backend, opset, exporter, max_batch_size, instances, queue_d
                             queue_delay_us=queue_delay_us)
     cfg = ExportConfig(opset=opset, exporter=exporter, validate=validate, atol_scale=atol_scale, force=force,
                        quiet=not verbose, serving=serving)
-    try:
+    with one_line_errors(debug, ExportError, CheckpointError, ValueError):
         run_export(ckpt, out, cfg, log=click.echo)
-    except (ExportError, CheckpointError, ValueError) as e:
-        if debug:
-            raise
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

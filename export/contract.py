@@ -186,7 +186,8 @@ class ModelMeta:
         want = {f.name for f in fields(cls)}
         if not isinstance(d, dict) or set(d) != want:
             got = set(d) if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"{META_PARAMETER}: expected keys {sorted(want)}, got {sorted(got) if isinstance(got, set) else got}")
+            shown = sorted(got) if isinstance(got, set) else got
+            raise ValueError(f"{META_PARAMETER}: expected keys {sorted(want)}, got {shown}")
         caps = Caps(**d["caps"])
         return cls(image_shape=tuple(int(v) for v in d["image_shape"]), likelihood=str(d["likelihood"]),
                    binarize=str(d["binarize"]), n_layers=int(d["n_layers"]), latent_dim=int(d["latent_dim"]),
@@ -229,7 +230,8 @@ def check_finite(name: str, a: np.ndarray, max_abs: float, what: str) -> None:
     if not np.isfinite(a).all():
         raise RequestError(f"{name}: contains NaN or Inf; expected {what}")
     if a.size and float(np.abs(a).max()) > max_abs:
-        raise RequestError(f"{name}: |value| up to {float(np.abs(a).max()):g}, expected {what} with |value| <= {max_abs:g}")
+        raise RequestError(f"{name}: |value| up to {float(np.abs(a).max()):g}, expected {what} with "
+                           f"|value| <= {max_abs:g}")
 
 
 def check_images(x: np.ndarray, meta: ModelMeta, cap: int) -> np.ndarray:
