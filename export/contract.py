@@ -209,6 +209,21 @@ class ModelMeta:
     def front_specs(self) -> dict[str, FrontSpec]:
         return front_specs(self.image_shape, self.latent_dim, len(self.groups))
 
+    def max_request_bytes(self) -> dict[str, int]:
+        """model -> bytes of the largest request its caps allow (every input at its largest), so a front can
+        refuse a larger declared size before anything is allocated."""
+        item = {"float32": 4, "int64": 8}
+        out = {}
+        for name, spec in self.front_specs().items():
+            total = 0
+            for t in spec.inputs:  # a free dimension is rows (images, z) or, alone, the ks list
+                free = self.caps.max_images if len(t.dims) > 1 else self.n_layers + 1
+                total += item[t.dtype] * int(np.prod([free if d < 0 else d for d in t.dims]))
+            out[name] = total
+        for name, spec in self.graph_specs().items():
+            out[name] = sum(item[t.dtype] * self.graph_max_batch * int(np.prod(t.dims)) for t in spec.inputs)
+        return out
+
 
 # ---- request checks -------------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ class FrontConfig:
     header_timeout_s: float = 10.0  # to send the request line and headers
     body_timeout_s: float = 60.0  # to send the body
     max_connections: int = 512
+    model_bytes: dict[str, int] | None = None  # model -> largest request its caps allow (ModelMeta)
 
 
 class Refused(Exception):
@@ -77,6 +78,15 @@ def _count_leaves(data) -> int:
         else:
             n += 1
     return n
+
+
+def _declared_bytes(inp) -> int:
+    """Bytes an input's declared shape holds (0 when malformed: _check_input says why)."""
+    shape = inp.get("shape") if isinstance(inp, dict) else None
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        return 0
+    return int(np.prod(shape, dtype=object)) * DTYPE_BYTES.get(inp.get("datatype"), 1) if shape else 1
 
 
 def _check_input(inp, limit: int) -> int:
@@ -108,8 +118,9 @@ def _check_input(inp, limit: int) -> int:
     return 0
 
 
-def check_infer(body: bytes, header_length: bytes | None, cfg: FrontConfig) -> None:
-    """Refused(400) unless the infer body's JSON part is shallow and every declared shape matches its data."""
+def check_infer(body: bytes, header_length: bytes | None, cfg: FrontConfig, model: str = "") -> None:
+    """Refused(400) unless the infer body's JSON part is shallow, every declared shape matches its data, and the
+    declared tensors fit in what the model's caps allow (nothing that large reaches the stub's memory)."""
     try:
         n = int(header_length) if header_length is not None else len(body)
     except ValueError:
@@ -127,6 +138,13 @@ def check_infer(body: bytes, header_length: bytes | None, cfg: FrontConfig) -> N
     inputs = req.get("inputs") if isinstance(req, dict) else None
     if not isinstance(inputs, list):
         raise Refused(400, "request JSON has no list of inputs")
+    limit = (cfg.model_bytes or {}).get(model)
+    if limit is not None:
+        declared = sum(_declared_bytes(inp) for inp in inputs)
+        if declared > 2 * limit + 4096:
+            names = ", ".join(str(inp.get("name"))[:32] for inp in inputs if isinstance(inp, dict))
+            raise Refused(400, f"{model}: inputs {names} declare {declared} bytes, more than the model's caps allow "
+                               f"({limit})")
     binary = sum(_check_input(inp, cfg.max_body_bytes) for inp in inputs)
     if n + binary != len(body):
         raise Refused(400, f"body is {len(body)} bytes, the JSON part and binary_data_size values add up to "
@@ -282,4 +300,5 @@ class Front:
         if ready and self.not_ready(ready.group(2).decode() if ready.group(2) else None):
             raise Refused(503, "not ready: a model is being reloaded after its backend process died")
         if method == b"POST" and path.endswith(b"/infer"):
-            check_infer(body, headers.get(b"inference-header-content-length"), self.cfg)
+            model = path.split(b"/")[3].decode(errors="replace")  # /v2/models/NAME/[versions/V/]infer
+            check_infer(body, headers.get(b"inference-header-content-length"), self.cfg, model)

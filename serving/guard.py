@@ -99,13 +99,26 @@ def _finish(sup: Supervisor) -> None:
         print(f"biva supervisor: removed {len(removed)} python-backend shared-memory regions", file=sys.stderr)
 
 
+def _model_bytes(args: list[str]) -> dict[str, int] | None:
+    """Per-model request sizes from the repository's export report; None for a repository biva-export did not
+    write (the front's body limit still applies)."""
+    from biva_export.repository import read_meta
+
+    repo, _ = take_flag(list(args), "--model-repository", "")
+    try:
+        return read_meta(Path(repo)).max_request_bytes() if repo else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def serve(binary: Path, args: Sequence[str], env: dict[str, str]) -> int:
     """Run Triton behind the front until it exits; returns its exit code."""
     host, rest = take_flag(list(args), "--http-address", LOOPBACK)
     port, rest = take_flag(rest, "--http-port", "8000")
     internal, secret = _free_port(), secrets.token_hex(16)
     targs, can_reload = triton_args(rest, internal, secret)
-    front = Front(FrontConfig(internal, f"{SECRET_HEADER}: {secret}".encode()), lambda m: False)
+    front = Front(FrontConfig(internal, f"{SECRET_HEADER}: {secret}".encode(), model_bytes=_model_bytes(rest)),
+                  lambda m: False)
     loop = asyncio.new_event_loop()
     try:
         server = loop.run_until_complete(front.serve(host, int(port)))

@@ -311,3 +311,15 @@ def test_a_killed_stub_is_noticed_within_seconds_and_reloaded(own_server) -> Non
     assert _ready_code(own_server, "/v2/health/ready") == 200
     print(f"dead scorer stub: not ready after {noticed:.2f} s, serving again {recovered:.1f} s later")
     _good(own_server)
+
+
+def test_requests_larger_than_the_caps_allow_are_refused_before_the_stub(tiny_server) -> None:
+    """5,000 images of binary data to biva_score (cap: 1,024): refused by the front, so the stub's shared
+    memory never grows to hold them."""
+    head = _infer_json([{"name": "images", "shape": [5000, 1, 28, 28], "datatype": "FP32",
+                         "parameters": {"binary_data_size": 5000 * 784 * 4}}])
+    body = head + bytes(5000 * 784 * 4)
+    status, answer = _raw(tiny_server, "POST", "/v2/models/biva_score/infer", body,
+                          {"Inference-Header-Content-Length": str(len(head))})
+    assert status == 400 and b"caps allow" in answer
+    _good(tiny_server)
