@@ -1,6 +1,6 @@
-"""What the HTTP front (serving/front.py) adds to a request: the same requests, one client, keep-alive, to a
-server started as the user starts it (front + supervisor) and to one started with --biva-direct (Triton's
-own HTTP endpoint), one server at a time.
+"""What the HTTP front (serving/front.py) adds to a request: the same requests, one client per server,
+keep-alive, to a server started as the user starts it (front + supervisor) and to one started with
+--biva-direct (Triton's own HTTP endpoint), both up at once, the requests alternating between them.
 
     python -m biva_bench.front_latency --repo triton_models
 
@@ -27,7 +27,7 @@ def _requests(meta) -> dict[str, tuple[str, dict[str, np.ndarray], list[str]]]:
             "score 64 images": ("biva_score", {"images": x64, "seed": seed}, ["elbo"])}
 
 
-def _time(client, model: str, arrays: dict[str, np.ndarray], outputs: list[str], reps: int) -> list[float]:
+def _call(client, model: str, arrays: dict[str, np.ndarray], outputs: list[str]):
     import tritonclient.http as thttp
 
     ins = []
@@ -36,26 +36,37 @@ def _time(client, model: str, arrays: dict[str, np.ndarray], outputs: list[str],
         t.set_data_from_numpy(a)
         ins.append(t)
     outs = [thttp.InferRequestedOutput(o, binary_data=True) for o in outputs]
-    return time_calls(lambda: client.infer(model, ins, outputs=outs), reps, warmup=5)
+    return lambda: client.infer(model, ins, outputs=outs)
 
 
-def measure(repo: Path, direct: bool, reps: int, log_dir: Path) -> dict[str, list[float]]:
+def measure(repo: Path, reps: int, log_dir: Path) -> dict[str, dict[str, list[float]]]:
+    """{kind: {"direct": seconds, "front": seconds}}; both servers up, requests alternating between them, so a
+    busy machine slows both alike."""
     import tritonclient.http as thttp
 
     from biva_export.repository import read_meta
     from biva_serving.launcher import DIRECT_FLAG, start_server
 
-    extra = [DIRECT_FLAG] if direct else []
-    out: dict[str, list[float]] = {}
-    with start_server(repo, extra_args=extra, log_path=log_dir / f"server_{'direct' if direct else 'front'}.log") as s:
-        client = thttp.InferenceServerClient(s.http_url)
+    with start_server(repo, extra_args=[DIRECT_FLAG], log_path=log_dir / "direct.log") as direct, \
+            start_server(repo, log_path=log_dir / "front.log") as front:
+        clients = {"direct": thttp.InferenceServerClient(direct.http_url),
+                   "front": thttp.InferenceServerClient(front.http_url)}
         try:
-            out["health ready"] = time_calls(client.is_server_ready, reps, warmup=5)
+            calls = {"health ready": {k: c.is_server_ready for k, c in clients.items()}}
             for label, (model, arrays, outputs) in _requests(read_meta(repo)).items():
-                out[label] = _time(client, model, arrays, outputs, reps)
+                calls[label] = {k: _call(c, model, arrays, outputs) for k, c in clients.items()}
+            out = {}
+            for label, pair in calls.items():
+                out[label] = {k: [] for k in pair}
+                for k, fn in pair.items():
+                    time_calls(fn, 0, warmup=5)
+                for _ in range(reps):
+                    for k, fn in pair.items():
+                        out[label][k] += time_calls(fn, 1, warmup=0)
+            return out
         finally:
-            client.close()
-    return out
+            for c in clients.values():
+                c.close()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,12 +75,11 @@ def measure(repo: Path, direct: bool, reps: int, log_dir: Path) -> dict[str, lis
 @click.option("--reps", default=200, show_default=True, help="Timed requests per kind and server (after 5 warm-up).")
 def main(repo: Path, reps: int) -> None:
     with tempfile.TemporaryDirectory(prefix="biva-front-") as tmp:
-        direct = measure(repo, True, reps, Path(tmp))
-        front = measure(repo, False, reps, Path(tmp))
-    click.echo(f"HTTP, one client, keep-alive, {reps} requests each (ms): direct p50 / p99 | front p50 / p99 | "
-               "added p50")
-    for label in direct:
-        d, f = np.array(direct[label]) * 1e3, np.array(front[label]) * 1e3
+        times = measure(repo, reps, Path(tmp))
+    click.echo(f"HTTP, one client, keep-alive, {reps} requests each, alternating (ms): direct p50 / p99 | "
+               "front p50 / p99 | added p50")
+    for label, pair in times.items():
+        d, f = np.array(pair["direct"]) * 1e3, np.array(pair["front"]) * 1e3
         click.echo(f"  {label:16s} {np.median(d):7.2f} / {np.percentile(d, 99):7.2f} | {np.median(f):7.2f} / "
                    f"{np.percentile(f, 99):7.2f} | {np.median(f) - np.median(d):+6.2f}")
 
