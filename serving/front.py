@@ -34,9 +34,10 @@ ALLOWED_PATH = re.compile(rb"^/v2(/health/(live|ready)|/models/stats|/models/[A-
                           rb"(/ready|/config|/stats|/infer)?)?/?$")
 READY_PATH = re.compile(rb"^/v2(/health/ready|/models/([A-Za-z0-9_.-]+)(/versions/[0-9]+)?/ready)/?$")
 HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"upgrade",
-               b"proxy-connection", b"te", b"trailer"}
+               b"proxy-connection", b"te", b"trailer", b"expect"}
 STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
-REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 411: "Length Required",
+REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 408: "Request Timeout",
+           411: "Length Required",
            413: "Payload Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
            502: "Bad Gateway", 503: "Service Unavailable"}
 
@@ -268,6 +269,10 @@ class Front:
         if head is None:
             return True, up
         method, target, headers, raw = _parse_head(head)
+        if method not in (b"GET", b"POST"):
+            raise Refused(405, f"method {method.decode(errors='replace')[:16]} not allowed", close=True)
+        if headers.get(b"expect", b"").lower() == b"100-continue":  # curl's large bodies wait for this
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = await _read_body(reader, headers, self.cfg)
         close = headers.get(b"connection", b"").lower() == b"close"
         path = target.split(b"?", 1)[0]
@@ -277,17 +282,23 @@ class Front:
             writer.write(_response(e.status, str(e), close or e.close))
             await writer.drain()
             return close or e.close, up
-        if up is None:
-            up = await asyncio.open_connection("127.0.0.1", self.cfg.upstream_port, limit=1 << 20)
-        up[1].write(b"\r\n".join([method + b" " + target + b" HTTP/1.1", *raw, b"Host: 127.0.0.1",
-                                  self.cfg.secret_header, b"Content-Length: " + str(len(body)).encode()])
-                    + b"\r\n\r\n" + body)
-        await up[1].drain()
-        try:
-            rhead, rbody = await _read_upstream(up[0])
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
-            writer.write(_response(502, "the server closed the connection", True))
-            return True, up
+        request = b"\r\n".join([method + b" " + target + b" HTTP/1.1", *raw, b"Host: 127.0.0.1", self.cfg.secret_header,
+                                b"Content-Length: " + str(len(body)).encode()]) + b"\r\n\r\n" + body
+        for attempt in (0, 1):  # a kept-alive upstream connection Triton has since closed: once more, fresh
+            reused = up is not None
+            if up is None:
+                up = await asyncio.open_connection("127.0.0.1", self.cfg.upstream_port, limit=1 << 20)
+            try:
+                up[1].write(request)
+                await up[1].drain()
+                rhead, rbody = await _read_upstream(up[0])
+                break
+            except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+                up[1].close()
+                up = None
+                if not reused or attempt:
+                    writer.write(_response(502, "the server closed the connection", True))
+                    return True, up
         writer.write(_relay_head(rhead, rbody, close) + rbody)
         await writer.drain()
         return close, up

@@ -323,3 +323,19 @@ def test_requests_larger_than_the_caps_allow_are_refused_before_the_stub(tiny_se
                           {"Inference-Header-Content-Length": str(len(head))})
     assert status == 400 and b"caps allow" in answer
     _good(tiny_server)
+
+
+def test_expect_continue_and_other_methods(tiny_server) -> None:
+    body = _infer_json([{"name": "n", "shape": [1], "datatype": "INT64", "data": [2]}])
+    with socket.create_connection(("127.0.0.1", tiny_server.http_port), timeout=30) as s:
+        s.sendall(b"POST /v2/models/biva_sample/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        s.sendall(body)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+    for method in ("PUT", "DELETE", "HEAD"):
+        assert _raw(tiny_server, method, "/v2/health/ready")[0] == 405
+    _good(tiny_server)
