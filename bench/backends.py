@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 import torch
 
-from biva_export.contract import ENCODER, SAMPLER, SCORE, SCORER, GraphSpec, LogMeanExp, iw_chunks
+from biva_export.contract import ENCODER, SAMPLER, SCORE, SCORER, GraphSpec, LogMeanExp, T, iw_chunks
 
 POOL = 3  # distinct input sets per shape
 
@@ -72,7 +72,7 @@ def _iw_feeds(make_inputs: Callable[[int, int], dict[str, np.ndarray]], batch: i
               seed: int) -> dict[str, np.ndarray]:
     """Encoder inputs for `samples` importance samples of `batch` images: the images tiled."""
     feeds = make_inputs(samples * batch, seed)
-    feeds["images"] = np.tile(feeds["images"][:batch], (samples, 1, 1, 1))  # (samples * B, C, H, W)
+    feeds[T.images] = np.tile(feeds[T.images][:batch], (samples, 1, 1, 1))  # (samples * B, C, H, W)
     return feeds
 
 
@@ -106,9 +106,9 @@ def triton_inputs(client_mod, case: Case, make_inputs: Callable[[int, int], dict
             feeds = make_inputs(batch, seed + j)
         else:  # biva_score: the front model draws the noise from the seed
             rng = np.random.default_rng(seed + j)
-            feeds = {"images": make_inputs(batch, seed + j)["images"],
-                     "iw": np.array([case.rows_per_image], np.int64),
-                     "seed": rng.integers(0, 2**62, size=1, dtype=np.int64)}
+            feeds = {T.images: make_inputs(batch, seed + j)[T.images],
+                     T.iw: np.array([case.rows_per_image], np.int64),
+                     T.seed: rng.integers(0, 2**62, size=1, dtype=np.int64)}
         body = []
         for name, a in feeds.items():
             t = client_mod.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64")

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from biva_export.contract import SAMPLE, SCORE
+from biva_export.contract import SAMPLE, SCORE, T
 
 from .measure import time_calls
 
@@ -24,9 +24,9 @@ def _requests(meta) -> dict[str, tuple[str, dict[str, np.ndarray], list[str]]]:
     x = (rng.random((1, *meta.image_shape)) > 0.5).astype(np.float32)
     x64 = (rng.random((64, *meta.image_shape)) > 0.5).astype(np.float32)
     seed = np.array([1], np.int64)
-    return {"sample n=1": (SAMPLE, {"n": np.array([1], np.int64), "seed": seed}, ["images"]),
-            "score 1 image": (SCORE, {"images": x, "seed": seed}, ["elbo"]),
-            "score 64 images": (SCORE, {"images": x64, "seed": seed}, ["elbo"])}
+    return {"sample n=1": (SAMPLE, {T.n: np.array([1], np.int64), T.seed: seed}, [T.images]),
+            "score 1 image": (SCORE, {T.images: x, T.seed: seed}, [T.elbo]),
+            "score 64 images": (SCORE, {T.images: x64, T.seed: seed}, [T.elbo])}
 
 
 def _call(client, model: str, arrays: dict[str, np.ndarray], outputs: list[str]):

@@ -22,22 +22,22 @@ import numpy as np
 @click.option("--reps", default=4, show_default=True, help="Alternating timed runs per graph (after one warm-up).")
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
 def main(repo: Path, rows: int, reps: int, threads: int) -> None:
-    from biva_export.contract import ENCODER, SCORER, ort_session
+    from biva_export.contract import ENCODER, SCORER, T, ort_session
     from biva_export.repository import read_meta
 
     meta = read_meta(repo)
     sessions = {g: ort_session(str(repo / g / "1" / "model.onnx"), threads) for g in (SCORER, ENCODER)}
     rng = np.random.default_rng(0)
     image = (rng.random((1, *meta.image_shape)) > 0.5).astype(np.float32)
-    feeds = {ENCODER: {"images": np.repeat(image, rows, axis=0),
-                       "noise": rng.standard_normal((rows, meta.noise_dim), dtype=np.float32)}}
-    feeds[SCORER] = {**feeds[ENCODER], "k": np.zeros((rows, 1), np.int64)}
-    log_w = {g: s.run(["log_w"], feeds[g])[0] for g, s in sessions.items()}  # also the warm-up
+    feeds = {ENCODER: {T.images: np.repeat(image, rows, axis=0),
+                       T.noise: rng.standard_normal((rows, meta.noise_dim), dtype=np.float32)}}
+    feeds[SCORER] = {**feeds[ENCODER], T.k: np.zeros((rows, 1), np.int64)}
+    log_w = {g: s.run([T.log_w], feeds[g])[0] for g, s in sessions.items()}  # also the warm-up
     times: dict[str, list[float]] = {g: [] for g in sessions}
     for _ in range(reps):
         for g, s in sessions.items():
             t0 = time.perf_counter()
-            s.run(["log_w"], feeds[g])
+            s.run([T.log_w], feeds[g])
             times[g].append(time.perf_counter() - t0)
     med = {g: float(np.median(t)) for g, t in times.items()}
     click.echo(f"max |log_w scorer - log_w encoder| over {rows} rows: "

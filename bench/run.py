@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from biva_export.contract import REPORT, ort_session
+from biva_export.contract import REPORT, T, ort_session
 from biva_export.repository import read_meta, sha256_file
 
 from .backends import Case, OrtRunner, TorchRunner, async_call, inprocess_call, make_cases, sync_call, \
@@ -123,7 +123,7 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
         for backend, runner in runners.items():
             for b in _batches(cfg, case):
                 call = inprocess_call(runner, case, make, b, graph_max, cfg.seed + b,
-                                      spec.output_names.index("log_w") if case.rows_per_image > 1 else 0)
+                                      spec.output_names.index(T.log_w) if case.rows_per_image > 1 else 0)
                 m, _ = measure_sync(call, b, _mcfg(cfg, case))
                 results[name]["results"].setdefault(backend, {})[str(b)] = m.to_dict()
                 log(_line(name, backend, b, m.to_dict()))
@@ -163,7 +163,7 @@ def bench_triton_sync(cfg: BenchConfig, cases: dict[str, Case], server, repo: Pa
             for name, case in cases.items():
                 spec = specs[case.graph]
                 make = lambda rows, seed, spec=spec: example_inputs(spec, plain, rows, seed)  # noqa: E731
-                outputs = (spec.output_names if case.rows_per_image == 1 else ["iw_bound"])
+                outputs = (spec.output_names if case.rows_per_image == 1 else [T.iw_bound])
                 limit = read_meta(repo).graph_max_batch
                 for b in _batches(cfg, case):
                     if case.rows_per_image == 1 and b > limit:
@@ -293,7 +293,7 @@ def _describe(result: dict, cfg: BenchConfig, cases: dict[str, Case], graph_max:
 
 
 def _finish(result: dict, cfg: BenchConfig, gemm: tuple[dict, dict], out_dir: Path, t_start: float) -> None:
-    result["gemm"] = {"start": gemm[0], "end": gemm[1], "n": cfg.gemm_n, "threads": cfg.threads,
+    result["gemm"] = {"start": gemm[0], "end": gemm[1], T.n: cfg.gemm_n, "threads": cfg.threads,
                       "gflops_per_s": (gemm[0]["gflops_per_s"] + gemm[1]["gflops_per_s"]) / 2}
     add_achieved(result)
     result["meta"]["unstable_cells"] = _unstable(result)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from biva_export import contract
-from biva_export.contract import META_PARAMETER, MODEL_PREFIX, ModelMeta, RequestError
+from biva_export.contract import META_PARAMETER, MODEL_PREFIX, ModelMeta, RequestError, T
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
@@ -126,7 +126,7 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def check_seed(seed: int, what: str = "seed") -> int:
+def check_seed(seed: int, what: str = T.seed) -> int:
     with _as_input_error():
         return contract.check_seed(seed, what)
 
@@ -352,7 +352,7 @@ class BivaClient:
     def check_images(self, images: np.ndarray) -> np.ndarray:
         """float32 (B, C, H, W) matching the model, 1 <= B <= max_images; InputError otherwise."""
         with _as_input_error():
-            contract.check_rows("images", images, self.meta.image_shape, self.meta.caps.max_images)
+            contract.check_rows(T.images, images, self.meta.image_shape, self.meta.caps.max_images)
         return np.ascontiguousarray(images, dtype=np.float32)
 
     def sample(self, n: int, seed: int, temperature: float = 1.0) -> np.ndarray:
@@ -360,40 +360,40 @@ class BivaClient:
         with _as_input_error():
             contract.check_n(n, self.meta.caps)
             contract.check_temperature(temperature, self.meta.caps)
-        out = self._infer("sample", {"n": np.array([n], np.int64), "seed": np.array([check_seed(seed)], np.int64),
-                                     "temperature": np.array([temperature], np.float32)}, ["images"])
-        return out["images"]
+        out = self._infer("sample", {T.n: np.array([n], np.int64), T.seed: np.array([check_seed(seed)], np.int64),
+                                     T.temperature: np.array([temperature], np.float32)}, [T.images])
+        return out[T.images]
 
     def regenerate(self, z: np.ndarray, k: int, seed: int, temperature: float = 1.0) -> np.ndarray:
         """Keep z_{>k} of the flat latents z (B, D), redraw z_{<=k} from the prior (Figure 12)."""
         meta = self.meta
         with _as_input_error():
-            z = contract.check_vectors("z", z, meta.latent_dim, meta.caps.max_images, meta.caps.max_abs_latent)
-            contract.check_k("k", k, meta.n_layers)
+            z = contract.check_vectors(T.z, z, meta.latent_dim, meta.caps.max_images, meta.caps.max_abs_latent)
+            contract.check_k(T.k, k, meta.n_layers)
             contract.check_temperature(temperature, meta.caps)
         out = self._infer("regenerate", {
-            "z": z, "k": np.array([k], np.int64),
-            "seed": np.array([check_seed(seed)], np.int64), "temperature": np.array([temperature], np.float32)},
-            ["images"])
-        return out["images"]
+            T.z: z, T.k: np.array([k], np.int64),
+            T.seed: np.array([check_seed(seed)], np.int64), T.temperature: np.array([temperature], np.float32)},
+            [T.images])
+        return out[T.images]
 
     def encode(self, images: np.ndarray, seed: int) -> Encoding:
         x = self.check_images(images)
-        out = self._infer("encode", {"images": x, "seed": np.array([check_seed(seed)], np.int64)},
-                          ["z", "q_mu", "q_log_std", "kl"])
-        return Encoding(out["z"], out["q_mu"], out["q_log_std"], out["kl"], int(seed))
+        out = self._infer("encode", {T.images: x, T.seed: np.array([check_seed(seed)], np.int64)},
+                          [T.z, T.q_mu, T.q_log_std, T.kl])
+        return Encoding(out[T.z], out[T.q_mu], out[T.q_log_std], out[T.kl], int(seed))
 
     def score(self, images: np.ndarray, seed: int, iw: int = 1, ks: Sequence[int] = ()) -> Scores:
         """L_1, L_K (K = iw) and L^{>k} for each k, per image, in nats."""
         x = self.check_images(images)
         check_score_request(self.meta, len(x), iw, ks)
         ks = tuple(int(k) for k in ks)
-        inputs = {"images": x, "iw": np.array([iw], np.int64), "seed": np.array([check_seed(seed)], np.int64)}
+        inputs = {T.images: x, T.iw: np.array([iw], np.int64), T.seed: np.array([check_seed(seed)], np.int64)}
         if ks:
-            inputs["ks"] = np.array(ks, np.int64)
-        out = self._infer("score", inputs, ["elbo", "iw_bound", "l_gt_k", "kl"])
-        l_gt_k = out["l_gt_k"] if ks else np.zeros((len(x), 0), np.float32)
-        return Scores(out["elbo"], out["iw_bound"], l_gt_k, out["kl"], ks, int(seed))
+            inputs[T.ks] = np.array(ks, np.int64)
+        out = self._infer("score", inputs, [T.elbo, T.iw_bound, T.l_gt_k, T.kl])
+        l_gt_k = out[T.l_gt_k] if ks else np.zeros((len(x), 0), np.float32)
+        return Scores(out[T.elbo], out[T.iw_bound], l_gt_k, out[T.kl], ks, int(seed))
 
 
 def check_score_request(meta: ModelMeta, batch: int, iw: int, ks: Sequence[int]) -> None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from biva_export.contract import T
+
 from .api import BivaClient, Encoding, InputError, ModelMeta, Scores, check_score_request, check_seed
 
 BatchCallback = Callable[[int, int, Scores], None]  # (batch index, first image index, scores)
@@ -200,7 +202,7 @@ def score_images(client: BivaClient, images: np.ndarray, job: Job = Job(), iw: i
                     on_batch(next_i, spans[next_i][0], results[next_i])
                 next_i += 1
     cat = lambda name: np.concatenate([getattr(r, name) for r in results])  # noqa: E731
-    return ScoreTable(cat("elbo"), cat("iw_bound"), cat("l_gt_k"), cat("kl"), ks, iw,
+    return ScoreTable(cat(T.elbo), cat(T.iw_bound), cat(T.l_gt_k), cat(T.kl), ks, iw,
                       image_seeds(len(images), batch_size, seed))
 
 
@@ -217,7 +219,7 @@ def encode_images(client: BivaClient, images: np.ndarray, seed: int = 0, batch_s
             results[i] = res
             bar.update(spans[i][1] - spans[i][0])
     cat = lambda name: np.concatenate([getattr(r, name) for r in results])  # noqa: E731
-    return Encoding(cat("z"), cat("q_mu"), cat("q_log_std"), cat("kl"), seed)
+    return Encoding(cat(T.z), cat(T.q_mu), cat(T.q_log_std), cat(T.kl), seed)
 
 
 def regenerate_latents(client: BivaClient, z: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,

@@ -57,6 +57,16 @@ class ScorerOut(NamedTuple):
 
 GRAPH_OUTPUTS = {SAMPLER: SamplerOut, ENCODER: EncoderOut, SCORER: ScorerOut}
 
+
+class T:
+    """Every tensor name on the wire, written once: `T.images` is "images"."""
+
+    images, z, k, temperature, noise = "images", "z", "k", "temperature", "noise"  # graph inputs (and API)
+    z_out, q_mu, q_log_std, kl, log_w, log_w_gt_k = SamplerOut._fields[1], *EncoderOut._fields[1:3], \
+        EncoderOut._fields[3], EncoderOut._fields[4], ScorerOut._fields[1]  # graph outputs: the tuples' fields
+    n, seed, iw, ks = "n", "seed", "iw", "ks"  # API inputs
+    elbo, iw_bound, l_gt_k = "elbo", "iw_bound", "l_gt_k"  # biva_score outputs
+
 # ---- tensor specs ---------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import torch
 from biva_core.model import Biva
 from biva_core.noise import NoiseStream
 
-from .contract import GraphSpec, ort_session
+from .contract import GraphSpec, T, ort_session
 from .graphs import GRAPH_MODULES
 
 DEFAULT_OPSET = 18
@@ -41,11 +41,11 @@ def example_inputs(spec: GraphSpec, model: Biva, batch: int, seed: int) -> dict[
     out: dict[str, np.ndarray] = {}
     for t in spec.inputs:
         shape = (batch, *t.dims)
-        if t.name == "images":
+        if t.name == T.images:
             out[t.name] = _model_images(model, batch, rng)
-        elif t.name == "k":
+        elif t.name == T.k:
             out[t.name] = rng.integers(0, L + 1, shape).astype(np.int64)
-        elif t.name == "temperature":
+        elif t.name == T.temperature:
             out[t.name] = rng.uniform(0.3, 1.2, shape).astype(np.float32)
         else:  # noise, z
             out[t.name] = NoiseStream(int(rng.integers(2**62))).take_numpy(shape)

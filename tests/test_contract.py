@@ -99,6 +99,22 @@ def test_names_and_caps_are_written_once() -> None:
         assert not [p for p, t in texts.items() if f'"{front}"' in t], front
 
 
+def test_tensor_names_are_written_once() -> None:
+    """Every file that builds or reads a served tensor takes its name from contract.T (JSON / CSV column names
+    of the client's outputs and click parameter names are other things and may match)."""
+    wire = [ROOT / "client" / "api.py", *(ROOT / "export").glob("*.py"),
+            *(ROOT / "serving").rglob("*.py"), *(ROOT / "bench" / n for n in ("backends.py", "iw_rows.py",
+                                                                            "front_latency.py", "run.py"))]
+    names = [v for k, v in vars(contract.T).items() if not k.startswith("_")]
+    assert len(names) == 18
+    for p in wire:
+        if p.name == "contract.py":
+            continue
+        text = p.read_text()
+        found = [n for n in names if re.search(rf'(?<![\w{{])"{n}"(?!:\s*\{{)', text)]
+        assert not found, f"{p.relative_to(ROOT)} writes tensor names {found}; use contract.T"
+
+
 def test_generated_copies_equal_their_sources(tiny_repo) -> None:
     from biva_export.repository import generated_copies
 

@@ -57,6 +57,16 @@ class ScorerOut(NamedTuple):
 
 GRAPH_OUTPUTS = {SAMPLER: SamplerOut, ENCODER: EncoderOut, SCORER: ScorerOut}
 
+
+class T:
+    """Every tensor name on the wire, written once: `T.images` is "images"."""
+
+    images, z, k, temperature, noise = "images", "z", "k", "temperature", "noise"  # graph inputs (and API)
+    z_out, q_mu, q_log_std, kl, log_w, log_w_gt_k = SamplerOut._fields[1], *EncoderOut._fields[1:3], \
+        EncoderOut._fields[3], EncoderOut._fields[4], ScorerOut._fields[1]  # graph outputs: the tuples' fields
+    n, seed, iw, ks = "n", "seed", "iw", "ks"  # API inputs
+    elbo, iw_bound, l_gt_k = "elbo", "iw_bound", "l_gt_k"  # biva_score outputs
+
 # ---- tensor specs ---------------------------------------------------------------------------------
 
 
@@ -186,7 +196,8 @@ class ModelMeta:
         want = {f.name for f in fields(cls)}
         if not isinstance(d, dict) or set(d) != want:
             got = set(d) if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"{META_PARAMETER}: expected keys {sorted(want)}, got {sorted(got) if isinstance(got, set) else got}")
+            shown = sorted(got) if isinstance(got, set) else got
+            raise ValueError(f"{META_PARAMETER}: expected keys {sorted(want)}, got {shown}")
         caps = Caps(**d["caps"])
         return cls(image_shape=tuple(int(v) for v in d["image_shape"]), likelihood=str(d["likelihood"]),
                    binarize=str(d["binarize"]), n_layers=int(d["n_layers"]), latent_dim=int(d["latent_dim"]),
@@ -207,6 +218,21 @@ class ModelMeta:
 
     def front_specs(self) -> dict[str, FrontSpec]:
         return front_specs(self.image_shape, self.latent_dim, len(self.groups))
+
+    def max_request_bytes(self) -> dict[str, int]:
+        """model -> bytes of the largest request its caps allow (every input at its largest), so a front can
+        refuse a larger declared size before anything is allocated."""
+        item = {"float32": 4, "int64": 8}
+        out = {}
+        for name, spec in self.front_specs().items():
+            total = 0
+            for t in spec.inputs:  # a free dimension is rows (images, z) or, alone, the ks list
+                free = self.caps.max_images if len(t.dims) > 1 else self.n_layers + 1
+                total += item[t.dtype] * int(np.prod([free if d < 0 else d for d in t.dims]))
+            out[name] = total
+        for name, spec in self.graph_specs().items():
+            out[name] = sum(item[t.dtype] * self.graph_max_batch * int(np.prod(t.dims)) for t in spec.inputs)
+        return out
 
 
 # ---- request checks -------------------------------------------------------------------------------
@@ -229,7 +255,8 @@ def check_finite(name: str, a: np.ndarray, max_abs: float, what: str) -> None:
     if not np.isfinite(a).all():
         raise RequestError(f"{name}: contains NaN or Inf; expected {what}")
     if a.size and float(np.abs(a).max()) > max_abs:
-        raise RequestError(f"{name}: |value| up to {float(np.abs(a).max()):g}, expected {what} with |value| <= {max_abs:g}")
+        raise RequestError(f"{name}: |value| up to {float(np.abs(a).max()):g}, expected {what} with "
+                           f"|value| <= {max_abs:g}")
 
 
 def check_images(x: np.ndarray, meta: ModelMeta, cap: int) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 # export/contract.py, copied beside this file by biva-export: names, caps, metadata, checks, L_K estimator
-from biva_contract import (ENCODER, META_PARAMETER, ROLE_PARAMETER, SAMPLER, SCORER, LogMeanExp, ModelMeta,
+from biva_contract import (ENCODER, META_PARAMETER, ROLE_PARAMETER, SAMPLER, SCORER, LogMeanExp, ModelMeta, T,
                            RequestError, check_images, check_iw, check_iw_rows, check_k, check_ks, check_n,
                            check_temperature, check_vectors, iw_chunks)
 
@@ -65,12 +65,12 @@ class TritonPythonModel:
         return a.reshape(-1)[0].item()
 
     def _temperature(self, req):
-        t = self._one(req, "temperature", 1.0)
+        t = self._one(req, T.temperature, 1.0)
         check_temperature(t, self.caps)
         return float(t)
 
     def _seed(self, req):
-        s = self._get(req, "seed", required=False)
+        s = self._get(req, T.seed, required=False)
         if s is None:
             return int.from_bytes(os.urandom(8), "little") >> 1
         if s.size != 1 or int(s.reshape(-1)[0]) < 0:
@@ -78,10 +78,10 @@ class TritonPythonModel:
         return int(s.reshape(-1)[0])
 
     def _images(self, req):
-        return check_images(self._get(req, "images"), self.meta, self.caps.max_images)
+        return check_images(self._get(req, T.images), self.meta, self.caps.max_images)
 
     def _latents(self, req):
-        return check_vectors("z", self._get(req, "z"), self.D, self.caps.max_images, self.caps.max_abs_latent)
+        return check_vectors(T.z, self._get(req, T.z), self.D, self.caps.max_images, self.caps.max_abs_latent)
 
     # ---- graph calls --------------------------------------------------------------------------
     def _call(self, graph, inputs, outputs):
@@ -101,40 +101,40 @@ class TritonPythonModel:
     def _sample(self, z, k, temperature, noise):
         B = z.shape[0]
         images, _ = self._call(SAMPLER, {
-            "z": z, "k": np.full((B, 1), k, np.int64), "temperature": np.full((B, 1), temperature, np.float32),
-            "noise": noise}, ["images", "z_out"])
+            T.z: z, T.k: np.full((B, 1), k, np.int64), T.temperature: np.full((B, 1), temperature, np.float32),
+            T.noise: noise}, [T.images, T.z_out])
         return images
 
     # ---- roles --------------------------------------------------------------------------------
     def _role_sample(self, req, seed, rng):
-        n = check_n(self._one(req, "n", None), self.caps)
+        n = check_n(self._one(req, T.n, None), self.caps)
         t = self._temperature(req)
         noise = rng.standard_normal((n, self.D), dtype=np.float32)
         images = self._sample(np.zeros((n, self.D), np.float32), self.L, t, noise)
-        return {"images": images}
+        return {T.images: images}
 
     def _role_regenerate(self, req, seed, rng):
         z = self._latents(req)
-        k = self._one(req, "k", None)
-        check_k("k", k, self.L)
+        k = self._one(req, T.k, None)
+        check_k(T.k, k, self.L)
         t = self._temperature(req)
         noise = rng.standard_normal((z.shape[0], self.D), dtype=np.float32)
-        return {"images": self._sample(z, k, t, noise)}
+        return {T.images: self._sample(z, k, t, noise)}
 
     def _role_encode(self, req, seed, rng):
         x = self._images(req)
         noise = rng.standard_normal((x.shape[0], self.N), dtype=np.float32)
-        z, mu, log_std, kl = self._call(ENCODER, {"images": x, "noise": noise}, ["z", "q_mu", "q_log_std", "kl"])
-        return {"z": z, "q_mu": mu, "q_log_std": log_std, "kl": kl}
+        z, mu, log_std, kl = self._call(ENCODER, {T.images: x, T.noise: noise}, [T.z, T.q_mu, T.q_log_std, T.kl])
+        return {T.z: z, T.q_mu: mu, T.q_log_std: log_std, T.kl: kl}
 
     def _ks(self, req):
-        ks = self._get(req, "ks", required=False)
+        ks = self._get(req, T.ks, required=False)
         return np.zeros(1, np.int64) if ks is None else check_ks(ks, self.L)
 
     def _role_score(self, req, seed, rng):
         x = self._images(req)
         B = x.shape[0]
-        K = check_iw(self._one(req, "iw", 1), self.caps)
+        K = check_iw(self._one(req, T.iw, 1), self.caps)
         check_iw_rows(K, B, self.caps)
         ks = self._ks(req)
         lme = LogMeanExp(B)
@@ -143,8 +143,8 @@ class TritonPythonModel:
             if lme.count == 0:  # sample 0: L_1, KL and L^{>k} for every k, as biva_core.objectives does
                 nk = ks.size
                 log_w, log_w_gt_k, kl = self._call(SCORER, {
-                    "images": np.tile(x, (nk, 1, 1, 1)), "noise": np.tile(eps[:B], (nk, 1)),
-                    "k": np.repeat(ks, B).reshape(-1, 1)}, ["log_w", "log_w_gt_k", "kl"])
+                    T.images: np.tile(x, (nk, 1, 1, 1)), T.noise: np.tile(eps[:B], (nk, 1)),
+                    T.k: np.repeat(ks, B).reshape(-1, 1)}, [T.log_w, T.log_w_gt_k, T.kl])
                 elbo, kl = log_w[:B, 0], kl[:B]
                 l_gt_k = log_w_gt_k[:, 0].reshape(nk, B).T  # (B, nk)
                 parts = [elbo[None]]
@@ -152,11 +152,11 @@ class TritonPythonModel:
             else:
                 parts = []
             if c:  # samples 1..K-1 need only log w: the encoder's single top-down pass gives it
-                lw, = self._call(ENCODER, {"images": np.tile(x, (c, 1, 1, 1)), "noise": eps}, ["log_w"])
+                lw, = self._call(ENCODER, {T.images: np.tile(x, (c, 1, 1, 1)), T.noise: eps}, [T.log_w])
                 parts.append(lw[:, 0].reshape(c, B))
             lme.add(np.concatenate(parts, axis=0))
-        return {"elbo": elbo.astype(np.float32), "iw_bound": lme.value().astype(np.float32),
-                "l_gt_k": l_gt_k.astype(np.float32), "kl": kl}
+        return {T.elbo: elbo.astype(np.float32), T.iw_bound: lme.value().astype(np.float32),
+                T.l_gt_k: l_gt_k.astype(np.float32), T.kl: kl}
 
     def execute(self, requests):
         handler = getattr(self, f"_role_{self.role}")
@@ -171,7 +171,7 @@ class TritonPythonModel:
             except Exception as e:  # a graph failed: report it, keep serving
                 responses.append(_error(f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", invalid=False))
                 continue
-            outs["seed"] = np.array([seed], np.int64)
+            outs[T.seed] = np.array([seed], np.int64)
             responses.append(pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in outs.items()]))
         return responses
