@@ -30,7 +30,7 @@ from biva_export.contract import META_PARAMETER, MODEL_PREFIX, ModelMeta, Reques
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
-T = TypeVar("T")
+R = TypeVar("R")  # what a retried call returns
 
 # Exit codes of the CLI, one per kind of failure (documented in biva_client/cli.py).
 EXIT_ERROR = 1  # the server answered with an error, or anything else unexpected
@@ -253,7 +253,7 @@ class BivaClient:
             return ServerUnavailable(f"cannot reach {self._where()}: {type(e).__name__}: {_first_line(str(e))}")
         return ClientError(f"{what}: {type(e).__name__}: {_first_line(str(e))}")
 
-    def _retry(self, fn: Callable[[Any], T], what: str) -> T:
+    def _retry(self, fn: Callable[[Any], R], what: str) -> R:
         """Call fn(tritonclient) with exponential backoff on transient failures."""
         for attempt in range(self.retries + 1):
             try:
