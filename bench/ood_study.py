@@ -20,7 +20,7 @@ import click
 import numpy as np
 import torch
 
-from biva_core.checkpoint import load_model
+from biva_core.checkpoint import load_model, read_checkpoint
 from biva_core.config import BivaConfig, preset
 from biva_core.data import load_for_model
 from biva_core.evaluate import ood_aurocs, per_image
@@ -148,7 +148,8 @@ def eval_cmd(runs: Path, candidates: str, n: int, last_only: bool, threads: int,
 def progress_cmd(run_dir: Path, out: Path, n: int, threads: int) -> None:
     """Score a long run's current EMA weights and append the row: how AUROC grows with training time."""
     torch.set_num_threads(threads)
-    last = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
+    epoch = int(read_checkpoint(run_dir / "last.pt")["train_state"]["epoch"])  # the log may be one row ahead
+    last = next(r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if r["epoch"] == epoch)
     row = {"run": run_dir.name, "epoch": last["epoch"], "step": last["step"], "minutes": round(last["minutes"], 1),
            "val_elbo": last["val_elbo"], **score_checkpoint(run_dir / "last.pt", n)}
     with open(out, "a") as f:

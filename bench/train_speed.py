@@ -5,7 +5,8 @@ speed lever buys for a study candidate.
     python -m biva_bench.train_speed --levers hvae48       # eager vs compiled, channels-last, batch size, threads
 
 One Adamax step on a batch of random binary 28x28 images, warm-up steps first (compilation included there),
-then the median of the timed steps. `--levers` also checks that every lever computes the same loss and
+then the median of the timed steps; `--levers` interleaves the levers step by step over rounds, so load on
+a shared machine slows each alike. `--levers` also checks that every lever computes the same loss and
 gradients as the eager step on the same batch and weights (relative 1e-4), and prints the max difference.
 """
 from __future__ import annotations
@@ -56,13 +57,11 @@ def _step_fn(model: Biva, compiled: bool):
     return step
 
 
-def measure(cfg: BivaConfig, batch: int, compiled: bool = False, channels_last: bool = False, warmup: int = 3,
-            steps: int = 6, seed: int = 0) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """(images/s of one optimiser step, loss and gradients of the first step on a fixed batch and weights)."""
+def prepare(cfg: BivaConfig, batch: int, compiled: bool = False, channels_last: bool = False, seed: int = 0):
+    """(one timed optimiser step as a closure, loss and gradients of the first step on fixed batch and weights)."""
     torch.manual_seed(seed)
-    model = Biva(cfg).eval()  # eval: no dropout draws, so every lever computes the same function
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = Biva(cfg).eval().to(memory_format=fmt)  # eval: no dropout draws, every lever computes one function
     opt = torch.optim.Adamax(model.parameters(), 2e-3)
     gen = torch.Generator().manual_seed(seed)
     x = (torch.rand(batch, 1, 28, 28, generator=gen) > 0.5).float().contiguous(memory_format=fmt)
@@ -70,29 +69,50 @@ def measure(cfg: BivaConfig, batch: int, compiled: bool = False, channels_last: 
     step = _step_fn(model, compiled)
     loss0 = step(x, eps)  # before any update: the numbers every lever must reproduce
     grad0 = torch.cat([p.grad.flatten() for p in model.parameters()])
-    times = []
-    for i in range(warmup + steps):
+
+    def timed() -> float:
         t = time.perf_counter()
         step(x, eps)
         opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
+        return time.perf_counter() - t
+
+    return timed, loss0, grad0
+
+
+def measure(cfg: BivaConfig, batch: int, compiled: bool = False, channels_last: bool = False, warmup: int = 3,
+            steps: int = 6, seed: int = 0) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(images/s of one optimiser step, median of `steps` after `warmup`, and the first step's loss and grads)."""
+    timed, loss0, grad0 = prepare(cfg, batch, compiled, channels_last, seed)
+    times = [timed() for _ in range(warmup + steps)][warmup:]
     return batch / sorted(times)[len(times) // 2], loss0, grad0
 
 
-def run_levers(cfg: BivaConfig) -> None:
-    ref = None
+def run_levers(cfg: BivaConfig, rounds: int = 10, warmup: int = 3) -> None:
+    """Every lever set up (and compiled) first, then `rounds` rounds of one step per lever, interleaved, so a
+    busy machine slows every lever alike; medians per lever, ratios against the eager reference."""
+    setups = []
     for name, batch, threads, compiled, cl in LEVERS:
         torch.set_num_threads(threads)
-        ips, loss, grad = measure(cfg, batch, compiled, cl)
-        if ref is None:
-            ref = (ips, loss, grad)
+        timed, loss, grad = prepare(cfg, batch, compiled, cl)
+        for _ in range(warmup):
+            timed()
+        setups.append((name, batch, threads, timed, loss, grad))
+    times: list[list[float]] = [[] for _ in setups]
+    for _ in range(rounds):
+        for i, (_, _, threads, timed, _, _) in enumerate(setups):
+            torch.set_num_threads(threads)
+            times[i].append(timed())
+    _, _, _, _, ref_loss, ref_grad = setups[0]
+    ref_ips = None
+    for (name, batch, _, _, loss, grad), ts in zip(setups, times):
+        ips = batch / sorted(ts)[len(ts) // 2]
+        ref_ips = ref_ips or ips
         diff = ""
         if batch == 64:
-            rel = float((grad - ref[2]).abs().max() / ref[2].abs().max())
-            assert abs(float(loss - ref[1])) <= 1e-4 * abs(float(ref[1])) and rel <= 1e-4, (name, loss, ref[1], rel)
-            diff = f"  loss diff {abs(float(loss - ref[1])):.1e}, grad max rel diff {rel:.1e}"
-        click.echo(f"{name:28s} {ips:7.1f} images/s  {ips / ref[0]:5.2f}x{diff}")
+            rel = float((grad - ref_grad).abs().max() / ref_grad.abs().max())
+            assert abs(float(loss - ref_loss)) <= 1e-4 * abs(float(ref_loss)) and rel <= 1e-4, (name, loss, rel)
+            diff = f"  loss diff {abs(float(loss - ref_loss)):.1e}, grad max rel diff {rel:.1e}"
+        click.echo(f"{name:28s} {ips:7.1f} images/s  {ips / ref_ips:5.2f}x{diff}")
 
 
 @click.command()

@@ -144,3 +144,15 @@ def test_training_speed_levers_compute_the_same_step():
     assert float((grad - grad_cl).abs().max()) <= 1e-4 * float(grad.abs().max())
     other, _, _ = measure(cfg, 8, warmup=1, steps=2, seed=1)
     assert other > 0 and abs(float(measure(cfg, 8, warmup=0, steps=1, seed=1)[1] - loss)) > 1e-3  # seed matters
+
+
+def test_study_progress_appends_a_row_for_the_run_state(tiny_trained, tmp_path):
+    from biva_bench.ood_study import cli
+
+    out = tmp_path / "progress.jsonl"
+    for _ in range(2):
+        res = CliRunner().invoke(cli, ["progress", "--run-dir", str(tiny_trained), "--out", str(out), "--n", "20"])
+        assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and rows[0] == rows[1]  # same state, same noise: the same numbers
+    assert rows[0]["epoch"] == 2 and set(rows[0]["auroc"]) == {"mnist", "digits"}
