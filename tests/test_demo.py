@@ -28,7 +28,7 @@ def test_demo_end_to_end(tiny_ckpt, digits_npy, tmp_path, monkeypatch):
 
     out, repo = tmp_path / "demo_out", tmp_path / "triton_models"
     cfg = DemoConfig(n_samples=16, ll_limit=40, ood_limit=40, k_list="1,2", in_spec=f"npy:{digits_npy}",
-                     ood_spec=f"npy:{inverted}", batch_size=16, progress=False)
+                     ood_specs=(f"npy:{inverted}", "mnist"), batch_size=16, progress=False)
     outputs = run_demo(tiny_ckpt, out, repo, cfg)
 
     for what, path in outputs.items():
@@ -52,10 +52,15 @@ def test_demo_end_to_end(tiny_ckpt, digits_npy, tmp_path, monkeypatch):
     assert abs(summary["L1_nats"]["mean"] - l1.mean()) < 1e-3
 
     ood = json.loads((out / "ood_metrics.json").read_text())
-    assert set(ood["metrics"]) == {"L1", "L>1", "L>2", "LLR>1", "LLR>2"}
+    assert list(ood["sets"]) == [f"npy:{inverted}", "mnist"]
+    inv = ood["sets"][f"npy:{inverted}"]
+    assert set(inv) == set(ood["sets"]["mnist"]) == {"L1", "L>1", "L>2", "LLR>1", "LLR>2"}
     # in-distribution images scored by the demo are the same ones the likelihood step scored, same seed
-    assert abs(ood["metrics"]["L1"]["mean_in"] + l1.mean()) < 1e-3
-    assert ood["metrics"]["L1"]["auroc"] > 0.9  # inverted digits are obvious outliers for this model
+    assert abs(inv["L1"]["mean_in"] + l1.mean()) < 1e-3
+    assert abs(ood["sets"]["mnist"]["L1"]["mean_in"] - inv["L1"]["mean_in"]) < 1e-9  # scored once
+    assert inv["L1"]["auroc"] > 0.9  # inverted digits are obvious outliers for this model
+    assert (out / "ood.png").exists() and (out / "ood_1.png").exists()
+    assert "OOD: mnist (40)" in (out / "ood_table.txt").read_text()
 
     with Image.open(out / "reconstructions.png") as im:
         assert im.size[1] >= 8 * 28  # one row per input, 8 inputs
