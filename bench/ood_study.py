@@ -17,7 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 from biva_core.checkpoint import load_model, read_checkpoint

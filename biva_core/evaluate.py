@@ -39,20 +39,20 @@ def _mean_se(v: np.ndarray) -> tuple[float, float]:
 
 @torch.no_grad()
 def per_image(model: Biva, images: np.ndarray, iw: int = 1, ks: tuple[int, ...] = (), batch_size: int = 100,
-              seed: int = 0, chunk: int = 64, progress: bool = False, first_batch: int = 0) -> dict[str, np.ndarray]:
+              seed: int = 0, progress: bool = False, first_batch: int = 0) -> dict[str, np.ndarray]:
     """Per-image bounds: {"elbo": (N,), "iw": (N,), "kl": (N, G), "q_mu_top": ..., "l_gt_k": (N,) per k}.
 
     Batch b draws its noise from one stream seeded with seed + first_batch + b (the client sends batch b of a
     job with seed + b, so served and PyTorch numbers agree). `first_batch` lets a run over images[s:] (s a
     multiple of batch_size) draw exactly the noise a run over all images would, so a long evaluation split
-    into pieces gives the numbers of one run.
+    into pieces gives the numbers of one run. Importance samples go through in chunks of at most 64 samples and 4096 rows.
     """
     per = {"elbo": [], "iw": [], "kl": [], **{f"l_gt_{k}": [] for k in ks}}
     starts = range(0, len(images), batch_size)
     for b, i in enumerate(tqdm(starts, disable=not progress, desc="eval")):
         x = torch.from_numpy(images[i:i + batch_size])
         res = evaluate_bounds(model, x, NoiseStream(seed + first_batch + b), iw, ks,
-                              chunk=max(1, min(chunk, 4096 // len(x))))
+                              chunk=max(1, min(64, 4096 // len(x))))
         per["elbo"].append(res.elbo.numpy())
         per["iw"].append(res.iw.numpy())
         per["kl"].append(res.kl.numpy())
@@ -75,12 +75,6 @@ def summarize(model: Biva, cat: dict[str, np.ndarray], iw: int, ks: tuple[int, .
         m, se = _mean_se(cat["iw"])
         out.update({"iw_samples": iw, "iw_nats": m, "iw_se": se, "iw_bits_per_dim": float(bits_per_dim(m, n_dims))})
     return out
-
-
-def evaluate(model: Biva, images: np.ndarray, iw: int = 1, ks: tuple[int, ...] = (), batch_size: int = 100,
-             seed: int = 0, chunk: int = 64, progress: bool = False, first_batch: int = 0) -> dict:
-    """Per-data-set summary of `per_image` (same arguments)."""
-    return summarize(model, per_image(model, images, iw, ks, batch_size, seed, chunk, progress, first_batch), iw, ks)
 
 
 def ood_scores(cat: dict[str, np.ndarray], ks: tuple[int, ...]) -> dict[str, np.ndarray]:

@@ -82,17 +82,20 @@ class Biva(nn.Module):
     def __init__(self, cfg: BivaConfig):
         super().__init__()
         self.cfg = cfg
-        L, stages, res = cfg.n_layers, cfg.stages, cfg.resolutions()
-        x_ch = cfg.image_shape[0]
-        ch = [s.channels for s in stages]
-        bn = cfg.dense_bottleneck
         self.groups = self._layout()
         self._order = self._td_order()  # plain ints, computed once: torch.compile cannot trace the Group lookups
         self.latent_dim = sum(g.size for g in self.groups)
         self.bu_noise_dim = sum(g.size for g in self.groups if g.name == "bu")
         self.noise_dim = self.latent_dim + self.bu_noise_dim
 
-        # Bottom-up path: blocks g_1..g_L, q heads for z_i^BU (i < L) and z_L.
+        self._build_bottom_up()  # registration order = parameter order (the optimiser state depends on it)
+        self._build_top_down()
+
+    def _build_bottom_up(self) -> None:
+        """Bottom-up path: blocks g_1..g_L, q heads for z_i^BU (i < L) and z_L."""
+        cfg = self.cfg
+        L, stages, res = cfg.n_layers, cfg.stages, cfg.resolutions()
+        x_ch, ch, bn = cfg.image_shape[0], [s.channels for s in stages], cfg.dense_bottleneck
         self.bu_embed = nn.ModuleList()
         self.bu_blocks = nn.ModuleList()
         for i, s in enumerate(stages, 1):
@@ -116,8 +119,12 @@ class Biva(nn.Module):
         if cfg.q_td_path:
             self._build_q_td_path()
 
-        # Top-down path, shared by the generative and the inference model: td_blocks[s-1] maps z_s
-        # (and the skips d_{s,j}) to d_{s-1}; td_blocks[0] produces d_0 for p(x | z).
+    def _build_top_down(self) -> None:
+        """Top-down path, shared by the generative and the inference model: td_blocks[s-1] maps z_s (and the
+        skips d_{s,j}) to d_{s-1}; td_blocks[0] produces d_0 for p(x | z); prior and TD posterior heads."""
+        cfg = self.cfg
+        L, stages, res = cfg.n_layers, cfg.stages, cfg.resolutions()
+        x_ch, ch, bn = cfg.image_shape[0], [s.channels for s in stages], cfg.dense_bottleneck
         self.td_embed = nn.ModuleList()
         self.td_blocks = nn.ModuleList()
         for s_idx, s in enumerate(stages, 1):
@@ -234,22 +241,7 @@ class Biva(nn.Module):
         d_skips, z_above = None, None
         for level in range(L, 0, -1):
             groups = by_level[level]
-            if level == L:
-                priors = [DiagGaussian.standard(self._slice(eps, groups[0]))]
-                posts = [bu.q_top if bu is not None else None]
-            else:
-                d_outs = self.td_blocks[level](self.td_embed[level](z_above), d_skips if self.cfg.skip else None)
-                d_skips = d_outs
-                d = d_outs[-1]
-                priors = self.p_heads[level - 1](d)
-                posts = []
-                for g in groups:
-                    if bu is None:
-                        posts.append(None)
-                    elif g.name == "bu":
-                        posts.append(bu.q_bu[level - 1])
-                    else:
-                        posts.append(self.q_td_heads[level - 1](self._q_td_input(bu, level, d))[0])
+            priors, posts, d_skips = self._level_dists(level, groups, bu, z_above, d_skips, eps)
             m = _prior_mask(level, k, eps)
             level_z = []
             for g, p, q in zip(groups, priors, posts):
@@ -278,14 +270,7 @@ class Biva(nn.Module):
 
         d0 = self.td_blocks[0](self.td_embed[0](z_above), d_skips if self.cfg.skip else None)[-1]
         lik = self._likelihood(self.out_head(F.elu(d0)))
-        if x is None:
-            log_px = torch.zeros(B, dtype=eps.dtype, device=eps.device)
-        elif self.cfg.likelihood == "bernoulli":
-            log_px = lik.log_prob(x).flatten(1).sum(dim=1)
-        else:  # H x W pixel terms of several nats each: summed in float32, the total (thousands of nats) is
-            # off by more than the export's 1e-3-nat tolerance, differently in each runtime; kept in float64
-            # until log_w rounds it once
-            log_px = lik.log_prob(x).flatten(1).to(torch.float64).sum(dim=1)
+        log_px = torch.zeros(B, dtype=eps.dtype, device=eps.device) if x is None else self._log_px(lik, x)
         order = self._order
         return Pass(
             z=torch.cat([zs[j] for j in order], dim=1),
@@ -296,6 +281,33 @@ class Biva(nn.Module):
             log_px=log_px,
             x_mean=lik.mean(),
         )
+
+    def _level_dists(self, level: int, groups: list[Group], bu: BottomUp | None, z_above: torch.Tensor | None,
+                     d_skips: list[torch.Tensor] | None, eps: torch.Tensor) -> tuple[list, list, list | None]:
+        """Layer `level`'s priors and posteriors (None without a bottom-up pass), one per group, and the TD
+        block's outputs d_{level,1..M} (the next block's skips; unchanged at the top, which has no block)."""
+        if level == self.cfg.n_layers:
+            return [DiagGaussian.standard(self._slice(eps, groups[0]))], [bu.q_top if bu is not None else None], d_skips
+        d_outs = self.td_blocks[level](self.td_embed[level](z_above), d_skips if self.cfg.skip else None)
+        d = d_outs[-1]
+        posts = []
+        for g in groups:
+            if bu is None:
+                posts.append(None)
+            elif g.name == "bu":
+                posts.append(bu.q_bu[level - 1])
+            else:
+                posts.append(self.q_td_heads[level - 1](self._q_td_input(bu, level, d))[0])
+        return self.p_heads[level - 1](d), posts, d_outs
+
+    def _log_px(self, lik, x: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) per image, (B,)."""
+        if self.cfg.likelihood == "bernoulli":
+            return lik.log_prob(x).flatten(1).sum(dim=1)
+        # H x W pixel terms of several nats each: summed in float32, the total (thousands of nats) is off by
+        # more than the export's 1e-3-nat tolerance, differently in each runtime; kept in float64 until log_w
+        # rounds it once
+        return lik.log_prob(x).flatten(1).to(torch.float64).sum(dim=1)
 
     def _q_td_input(self, bu: BottomUp, level: int, d: torch.Tensor) -> torch.Tensor:
         """What q(z_i^TD) reads: <h_i; d_i> (eq. 10), or the gated merge of h_i^TD with d_i (cfg.q_td_path)."""

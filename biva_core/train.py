@@ -103,95 +103,122 @@ def ema_avg_fn(decay: float):
     return avg
 
 
-def train(cfg: BivaConfig, tc: TrainConfig, out: Path, run_dir: Path, resume: bool = False,
-          reset_ema: bool = False) -> dict[str, float]:
-    """Train and write the EMA checkpoint to `out`; returns the last metrics."""
-    rank, world = _dist_info()
-    torch.manual_seed(tc.seed)
+def _load_data(cfg: BivaConfig, tc: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(training images, validation images): bernoulli keeps the training intensities (binarised per batch) and
+    samples the validation set once with a fixed seed."""
     raw = load_raw(tc.data, tc.limit or None)
     if tuple(raw.shape[1:]) != cfg.image_shape:
         raise click.UsageError(f"data {tc.data} has images of shape {raw.shape[1:]}, "
                                f"the config expects {cfg.image_shape}")
     tr_idx, val_idx = train_val_split(len(raw), tc.val_fraction, tc.seed)
-    x_val = binarize(raw[val_idx], tc.binarize, seed=tc.seed)  # bernoulli: sampled once, fixed seed
+    x_val = binarize(raw[val_idx], tc.binarize, seed=tc.seed)
     x_train = raw[tr_idx] if tc.binarize == "bernoulli" else binarize(raw[tr_idx], tc.binarize)
+    return x_train, x_val
 
-    model = Biva(cfg)
-    # under DDP, calls go through the wrapper (gradient all-reduce); attributes still come from the model
-    forward_model = _DDPView(torch.nn.parallel.DistributedDataParallel(model)) if world > 1 else model
-    opt = torch.optim.Adamax(model.parameters(), lr=tc.lr)
-    ema = AveragedModel(model, avg_fn=ema_avg_fn(tc.ema), use_buffers=True)
-    start_epoch, step, minutes_before = 0, 0, 0.0
-    resume_path = run_dir / "last.pt"
-    if resume and resume_path.exists():
-        st = read_checkpoint(resume_path)["train_state"]
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
+
+class _Run:
+    """One process's training state: model, optimiser, EMA, counters; resumable from RUN_DIR/last.pt."""
+
+    def __init__(self, cfg: BivaConfig, tc: TrainConfig, run_dir: Path, resume: bool, reset_ema: bool):
+        self.cfg, self.tc, self.run_dir = cfg, tc, run_dir
+        self.rank, self.world = _dist_info()
+        self.model = Biva(cfg)
+        # under DDP, calls go through the wrapper (gradient all-reduce); attributes still come from the model
+        ddp = self.world > 1
+        self.forward_model = _DDPView(torch.nn.parallel.DistributedDataParallel(self.model)) if ddp else self.model
+        self.opt = torch.optim.Adamax(self.model.parameters(), lr=tc.lr)
+        self.ema = AveragedModel(self.model, avg_fn=ema_avg_fn(tc.ema), use_buffers=True)
+        self.start_epoch, self.step, self.minutes_before = 0, 0, 0.0
+        if resume and (run_dir / "last.pt").exists():
+            self._resume(reset_ema)
+        self.rng = np.random.default_rng([tc.seed, self.rank, self.start_epoch])
+        self.noise = NoiseStream(int(self.rng.integers(2**62)))
+        self.loss_fn = torch.compile(training_loss) if tc.compile else training_loss
+        self.t0 = time.time()
+
+    def _resume(self, reset_ema: bool) -> None:
+        st = read_checkpoint(self.run_dir / "last.pt")["train_state"]
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
         if reset_ema:  # restart the average from the current weights (e.g. after a too-slow early EMA)
-            ema = AveragedModel(model, avg_fn=ema_avg_fn(tc.ema), use_buffers=True)
+            self.ema = AveragedModel(self.model, avg_fn=ema_avg_fn(self.tc.ema), use_buffers=True)
         else:
-            ema.load_state_dict(st["ema"])
-        start_epoch, step = int(st["epoch"]), int(st["step"])
-        minutes_before = float(st.get("minutes", 0.0))
-        _log(f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
+            self.ema.load_state_dict(st["ema"])
+        self.start_epoch, self.step = int(st["epoch"]), int(st["step"])
+        self.minutes_before = float(st.get("minutes", 0.0))
+        _log(f"resumed from {self.run_dir / 'last.pt'} at epoch {self.start_epoch}, step {self.step}")
 
-    data_meta = {"image_shape": list(cfg.image_shape), "binarize": tc.binarize, "test_seed": 0,
-                 "train_spec": tc.data}
-    rng = np.random.default_rng([tc.seed, rank, start_epoch])
-    noise = NoiseStream(int(rng.integers(2**62)))
-    t0 = time.time()
-    metrics: dict[str, float] = {}
-    n_dims = int(np.prod(cfg.image_shape))
-    loss_fn = torch.compile(training_loss) if tc.compile else training_loss
-    beta = 1.0
-    for epoch in range(start_epoch, tc.epochs):
-        lam = tc.free_bits if epoch < math.ceil(tc.free_bits_until * tc.epochs) else 0.0
-        for g in opt.param_groups:
+    def minutes(self) -> float:
+        return self.minutes_before + (time.time() - self.t0) / 60
+
+    def epoch(self, epoch: int, x_train: np.ndarray, lam: float) -> tuple[bool, float]:
+        """One epoch (or until the wall-time budget is spent); returns (stopped early, last KL weight)."""
+        tc, world, model = self.tc, self.world, self.model
+        for g in self.opt.param_groups:
             g["lr"] = tc.lr * tc.lr_decay ** epoch
         perm = np.random.default_rng([tc.seed, epoch]).permutation(len(x_train))
         n_steps = len(perm) // (tc.batch_size * world)
-        perm = perm[: n_steps * tc.batch_size * world].reshape(n_steps, world, tc.batch_size)[:, rank]
+        perm = perm[: n_steps * tc.batch_size * world].reshape(n_steps, world, tc.batch_size)[:, self.rank]
         model.train()
-        bar = tqdm(perm, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=rank != 0, mininterval=2.0)
-        stop = False
+        bar = tqdm(perm, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=self.rank != 0, mininterval=2.0)
+        n_dims, beta = int(np.prod(self.cfg.image_shape)), 1.0
         for i, idx in enumerate(bar):
-            xb = prepare_batch(x_train[np.sort(idx)], tc.binarize, rng)
-            eps = noise.take((xb.shape[0], model.noise_dim))
+            xb = prepare_batch(x_train[np.sort(idx)], tc.binarize, self.rng)
+            eps = self.noise.take((xb.shape[0], model.noise_dim))
             beta = kl_weight(tc.kl_warmup, epoch + i / n_steps)
             # tensors, not floats: a compiled step would otherwise recompile for every new beta
-            loss, stats = loss_fn(forward_model, xb, eps, torch.tensor(lam), torch.tensor(beta))
-            opt.zero_grad(set_to_none=True)
+            loss, stats = self.loss_fn(self.forward_model, xb, eps, torch.tensor(lam), torch.tensor(beta))
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            ema.update_parameters(model)
-            step += 1
+            self.opt.step()
+            self.ema.update_parameters(model)
+            self.step += 1
             bar.set_postfix(loss=f"{stats['loss']:.1f}", elbo=f"{stats['elbo']:.1f}", kl=f"{stats['kl']:.1f}",
                             bpd=f"{float(bits_per_dim(stats['elbo'].item(), n_dims)):.3f}", refresh=False)
-            if tc.max_minutes and time.time() - t0 > tc.max_minutes * 60:
-                stop = True
-                break
+            if tc.max_minutes and time.time() - self.t0 > tc.max_minutes * 60:
+                return True, beta
+        return False, beta
+
+    def save(self, epoch: int, out: Path, metrics: dict) -> None:
+        """The resumable state to RUN_DIR/last.pt, the EMA checkpoint to `out` (rank 0 only)."""
+        cfg, tc, weights = self.cfg, self.tc, self.ema.module.state_dict()
+        data_meta = {"image_shape": list(cfg.image_shape), "binarize": tc.binarize, "test_seed": 0,
+                     "train_spec": tc.data}
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "ema": self.ema.state_dict(),
+                 "epoch": epoch + 1, "step": self.step, "minutes": self.minutes()}
+        save_checkpoint(self.run_dir / "last.pt", cfg, weights, data_meta, metrics, train_state=state)
+        save_checkpoint(out, cfg, weights, data_meta, metrics)
+        if tc.keep_epochs:
+            save_checkpoint(self.run_dir / f"epoch_{epoch + 1}.pt", cfg, weights, data_meta, metrics)
+
+
+def train(cfg: BivaConfig, tc: TrainConfig, out: Path, run_dir: Path, resume: bool = False,
+          reset_ema: bool = False) -> dict[str, float]:
+    """Train and write the EMA checkpoint to `out`; returns the last metrics."""
+    torch.manual_seed(tc.seed)
+    x_train, x_val = _load_data(cfg, tc)
+    run = _Run(cfg, tc, run_dir, resume, reset_ema)
+    metrics: dict[str, float] = {}
+    for epoch in range(run.start_epoch, tc.epochs):
+        lam = tc.free_bits if epoch < math.ceil(tc.free_bits_until * tc.epochs) else 0.0
+        stop, beta = run.epoch(epoch, x_train, lam)
         last = stop or epoch + 1 == tc.epochs
-        if rank == 0 and ((epoch + 1) % tc.val_every == 0 or last):
-            metrics = {"epoch": epoch + 1, "step": step, "minutes": minutes_before + (time.time() - t0) / 60,
-                       "free_bits": lam, "kl_weight": beta, **validate(ema.module, x_val)}
+        if run.rank == 0 and ((epoch + 1) % tc.val_every == 0 or last):
+            metrics = {"epoch": epoch + 1, "step": run.step, "minutes": run.minutes(), "free_bits": lam,
+                       "kl_weight": beta, **validate(run.ema.module, x_val)}
             _log(json.dumps(metrics))
             with open(run_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        if rank == 0:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(),
-                     "epoch": epoch + 1, "step": step, "minutes": minutes_before + (time.time() - t0) / 60}
-            save_checkpoint(resume_path, cfg, ema.module.state_dict(), data_meta, metrics, train_state=state)
-            save_checkpoint(out, cfg, ema.module.state_dict(), data_meta, metrics)
-            if tc.keep_epochs:
-                save_checkpoint(run_dir / f"epoch_{epoch + 1}.pt", cfg, ema.module.state_dict(), data_meta, metrics)
+        if run.rank == 0:
+            run.save(epoch, out, metrics)
         if stop:
-            _log(f"stopping after {tc.max_minutes} minutes (epoch {epoch + 1}, step {step})")
+            _log(f"stopping after {tc.max_minutes} minutes (epoch {epoch + 1}, step {run.step})")
             break
-    if world > 1:
-        metrics["replica_max_diff"] = _replica_max_diff(model)
-        if rank == 0:
+    if run.world > 1:
+        metrics["replica_max_diff"] = _replica_max_diff(run.model)
+        if run.rank == 0:
             with open(run_dir / "replicas.json", "w") as f:
-                json.dump({"replica_max_diff": metrics["replica_max_diff"], "world_size": world}, f)
+                json.dump({"replica_max_diff": metrics["replica_max_diff"], "world_size": run.world}, f)
     return metrics
 
 
