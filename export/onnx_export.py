@@ -91,7 +91,7 @@ class GraphReport:
         return all(self.max_abs_diff[k] <= self.atol[k] for k in self.atol)
 
     def summary(self) -> str:
-        parts = [f"{k} {v:.2e} (tol {self.atol[k]:.0e})" for k, v in self.max_abs_diff.items()]
+        parts = [f"{k} {v:.2e} (tol {self.atol[k]:.1e})" for k, v in self.max_abs_diff.items()]
         return f"{self.name}: {'ok' if self.ok else 'FAILED'}: max |ORT - torch|: " + ", ".join(parts)
 
 
@@ -99,7 +99,11 @@ def validate_graph(spec: GraphSpec, model: Biva, path: Path, batches: tuple[int,
                    seed: int = 12345, atol_scale: float = 1.0) -> GraphReport:
     """Run the ONNX graph in ONNX Runtime and the PyTorch module on the same fresh inputs (several batch
     sizes, so the dynamic axis is exercised) and record the max |difference| of every output, paired by
-    name: the module returns the contract's named tuple, whose fields must be the spec's output names."""
+    name: the module returns the contract's named tuple, whose fields must be the spec's output names.
+
+    A tolerance below two float32 spacings of the output's largest value cannot be met by any runtime (a
+    natural-image log-likelihood of 20,000 nats is held to 0.002), so it is raised to that and the report
+    records the tolerance used; `atol_scale` 0 keeps exact equality."""
     module = GRAPH_MODULES[spec.name](model).eval()
     sess = ort_session(str(path))
     rep = GraphReport(spec.name, atol={k: v * atol_scale for k, v in spec.atol.items()}, batches=list(batches))
@@ -119,4 +123,7 @@ def validate_graph(spec: GraphSpec, model: Biva, path: Path, batches: tuple[int,
             if not math.isfinite(d):
                 d = math.inf
             rep.max_abs_diff[name] = max(rep.max_abs_diff.get(name, 0.0), d)
+            if atol_scale > 0 and g.size:  # a float32 output is not finer than its spacing at that magnitude
+                ulps = 2.0 * float(np.spacing(np.float32(np.max(np.abs(r)))))
+                rep.atol[name] = max(rep.atol[name], ulps)
     return rep

@@ -46,20 +46,14 @@ def tiny_ckpt(tmp_path_factory, digits_npy) -> Path:
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory, tiny_ckpt) -> Path:
     """biva-export of the tiny checkpoint (python backend, small graph batch so slicing is exercised)."""
-    from biva_export.pipeline import ExportConfig, run_export
-    from biva_export.repository import ServingConfig
+    from serving_helpers import export_repo
 
-    out = tmp_path_factory.mktemp("tiny_repo") / "triton_models"
-    run_export(tiny_ckpt, out, ExportConfig(serving=ServingConfig(max_batch=64, threads=1, front_instances=2)),
-               log=lambda *_: None)
-    return out
+    return export_repo(tmp_path_factory, tiny_ckpt, "tiny_repo", max_batch=64, front_instances=2)
 
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_repo, tmp_path_factory):
     """A real tritonserver serving the tiny repository on free loopback ports."""
-    from biva_serving.launcher import start_server
+    from serving_helpers import serve
 
-    handle = start_server(tiny_repo, log_path=tmp_path_factory.mktemp("tiny_server") / "server.log")
-    yield handle
-    handle.stop()
+    yield from serve(tiny_repo, tmp_path_factory, "tiny_server")

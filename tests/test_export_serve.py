@@ -9,8 +9,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import tritonclient.grpc as tgrpc
-import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
 from biva_core.checkpoint import load_model
@@ -22,11 +20,11 @@ from biva_export.contract import REPORT, Caps, ModelMeta, front_specs
 from biva_export.pipeline import ExportConfig, ExportError, run_export
 from biva_export.graphs import graph_specs
 from biva_export.repository import ServingConfig, front_config, graph_config, parse_config
+from serving_helpers import i64, infer
 
 torch.set_num_threads(1)
 NATS_TOL = 1e-3  # per image, PyTorch vs Triton
 IMAGE_TOL = 1e-4
-PROTOCOLS = {"http": thttp, "grpc": tgrpc}
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -130,30 +128,6 @@ def test_cli_failure_is_one_line_and_nonzero(tiny_ckpt, tmp_path):
 
 # ---- the live server --------------------------------------------------------------------------------
 
-def _client(server, protocol):
-    mod = PROTOCOLS[protocol]
-    url = server.http_url if protocol == "http" else server.grpc_url
-    return mod, mod.InferenceServerClient(url)
-
-
-def _infer(server, protocol, model, inputs, outputs):
-    mod, client = _client(server, protocol)
-    try:
-        ins = []
-        for name, a in inputs.items():
-            t = mod.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64")
-            t.set_data_from_numpy(a)
-            ins.append(t)
-        res = client.infer(model, ins, outputs=[mod.InferRequestedOutput(o) for o in outputs])
-        return [res.as_numpy(o) for o in outputs]
-    finally:
-        client.close()
-
-
-def _i64(v):
-    return np.array(v if isinstance(v, list) else [v], np.int64)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_ckpt):
     return load_model(tiny_ckpt)
@@ -169,14 +143,14 @@ def tiny_images(tiny):
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_sample_with_seed_is_reproducible_and_matches_pytorch(tiny_server, tiny, protocol):
     model, _ = tiny
-    a, s = _infer(tiny_server, protocol, "biva_sample", {"n": _i64(5), "seed": _i64(123)}, ["images", "seed"])
-    b, _ = _infer(tiny_server, protocol, "biva_sample", {"n": _i64(5), "seed": _i64(123)}, ["images", "seed"])
+    a, s = infer(tiny_server, protocol, "biva_sample", {"n": i64(5), "seed": i64(123)}, ["images", "seed"])
+    b, _ = infer(tiny_server, protocol, "biva_sample", {"n": i64(5), "seed": i64(123)}, ["images", "seed"])
     assert np.array_equal(a, b) and s[0] == 123
     with torch.no_grad():
         ref = model.sample(NoiseStream(123).take((5, model.latent_dim))).x_mean.numpy()
     assert np.abs(a - ref).max() <= IMAGE_TOL
     t = np.array([0.5], np.float32)
-    c, _ = _infer(tiny_server, protocol, "biva_sample", {"n": _i64(5), "seed": _i64(123), "temperature": t},
+    c, _ = infer(tiny_server, protocol, "biva_sample", {"n": i64(5), "seed": i64(123), "temperature": t},
                   ["images", "seed"])
     with torch.no_grad():
         ref_t = model.sample(NoiseStream(123).take((5, model.latent_dim)), 0.5).x_mean.numpy()
@@ -185,10 +159,10 @@ def test_sample_with_seed_is_reproducible_and_matches_pytorch(tiny_server, tiny,
 
 @pytest.mark.server
 def test_unseeded_requests_vary_and_report_their_seed(tiny_server, tiny):
-    a, sa = _infer(tiny_server, "http", "biva_sample", {"n": _i64(3)}, ["images", "seed"])
-    b, sb = _infer(tiny_server, "http", "biva_sample", {"n": _i64(3)}, ["images", "seed"])
+    a, sa = infer(tiny_server, "http", "biva_sample", {"n": i64(3)}, ["images", "seed"])
+    b, sb = infer(tiny_server, "http", "biva_sample", {"n": i64(3)}, ["images", "seed"])
     assert sa[0] != sb[0] and not np.array_equal(a, b)
-    again, _ = _infer(tiny_server, "grpc", "biva_sample", {"n": _i64(3), "seed": sa}, ["images", "seed"])
+    again, _ = infer(tiny_server, "grpc", "biva_sample", {"n": i64(3), "seed": sa}, ["images", "seed"])
     assert np.array_equal(a, again)
 
 
@@ -198,8 +172,8 @@ def test_score_matches_pytorch(tiny_server, tiny, tiny_images, protocol):
     model, _ = tiny
     ks = [0, 1, 3]
     x = tiny_images
-    elbo, iw, lgk, kl = _infer(tiny_server, protocol, "biva_score",
-                               {"images": x, "iw": _i64(40), "ks": _i64(ks), "seed": _i64(9)},
+    elbo, iw, lgk, kl = infer(tiny_server, protocol, "biva_score",
+                               {"images": x, "iw": i64(40), "ks": i64(ks), "seed": i64(9)},
                                ["elbo", "iw_bound", "l_gt_k", "kl"])
     ref = evaluate_bounds(model, torch.from_numpy(x), NoiseStream(9), 40, tuple(ks))
     assert np.abs(elbo - ref.elbo.numpy()).max() <= NATS_TOL
@@ -216,7 +190,7 @@ def test_iw_over_many_graph_slices(tiny_server, tiny, tiny_images):
     """K x B rows far above the graph's max batch (64): the front model slices, the bound is unchanged."""
     model, _ = tiny
     x = tiny_images[:2]
-    (iw,) = _infer(tiny_server, "grpc", "biva_score", {"images": x, "iw": _i64(200), "seed": _i64(1)}, ["iw_bound"])
+    (iw,) = infer(tiny_server, "grpc", "biva_score", {"images": x, "iw": i64(200), "seed": i64(1)}, ["iw_bound"])
     ref = evaluate_bounds(model, torch.from_numpy(x), NoiseStream(1), 200, chunk=7)
     assert np.abs(iw - ref.iw.numpy()).max() <= NATS_TOL
 
@@ -226,14 +200,14 @@ def test_iw_over_many_graph_slices(tiny_server, tiny, tiny_images):
 def test_encode_then_regenerate_bottom_layers(tiny_server, tiny, tiny_images, protocol):
     model, _ = tiny
     x = tiny_images
-    z, mu, log_std, kl = _infer(tiny_server, protocol, "biva_encode", {"images": x, "seed": _i64(5)},
+    z, mu, log_std, kl = infer(tiny_server, protocol, "biva_encode", {"images": x, "seed": i64(5)},
                                 ["z", "q_mu", "q_log_std", "kl"])
     with torch.no_grad():
         ref = model(torch.from_numpy(x), NoiseStream(5).take((len(x), model.noise_dim)))
     assert np.abs(z - ref.z.numpy()).max() <= IMAGE_TOL and np.abs(mu - ref.q_mu.numpy()).max() <= IMAGE_TOL
     assert np.abs(kl - ref.kl.numpy()).max() <= NATS_TOL
     for k in (1, 2):  # k < L: the top layers come from the encoder
-        (img,) = _infer(tiny_server, protocol, "biva_regenerate", {"z": z, "k": _i64(k), "seed": _i64(8)}, ["images"])
+        (img,) = infer(tiny_server, protocol, "biva_regenerate", {"z": z, "k": i64(k), "seed": i64(8)}, ["images"])
         with torch.no_grad():
             r = model.regenerate(torch.from_numpy(z), k, NoiseStream(8).take((len(x), model.latent_dim)))
         assert np.abs(img - r.x_mean.numpy()).max() <= IMAGE_TOL
@@ -243,22 +217,22 @@ def test_encode_then_regenerate_bottom_layers(tiny_server, tiny, tiny_images, pr
 
 
 BAD_REQUESTS = [
-    ("biva_sample", {"n": _i64(0)}, "n: got 0"),
-    ("biva_sample", {"n": _i64(10**6)}, "n: got 1000000"),
-    ("biva_sample", {"n": _i64(2), "temperature": np.array([0.0], np.float32)}, "temperature: got 0"),
-    ("biva_sample", {"n": _i64(2), "temperature": np.array([np.nan], np.float32)}, "temperature: got nan"),
-    ("biva_sample", {"n": _i64(2), "seed": _i64(-3)}, "seed: expected one integer >= 0"),
+    ("biva_sample", {"n": i64(0)}, "n: got 0"),
+    ("biva_sample", {"n": i64(10**6)}, "n: got 1000000"),
+    ("biva_sample", {"n": i64(2), "temperature": np.array([0.0], np.float32)}, "temperature: got 0"),
+    ("biva_sample", {"n": i64(2), "temperature": np.array([np.nan], np.float32)}, "temperature: got nan"),
+    ("biva_sample", {"n": i64(2), "seed": i64(-3)}, "seed: expected one integer >= 0"),
     ("biva_score", {"images": np.full((2, 1, 28, 28), 0.5, np.float32)}, "images: this model is binary"),
     ("biva_score", {"images": np.full((2, 1, 28, 28), 2.0, np.float32)}, "images: values in [2, 2]"),
     ("biva_score", {"images": np.full((2, 1, 28, 28), np.inf, np.float32)}, "images: contains NaN or Inf"),
     # Triton checks declared shapes itself, before the model runs: its message names the input and shape
     ("biva_score", {"images": np.zeros((2, 1, 32, 32), np.float32)}, "'images' for model 'biva_score'. Expected [-1,1,28,28]"),
     ("biva_score", {"images": np.zeros((2, 28, 28), np.float32)}, "images"),
-    ("biva_score", {"images": np.zeros((2, 1, 28, 28), np.float32), "ks": _i64([0, 99])}, "ks: got [0, 99]"),
-    ("biva_score", {"images": np.zeros((2, 1, 28, 28), np.float32), "iw": _i64(0)}, "iw: got 0"),
-    ("biva_score", {"images": np.zeros((300, 1, 28, 28), np.float32), "iw": _i64(5000)}, "exceeds the cap"),
-    ("biva_regenerate", {"z": np.zeros((2, 3), np.float32), "k": _i64(1)}, "Expected [-1,22]"),
-    ("biva_regenerate", {"z": np.zeros((2, 22), np.float32), "k": _i64(7)}, "k: got 7"),
+    ("biva_score", {"images": np.zeros((2, 1, 28, 28), np.float32), "ks": i64([0, 99])}, "ks: got [0, 99]"),
+    ("biva_score", {"images": np.zeros((2, 1, 28, 28), np.float32), "iw": i64(0)}, "iw: got 0"),
+    ("biva_score", {"images": np.zeros((300, 1, 28, 28), np.float32), "iw": i64(5000)}, "exceeds the cap"),
+    ("biva_regenerate", {"z": np.zeros((2, 3), np.float32), "k": i64(1)}, "Expected [-1,22]"),
+    ("biva_regenerate", {"z": np.zeros((2, 22), np.float32), "k": i64(7)}, "k: got 7"),
 ]
 
 
@@ -269,9 +243,9 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(tiny_server,
     assert model.latent_dim == 22  # the regenerate case above uses the tiny model's D
     for name, inputs, expected in BAD_REQUESTS:
         with pytest.raises(InferenceServerException) as e:
-            _infer(tiny_server, protocol, name, inputs, ["seed"])
+            infer(tiny_server, protocol, name, inputs, ["seed"])
         assert expected in e.value.message(), (name, e.value.message())
-        good, _ = _infer(tiny_server, protocol, "biva_sample", {"n": _i64(2), "seed": _i64(4)}, ["images", "seed"])
+        good, _ = infer(tiny_server, protocol, "biva_sample", {"n": i64(2), "seed": i64(4)}, ["images", "seed"])
         assert good.shape == (2, 1, 28, 28) and np.isfinite(good).all()
 
 
@@ -293,12 +267,12 @@ def test_default_model_exports_and_serves(tmp_path):
     model, meta = load_model(DEFAULT_CKPT)
     x = load_for_model("fashion-mnist:test", meta, limit=8)
     with start_server(repo, log_path=tmp_path / "server.log") as server:
-        imgs, _ = _infer(server, "grpc", "biva_sample", {"n": _i64(4), "seed": _i64(2)}, ["images", "seed"])
+        imgs, _ = infer(server, "grpc", "biva_sample", {"n": i64(4), "seed": i64(2)}, ["images", "seed"])
         with torch.no_grad():
             ref = model.sample(NoiseStream(2).take((4, model.latent_dim))).x_mean.numpy()
         assert np.abs(imgs - ref).max() <= IMAGE_TOL
-        elbo, iw, lgk = _infer(server, "http", "biva_score",
-                               {"images": x, "iw": _i64(16), "ks": _i64([0, 2]), "seed": _i64(3)},
+        elbo, iw, lgk = infer(server, "http", "biva_score",
+                               {"images": x, "iw": i64(16), "ks": i64([0, 2]), "seed": i64(3)},
                                ["elbo", "iw_bound", "l_gt_k"])
         ref = evaluate_bounds(model, torch.from_numpy(x), NoiseStream(3), 16, (0, 2))
         assert np.abs(elbo - ref.elbo.numpy()).max() <= NATS_TOL
@@ -330,7 +304,7 @@ def test_export_killed_mid_write_leaves_previous_repository_served(tiny_ckpt, ti
     proc.wait()
     assert _tree_digest(repo) == before
     with start_server(repo, log_path=tmp_path / "server.log") as server:
-        imgs, _ = _infer(server, "http", "biva_sample", {"n": _i64(2), "seed": _i64(1)}, ["images", "seed"])
+        imgs, _ = infer(server, "http", "biva_sample", {"n": i64(2), "seed": i64(1)}, ["images", "seed"])
         assert imgs.shape == (2, 1, 28, 28)
         server.stop()
     run_export(tiny_ckpt, repo, ExportConfig(validate=False), log=lambda *_: None)

@@ -7,17 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import tritonclient.grpc as tgrpc
-import tritonclient.http as thttp
 
 from biva_core.checkpoint import load_model
 from biva_core.config import preset
 from biva_core.noise import NoiseStream
 from biva_core.objectives import evaluate_bounds
 from biva_export.contract import ENCODE, IMAGE_ATOL, NATS_ATOL, REPORT, SAMPLE, SCORE, ModelMeta
+from serving_helpers import export_repo, i64, infer, serve
 
 torch.set_num_threads(1)
-PROTOCOLS = {"http": thttp, "grpc": tgrpc}
 # A float32 log-likelihood can be held to NATS_ATOL (1e-3 nats) only below 2^14 nats, where its spacing
 # is 2^-10; 32x32x3 at 8 bits/dim is 17,035 nats, so the images scored here must beat 7.7 bits/dim.
 FLOAT32_EXACT_NATS = 2.0**14
@@ -51,22 +49,12 @@ def nat_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def nat_repo(tmp_path_factory, nat_ckpt) -> Path:
-    from biva_export.pipeline import ExportConfig, run_export
-    from biva_export.repository import ServingConfig
-
-    out = tmp_path_factory.mktemp("tiny32_repo") / "triton_models"
-    run_export(nat_ckpt, out, ExportConfig(serving=ServingConfig(max_batch=8, threads=1, front_instances=1)),
-               log=lambda *_: None)
-    return out
+    return export_repo(tmp_path_factory, nat_ckpt, "tiny32_repo", max_batch=8, front_instances=1)
 
 
 @pytest.fixture(scope="module")
 def nat_server(nat_repo, tmp_path_factory):
-    from biva_serving.launcher import start_server
-
-    handle = start_server(nat_repo, log_path=tmp_path_factory.mktemp("tiny32_server") / "server.log")
-    yield handle
-    handle.stop()
+    yield from serve(nat_repo, tmp_path_factory, "tiny32_server")
 
 
 @pytest.fixture(scope="module")
@@ -78,25 +66,6 @@ def nat_model(nat_ckpt):
 def held_out() -> np.ndarray:
     """Images the model never saw, as the server takes them: float32 in [0, 1] on the 8-bit grid."""
     return (_colour_images(5, seed=1) / 255).astype(np.float32)
-
-
-def _infer(server, protocol, model, inputs, outputs):
-    mod = PROTOCOLS[protocol]
-    client = mod.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
-    try:
-        ins = []
-        for name, a in inputs.items():
-            t = mod.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64")
-            t.set_data_from_numpy(a)
-            ins.append(t)
-        res = client.infer(model, ins, outputs=[mod.InferRequestedOutput(o) for o in outputs])
-        return [res.as_numpy(o) for o in outputs]
-    finally:
-        client.close()
-
-
-def _i64(v):
-    return np.array(v if isinstance(v, list) else [v], np.int64)
 
 
 @pytest.mark.parametrize("name,rows,images", [("natural32", 128, 64), ("natural64", 128, 64),
@@ -126,15 +95,17 @@ def test_natural_export_validates_at_the_usual_tolerances(nat_repo):
     assert meta.likelihood == "dmol" and meta.image_shape == (3, 32, 32) and meta.binarize == "8bit"
     for name, g in report["graphs"].items():
         assert g["ok"], (name, g["max_abs_diff"])
-        for out, tol in g["atol"].items():  # the same tolerances as every other model: no scaling
-            assert tol == (IMAGE_ATOL if out in ("images", "z_out", "z", "q_mu", "q_log_std") else NATS_ATOL)
+        for out, tol in g["atol"].items():  # the same tolerances as every other model: no scaling, except
+            # that a tolerance below two float32 spacings of the value (0.002 nats at 16,384-32,768) is raised
+            base = IMAGE_ATOL if out in ("images", "z_out", "z", "q_mu", "q_log_std") else NATS_ATOL
+            assert tol == base or base < tol <= 2 * float(np.spacing(np.float32(2.0**15))), (name, out, tol)
             assert g["max_abs_diff"][out] <= tol
 
 
 @pytest.mark.server
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_natural_sample_matches_pytorch(nat_server, nat_model, protocol):
-    imgs, seed = _infer(nat_server, protocol, SAMPLE, {"n": _i64(3), "seed": _i64(21)}, ["images", "seed"])
+    imgs, seed = infer(nat_server, protocol, SAMPLE, {"n": i64(3), "seed": i64(21)}, ["images", "seed"])
     with torch.no_grad():
         ref = nat_model.sample(NoiseStream(21).take((3, nat_model.latent_dim))).x_mean.numpy()
     assert imgs.shape == (3, 3, 32, 32) and seed[0] == 21
@@ -146,8 +117,8 @@ def test_natural_sample_matches_pytorch(nat_server, nat_model, protocol):
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_natural_score_and_encode_match_pytorch(nat_server, nat_model, held_out, protocol):
     ks = [0, 1]  # L^{>2}, L^{>3} of this briefly trained model reach past 2^14 nats on some images
-    elbo, iw, lgk, kl = _infer(nat_server, protocol, SCORE,
-                               {"images": held_out, "iw": _i64(3), "ks": _i64(ks), "seed": _i64(9)},
+    elbo, iw, lgk, kl = infer(nat_server, protocol, SCORE,
+                               {"images": held_out, "iw": i64(3), "ks": i64(ks), "seed": i64(9)},
                                ["elbo", "iw_bound", "l_gt_k", "kl"])
     assert (np.abs(lgk) < FLOAT32_EXACT_NATS).all(), lgk  # the model learned enough for 1e-3 nats to exist
     ref = evaluate_bounds(nat_model, torch.from_numpy(held_out), NoiseStream(9), 3, tuple(ks))
@@ -156,7 +127,7 @@ def test_natural_score_and_encode_match_pytorch(nat_server, nat_model, held_out,
     for j, k in enumerate(ks):
         assert np.abs(lgk[:, j] - ref.l_gt_k[k].numpy()).max() <= NATS_ATOL
     assert np.abs(kl - ref.kl.numpy()).max() <= NATS_ATOL
-    z, mu = _infer(nat_server, protocol, ENCODE, {"images": held_out, "seed": _i64(4)}, ["z", "q_mu"])
+    z, mu = infer(nat_server, protocol, ENCODE, {"images": held_out, "seed": i64(4)}, ["z", "q_mu"])
     with torch.no_grad():
         out = nat_model(torch.from_numpy(held_out), NoiseStream(4).take((len(held_out), nat_model.noise_dim)))
     assert np.abs(z - out.z.numpy()).max() <= IMAGE_ATOL and np.abs(mu - out.q_mu.numpy()).max() <= IMAGE_ATOL

@@ -1,0 +1,52 @@
+"""Helpers shared by the tests that export a checkpoint and talk to a real tritonserver (not fixtures: plain
+functions, so a test module can build its own module-scoped server from them)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+
+PROTOCOLS = {"http": thttp, "grpc": tgrpc}
+
+
+def export_repo(tmp_path_factory, ckpt: Path, name: str, max_batch: int, front_instances: int) -> Path:
+    """biva-export of `ckpt` into a fresh folder (python backend, one thread per graph)."""
+    from biva_export.pipeline import ExportConfig, run_export
+    from biva_export.repository import ServingConfig
+
+    out = tmp_path_factory.mktemp(name) / "triton_models"
+    serving = ServingConfig(max_batch=max_batch, threads=1, front_instances=front_instances)
+    run_export(ckpt, out, ExportConfig(serving=serving), log=lambda *_: None)
+    return out
+
+
+def serve(repo: Path, tmp_path_factory, name: str) -> Iterator:
+    """A real tritonserver on free loopback ports for the duration of a fixture (yield from this)."""
+    from biva_serving.launcher import start_server
+
+    handle = start_server(repo, log_path=tmp_path_factory.mktemp(name) / "server.log")
+    yield handle
+    handle.stop()
+
+
+def infer(server, protocol: str, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    """One request over HTTP or gRPC; FP32 or INT64 inputs by dtype; the outputs in the order asked."""
+    mod = PROTOCOLS[protocol]
+    client = mod.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
+    try:
+        ins = []
+        for name, a in inputs.items():
+            t = mod.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64")
+            t.set_data_from_numpy(a)
+            ins.append(t)
+        res = client.infer(model, ins, outputs=[mod.InferRequestedOutput(o) for o in outputs])
+        return [res.as_numpy(o) for o in outputs]
+    finally:
+        client.close()
+
+
+def i64(v) -> np.ndarray:
+    return np.array(v if isinstance(v, list) else [v], np.int64)
