@@ -57,12 +57,14 @@ class Block(nn.Module):
 
     Going down in resolution (bottom-up) the stride is taken by the first layer; going up (top-down) by
     the last, so that in both directions the inner layers run at the lower resolution. `skip_ratios[j]`
-    is the resolution ratio between the skip feature map fed to layer j and that layer's output.
+    is the resolution ratio between the skip feature map fed to layer j and that layer's output (one
+    entry per layer: its length is M).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, up: bool, m_layers: int,
-                 skip_ch: int, skip_ratios: list[int], dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, up: bool, skip_ch: int,
+                 skip_ratios: list[int], dropout: float):
         super().__init__()
+        m_layers = len(skip_ratios)  # one skip ratio per layer
         strided = m_layers - 1 if up else 0
         self.layers = nn.ModuleList(
             ResLayer(in_ch if j == 0 else out_ch, out_ch, kernel, stride if j == strided else 1, up, skip_ch,

@@ -107,7 +107,7 @@ class Biva(nn.Module):
                     self.bu_embed.append(LatentEmbed(p.z_dim, 1, p.dense, res[i - 1], ch[i - 2], bn))
                     in_ch += self.bu_embed[-1].out_ch
             skip_ch = ch[i - 2] if (cfg.skip and i > 1) else 0
-            self.bu_blocks.append(Block(in_ch, s.channels, s.kernel, s.stride, False, cfg.m_layers, skip_ch,
+            self.bu_blocks.append(Block(in_ch, s.channels, s.kernel, s.stride, False, skip_ch,
                                         [s.stride] * cfg.m_layers, cfg.dropout_inf))
         self.q_bu_heads = nn.ModuleList(
             GaussianHead(ch[i - 1], res[i], stages[i - 1].z_dim, stages[i - 1].dense, 1, cfg.min_std, bn,
@@ -135,8 +135,8 @@ class Biva(nn.Module):
             # the skips come from block s+1, whose inner layers run at R_{s+1} and whose last layer at R_s
             above = stages[s_idx].stride if s_idx < L else 1
             ratios = [above] * (cfg.m_layers - 1) + [s.stride]
-            self.td_blocks.append(Block(self.td_embed[-1].out_ch, out_ch, s.kernel, s.stride, True, cfg.m_layers,
-                                        skip_ch, ratios, cfg.dropout_gen))
+            self.td_blocks.append(Block(self.td_embed[-1].out_ch, out_ch, s.kernel, s.stride, True, skip_ch,
+                                        ratios, cfg.dropout_gen))
         self.p_heads = nn.ModuleList(
             GaussianHead(ch[i - 1], res[i], stages[i - 1].z_dim, stages[i - 1].dense, self._n_groups(i),
                          cfg.min_std, bn, stages[i - 1].latent_kernel)
@@ -159,7 +159,7 @@ class Biva(nn.Module):
         before q(z_L). Strides as the BU path's (first layer), so every skip here is at its own resolution."""
         cfg, ch = self.cfg, [s.channels for s in self.cfg.stages]
         self.q_td_blocks = nn.ModuleList(
-            Block(cfg.image_shape[0] if i == 1 else ch[i - 2], s.channels, s.kernel, s.stride, False, cfg.m_layers,
+            Block(cfg.image_shape[0] if i == 1 else ch[i - 2], s.channels, s.kernel, s.stride, False,
                   s.channels, [1] * cfg.m_layers, cfg.dropout_inf)
             for i, s in enumerate(cfg.stages, 1)
         )
