@@ -2,6 +2,8 @@
 
     python -m biva_bench.ood_study train CANDIDATE --minutes 20 --threads 1    # one candidate, one core
     python -m biva_bench.ood_study eval --runs runs/study --json study.json     # every candidate's snapshots
+    python -m biva_bench.ood_study progress --run-dir models/ood28_run --out docs/ood_progress.jsonl
+    python -m biva_bench.ood_study curves --progress docs/ood_progress.jsonl --png docs/ood_progress.png
 
 Each candidate is a (model config, training config) pair derived from the shipped default28 recipe, so the
 table shows what each lever changes. Training uses Fashion-MNIST train only (validation: 5% held out);
@@ -17,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 
 from biva_core.checkpoint import load_model, read_checkpoint
@@ -154,6 +157,53 @@ def progress_cmd(run_dir: Path, out: Path, n: int, threads: int) -> None:
     with open(out, "a") as f:
         f.write(json.dumps(row) + "\n")
     click.echo(markdown([{**row, "candidate": row["run"]}]))
+
+
+def log_fit(steps: list[float], aurocs: list[float], target: float) -> dict[str, float]:
+    """Least-squares AUROC = a + b log2(steps): the gain per doubling of training and the steps where the
+    line reaches `target` (inf where it does not grow). An extrapolation, not a promise: AUROC saturates."""
+    b, a = np.polyfit(np.log2(np.asarray(steps, float)), np.asarray(aurocs, float), 1)
+    reach = float(2 ** ((target - a) / b)) if b > 0 else float("inf")
+    return {"per_doubling": float(b), "intercept": float(a), "target": target, "steps_to_target": reach}
+
+
+def _best_llr(row: dict, ood: str) -> float:
+    return max(v for k, v in row["auroc"][ood].items() if k.startswith("LLR"))
+
+
+@cli.command("curves")
+@click.option("--progress", "progress_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=Path("docs/ood_progress.jsonl"), show_default=True, help="Rows written by `progress`.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=Path("models/ood28_run/log.jsonl"), show_default=True, help="The run's validation log.")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the plot here.")
+@click.option("--target", default=0.95, show_default=True, help="AUROC the extrapolation aims at.")
+def curves_cmd(progress_path: Path, log_path: Path, png: Path | None, target: float) -> None:
+    """Best LLR>k AUROC (vs MNIST, vs digits) and validation -L_1 against steps, with the log-linear fit."""
+    rows = sorted(map(json.loads, progress_path.read_text().splitlines()), key=lambda r: r["step"])
+    log = [json.loads(line) for line in log_path.read_text().splitlines()]
+    fits = {ood: log_fit([r["step"] for r in rows], [_best_llr(r, ood) for r in rows], target)
+            for ood in OOD_SETS} if len(rows) >= 2 else {}
+    click.echo(json.dumps(fits))
+    if png is None:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ood, fit in fits.items():
+        steps = np.array([r["step"] for r in rows], float)
+        ax.plot(steps, [_best_llr(r, ood) for r in rows], "o-", label=f"best LLR>k vs {ood}")
+        grid = np.geomspace(steps.min(), max(steps.max(), min(fit["steps_to_target"], 1e6)), 50)
+        ax.plot(grid, fit["intercept"] + fit["per_doubling"] * np.log2(grid), "--", alpha=0.6,
+                label=f"fit: +{fit['per_doubling']:.3f} per doubling")
+    ax.axhline(target, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel="training steps (batch 64)", ylabel="AUROC, Fashion-MNIST test vs OOD")
+    ax.legend(fontsize=7)
+    bx.plot([r["step"] for r in log], [-r["val_elbo"] for r in log], "o-")
+    bx.set(xscale="log", xlabel="training steps (batch 64)", ylabel="validation -L_1 (nats)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,29 @@ def test_study_progress_appends_a_row_for_the_run_state(tiny_trained, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and rows[0] == rows[1]  # same state, same noise: the same numbers
     assert rows[0]["epoch"] == 2 and set(rows[0]["auroc"]) == {"mnist", "digits"}
+
+
+def test_log_fit_recovers_a_known_growth_and_where_it_reaches_the_target():
+    from biva_bench.ood_study import log_fit
+
+    steps = [1000, 2000, 4000, 8000]
+    fit = log_fit(steps, [0.80 + 0.02 * np.log2(s / 1000) for s in steps], target=0.90)
+    assert fit["per_doubling"] == pytest.approx(0.02, abs=1e-9)
+    assert fit["steps_to_target"] == pytest.approx(1000 * 2 ** 5, rel=1e-6)  # 0.10 / 0.02 = 5 doublings
+    assert log_fit(steps, [0.8, 0.79, 0.78, 0.77], 0.9)["steps_to_target"] == float("inf")  # not growing
+
+
+def test_study_curves_fit_the_progress_rows_and_plot(tiny_trained, tmp_path):
+    from biva_bench.ood_study import cli
+
+    out = tmp_path / "progress.jsonl"
+    base = {"run": "r", "epoch": 1, "minutes": 1.0, "val_elbo": -100.0, "test_elbo": -100.0}
+    rows = [{**base, "step": s, "auroc": {"mnist": {"L1": 0.2, "LLR>1": a}, "digits": {"LLR>1": a, "L>1": 0.99}}}
+            for s, a in ((100, 0.70), (400, 0.74))]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = CliRunner().invoke(cli, ["curves", "--progress", str(out), "--log", str(tiny_trained / "log.jsonl"),
+                                   "--png", str(tmp_path / "c.png")])
+    assert res.exit_code == 0, res.output
+    fits = json.loads(res.output.strip().splitlines()[-1])
+    assert fits["mnist"]["per_doubling"] == pytest.approx(0.02) and fits["digits"]["per_doubling"] == pytest.approx(0.02)
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
