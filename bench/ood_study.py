@@ -167,8 +167,8 @@ def log_fit(steps: list[float], aurocs: list[float], target: float) -> dict[str,
     return {"per_doubling": float(b), "intercept": float(a), "target": target, "steps_to_target": reach}
 
 
-def _best_llr(row: dict, ood: str) -> float:
-    return max(v for k, v in row["auroc"][ood].items() if k.startswith("LLR"))
+def _best(row: dict, ood: str) -> float:
+    return best(row["auroc"][ood])[1]
 
 
 @cli.command("curves")
@@ -179,10 +179,11 @@ def _best_llr(row: dict, ood: str) -> float:
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the plot here.")
 @click.option("--target", default=0.95, show_default=True, help="AUROC the extrapolation aims at.")
 def curves_cmd(progress_path: Path, log_path: Path, png: Path | None, target: float) -> None:
-    """Best LLR>k AUROC (vs MNIST, vs digits) and validation -L_1 against steps, with the log-linear fit."""
+    """Best AUROC (of L1, L>k, LLR>k; vs MNIST, vs digits) and validation -L_1 against steps, with the
+    log-linear fit of each."""
     rows = sorted(map(json.loads, progress_path.read_text().splitlines()), key=lambda r: r["step"])
     log = [json.loads(line) for line in log_path.read_text().splitlines()]
-    fits = {ood: log_fit([r["step"] for r in rows], [_best_llr(r, ood) for r in rows], target)
+    fits = {ood: log_fit([r["step"] for r in rows], [_best(r, ood) for r in rows], target)
             for ood in OOD_SETS} if len(rows) >= 2 else {}
     click.echo(json.dumps(fits))
     if png is None:
@@ -193,7 +194,7 @@ def curves_cmd(progress_path: Path, log_path: Path, png: Path | None, target: fl
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
     for ood, fit in fits.items():
         steps = np.array([r["step"] for r in rows], float)
-        ax.plot(steps, [_best_llr(r, ood) for r in rows], "o-", label=f"best LLR>k vs {ood}")
+        ax.plot(steps, [_best(r, ood) for r in rows], "o-", label=f"best score vs {ood} (last: {best(rows[-1]['auroc'][ood])[0]})")
         grid = np.geomspace(steps.min(), max(steps.max(), min(fit["steps_to_target"], 1e6)), 50)
         ax.plot(grid, fit["intercept"] + fit["per_doubling"] * np.log2(grid), "--", alpha=0.6,
                 label=f"fit: +{fit['per_doubling']:.3f} per doubling")

@@ -173,7 +173,7 @@ def test_study_curves_fit_the_progress_rows_and_plot(tiny_trained, tmp_path):
 
     out = tmp_path / "progress.jsonl"
     base = {"run": "r", "epoch": 1, "minutes": 1.0, "val_elbo": -100.0, "test_elbo": -100.0}
-    rows = [{**base, "step": s, "auroc": {"mnist": {"L1": 0.2, "LLR>1": a}, "digits": {"LLR>1": a, "L>1": 0.99}}}
+    rows = [{**base, "step": s, "auroc": {"mnist": {"L1": 0.2, "LLR>1": a}, "digits": {"LLR>1": a, "L>1": 0.3}}}
             for s, a in ((100, 0.70), (400, 0.74))]
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = CliRunner().invoke(cli, ["curves", "--progress", str(out), "--log", str(tiny_trained / "log.jsonl"),
