@@ -62,8 +62,12 @@ def _quiet_exporter(enabled: bool):
 
 def _report_head(ckpt: Path, cfg: ExportConfig, source: str | None) -> dict:
     import onnx
-    import onnxruntime
     import torch
+    try:
+        import onnxruntime
+    except ImportError:
+        raise SystemExit("biva-export: ONNX Runtime is not installed; expected one of the extras: "
+                         "pip install 'biva-serving[cpu]' (or '[gpu]' on a CUDA machine)") from None
 
     return {"checkpoint": source or str(ckpt), "checkpoint_sha256": sha256_file(ckpt),
             "backend": cfg.serving.backend, "opset": cfg.opset, "exporter": cfg.exporter,
