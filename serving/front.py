@@ -81,42 +81,52 @@ def _count_leaves(data) -> int:
     return n
 
 
-def _declared_bytes(inp) -> int:
-    """Bytes an input's declared shape holds (0 when malformed: _check_input says why)."""
-    shape = inp.get("shape") if isinstance(inp, dict) else None
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        return 0
-    return int(np.prod(shape, dtype=object)) * DTYPE_BYTES.get(inp.get("datatype"), 1) if shape else 1
-
-
-def _check_input(inp, limit: int) -> int:
-    """Byte size of the binary part an input declares (0 for JSON data); Refused on any lie."""
-    if not isinstance(inp, dict):
-        raise Refused(400, "inputs: each input must be a JSON object")
-    name = str(inp.get("name"))[:64]
-    shape, dtype = inp.get("shape"), inp.get("datatype")
-    if (not isinstance(shape, list) or len(shape) > 8
+def check_tensor(name: str, shape, dtype: str, limit: int, source: str, *, nbytes: int | None = None,
+                 values: int | None = None) -> int:
+    """Bytes an input's declared `shape` of `dtype` holds, computed exactly (Python integers: a shape whose element
+    count overflows 64 bits cannot wrap to 0); Refused(400) naming the input, the shape and what was expected
+    unless the shape is at most 8 integers >= 0, within `limit` bytes, and matches the data that came with it:
+    `nbytes` bytes (checked for fixed-size types) or `values` values, as found in `source`. Both fronts' check."""
+    name = str(name)[:64]
+    if (not isinstance(shape, (list, tuple)) or len(shape) > 8
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise Refused(400, f"input {name}: shape must be a list of at most 8 integers >= 0, got {str(shape)[:80]}")
-    elements = int(np.prod(shape, dtype=object)) if shape else 1  # exact: Python integers
+    shape = list(shape)
+    elements = int(np.prod(shape, dtype=object)) if shape else 1
     size = elements * DTYPE_BYTES.get(dtype, 1)
     if size > limit:
         raise Refused(400, f"input {name}: shape {shape} declares {size} bytes, more than the body limit of {limit}")
+    if nbytes is not None and dtype in DTYPE_BYTES and nbytes != size:
+        raise Refused(400, f"input {name}: {source} is {nbytes} bytes but shape {shape} of {dtype} is {size} bytes")
+    if values is not None and values != elements:
+        raise Refused(400, f"input {name}: {source} holds {values} values, shape {shape} declares {elements}")
+    return size
+
+
+def check_caps(model: str, declared: list[tuple[str, int]], cfg: FrontConfig) -> None:
+    """Refused(400) when the inputs' declared bytes ([(name, bytes)]) exceed what the model's caps allow (nothing
+    that large reaches the stub's memory)."""
+    limit = (cfg.model_bytes or {}).get(model)
+    total = sum(size for _, size in declared)
+    if limit is not None and total > 2 * limit + 4096:
+        names = ", ".join(name[:32] for name, _ in declared)
+        raise Refused(400, f"{model}: inputs {names} declare {total} bytes, more than the model's caps allow ({limit})")
+
+
+def _check_input(inp, limit: int) -> tuple[str, int, int]:
+    """(name, declared bytes, bytes of the binary part: 0 for JSON data) of one JSON input; Refused on any lie."""
+    if not isinstance(inp, dict):
+        raise Refused(400, "inputs: each input must be a JSON object")
+    name, shape, dtype = str(inp.get("name"))[:64], inp.get("shape"), inp.get("datatype")
     params = inp.get("parameters") or {}
     binary = params.get("binary_data_size") if isinstance(params, dict) else None
     if binary is not None:
-        if dtype in DTYPE_BYTES and binary != size:
-            raise Refused(400, f"input {name}: binary_data_size {binary} but shape {shape} of {dtype} is {size} bytes")
-        if not isinstance(binary, int) or binary < 0:
+        if not isinstance(binary, int) or isinstance(binary, bool) or binary < 0:
             raise Refused(400, f"input {name}: binary_data_size must be an integer >= 0")
-        return binary
+        return name, check_tensor(name, shape, dtype, limit, "binary_data_size", nbytes=binary), binary
     if "data" not in inp:
         raise Refused(400, f"input {name}: no data and no binary_data_size")
-    if _count_leaves(inp["data"]) != elements:
-        raise Refused(400, f"input {name}: data holds {_count_leaves(inp['data'])} values, shape {shape} "
-                           f"declares {elements}")
-    return 0
+    return name, check_tensor(name, shape, dtype, limit, "data", values=_count_leaves(inp["data"])), 0
 
 
 def check_infer(body: bytes, header_length: bytes | None, cfg: FrontConfig, model: str = "") -> None:
@@ -139,14 +149,9 @@ def check_infer(body: bytes, header_length: bytes | None, cfg: FrontConfig, mode
     inputs = req.get("inputs") if isinstance(req, dict) else None
     if not isinstance(inputs, list):
         raise Refused(400, "request JSON has no list of inputs")
-    limit = (cfg.model_bytes or {}).get(model)
-    if limit is not None:
-        declared = sum(_declared_bytes(inp) for inp in inputs)
-        if declared > 2 * limit + 4096:
-            names = ", ".join(str(inp.get("name"))[:32] for inp in inputs if isinstance(inp, dict))
-            raise Refused(400, f"{model}: inputs {names} declare {declared} bytes, more than the model's caps allow "
-                               f"({limit})")
-    binary = sum(_check_input(inp, cfg.max_body_bytes) for inp in inputs)
+    checked = [_check_input(inp, cfg.max_body_bytes) for inp in inputs]
+    check_caps(model, [(name, size) for name, size, _ in checked], cfg)
+    binary = sum(b for _, _, b in checked)
     if n + binary != len(body):
         raise Refused(400, f"body is {len(body)} bytes, the JSON part and binary_data_size values add up to "
                            f"{n + binary}")

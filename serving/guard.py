@@ -1,15 +1,15 @@
-"""`tritonserver` as the project runs it by default: Triton behind the HTTP front, watched by the supervisor.
+"""`tritonserver` as the project runs it by default: Triton behind the HTTP and gRPC fronts, watched by the
+supervisor.
 
     tritonserver --model-repository triton_models        # the whole service, hardened (issue 10)
 
-The user's HTTP address and port (default 127.0.0.1:8000) are served by the front (front.py); Triton's own
-HTTP endpoint moves to a free private loopback port where every API needs a secret header that only this
-process knows (`--http-restricted-api`), so nothing reaches Triton's HTTP parser except through the front.
-gRPC stays Triton's, with the shared-memory, model-repository, logging and trace protocols restricted the
-same way (`--grpc-restricted-protocol`): health, metadata, config, statistics and inference stay open.
-Models load with explicit model control (`--load-model=*`), which only the supervisor can use, so a model
-whose stub died is reloaded (supervisor.py). User flags still come last and win; `--biva-direct` skips all
-of this.
+The user's HTTP address and port (default 127.0.0.1:8000) are served by the HTTP front (front.py), the gRPC
+address and port (default 127.0.0.1:8001) by the gRPC front (grpc_front.py); both run in this process's event
+loop. Triton's own endpoints move to free private loopback ports where every API needs a secret header that
+only this process knows (`--http-restricted-api`, `--grpc-restricted-protocol`), so nothing reaches Triton's
+parsers except through a front. Models load with explicit model control (`--load-model=*`), which only the
+supervisor can use, so a model whose stub died is reloaded (supervisor.py). User flags still come last and
+win; `--allow-grpc=false` leaves gRPC off; `--biva-direct` skips all of this.
 """
 from __future__ import annotations
 
@@ -19,15 +19,16 @@ import secrets
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .front import Front, FrontConfig
+from .grpc_front import GrpcFront
 from .supervisor import Supervisor, become_subreaper, list_stubs, reap_children
 
 SECRET_HEADER = "biva-admin-key"
 ALL_APIS = "health,metadata,inference,shared-memory,model-config,model-repository,statistics,trace,logging"
-ADMIN_APIS = "shared-memory,model-repository,trace,logging"
 LOOPBACK = "127.0.0.1"
 
 
@@ -47,25 +48,26 @@ def take_flag(args: list[str], name: str, default: str) -> tuple[str, list[str]]
     return value, rest
 
 
-def _free_port() -> int:
-    from .launcher import free_port
+def _free_ports(n: int) -> list[int]:
+    from .launcher import free_ports
 
-    return free_port()
+    return free_ports(n)
 
 
-def triton_args(args: Sequence[str], internal_port: int, secret: str) -> tuple[list[str], bool]:
-    """Triton's arguments behind the front (the public HTTP flags already taken out), and whether the
+def triton_args(args: Sequence[str], http_port: int, grpc_port: int, secret: str) -> tuple[list[str], bool]:
+    """Triton's arguments behind the fronts (the public HTTP and gRPC flags already taken out), and whether the
     supervisor can reload models (explicit model control)."""
-    ours = [f"--http-address={LOOPBACK}", f"--http-port={internal_port}",
+    ours = [f"--http-address={LOOPBACK}", f"--http-port={http_port}",
             f"--http-restricted-api={ALL_APIS}:{SECRET_HEADER}={secret}",
-            f"--grpc-restricted-protocol={ADMIN_APIS}:{SECRET_HEADER}={secret}"]
+            f"--grpc-address={LOOPBACK}", f"--grpc-port={grpc_port}",
+            f"--grpc-restricted-protocol={ALL_APIS}:{SECRET_HEADER}={secret}"]
     mode, _ = take_flag(list(args), "--model-control-mode", "")
     if not mode:
         ours += ["--model-control-mode=explicit", "--load-model=*"]
     return [*ours, *args], mode in ("", "explicit")
 
 
-async def _run(proc: subprocess.Popen, sup: Supervisor, server) -> int:
+async def _run(proc: subprocess.Popen, sup: Supervisor, fronts: _Fronts) -> int:
     """Forward SIGINT / SIGTERM to Triton and reap every child until Triton has exited (we reap it ourselves,
     as the subreaper, so Popen is never asked)."""
     loop = asyncio.get_running_loop()
@@ -84,7 +86,7 @@ async def _run(proc: subprocess.Popen, sup: Supervisor, server) -> int:
         await asyncio.sleep(0.1)
     proc.returncode = codes[proc.pid]
     sup.stop()
-    server.close()
+    await fronts.close()
     return proc.returncode
 
 
@@ -111,30 +113,87 @@ def _model_bytes(args: list[str]) -> dict[str, int] | None:
         return None
 
 
-def serve(binary: Path, args: Sequence[str], env: dict[str, str]) -> int:
-    """Run Triton behind the front until it exits; returns its exit code."""
-    host, rest = take_flag(list(args), "--http-address", LOOPBACK)
+@dataclass
+class _Fronts:
+    """The fronts on the user's public addresses (gRPC None with --allow-grpc=false)."""
+
+    http: Front
+    grpc: GrpcFront | None
+    http_at: tuple[str, str]  # (host, port)
+    grpc_at: tuple[str, str]
+    servers: list = field(default_factory=list)
+
+    async def listen(self) -> None:
+        """Both listening, or OSError naming the front that cannot (and none left listening)."""
+        try:
+            self.servers.append(await self.http.serve(self.http_at[0], int(self.http_at[1])))
+        except OSError as e:
+            raise OSError(f"the HTTP front cannot listen on {':'.join(self.http_at)}: {e.strerror or e} "
+                          "(address already in use?)") from None
+        if self.grpc is not None:
+            try:
+                self.servers.append(await self.grpc.serve(self.grpc_at[0], int(self.grpc_at[1])))
+            except OSError as e:
+                await self.close()
+                raise OSError(f"the gRPC front cannot listen on {':'.join(self.grpc_at)}: {e}") from None
+
+    def watch(self, not_ready: Callable[[str | None], bool]) -> None:
+        """Readiness from the supervisor, for both fronts."""
+        for front in (self.http, self.grpc):
+            if front is not None:
+                front.not_ready = not_ready
+
+    def describe(self) -> str:
+        text = f"HTTP on {':'.join(self.http_at)} -> Triton on {LOOPBACK}:{self.http.cfg.upstream_port}"
+        if self.grpc is not None:
+            text += f", gRPC on {':'.join(self.grpc_at)} -> Triton on {self.grpc.upstream}"
+        return text + " (restricted)"
+
+    async def close(self) -> None:
+        if self.servers:
+            self.servers[0].close()
+        if len(self.servers) > 1:
+            await self.grpc.close(self.servers[1])
+        self.servers = []
+
+
+def _behind_fronts(args: list[str]) -> tuple[_Fronts, list[str], bool, str]:
+    """The fronts on the user's addresses, Triton's arguments behind them (the public address flags taken out),
+    whether the supervisor can reload models, and the per-start secret."""
+    host, rest = take_flag(args, "--http-address", LOOPBACK)
     port, rest = take_flag(rest, "--http-port", "8000")
-    internal, secret = _free_port(), secrets.token_hex(16)
-    targs, can_reload = triton_args(rest, internal, secret)
-    front = Front(FrontConfig(internal, f"{SECRET_HEADER}: {secret}".encode(), model_bytes=_model_bytes(rest)),
-                  lambda m: False)
+    grpc_host, rest = take_flag(rest, "--grpc-address", LOOPBACK)
+    grpc_port, rest = take_flag(rest, "--grpc-port", "8001")
+    allow_grpc, _ = take_flag(rest, "--allow-grpc", "true")  # stays in Triton's arguments too
+    internal, internal_grpc = _free_ports(2)
+    secret = secrets.token_hex(16)
+    cfg = FrontConfig(internal, f"{SECRET_HEADER}: {secret}".encode(), model_bytes=_model_bytes(rest))
+    grpc_front = None
+    if allow_grpc.lower() not in ("false", "0", "no", "off"):
+        grpc_front = GrpcFront(cfg, internal_grpc, (SECRET_HEADER, secret), lambda m: False)
+    targs, can_reload = triton_args(rest, internal, internal_grpc, secret)
+    fronts = _Fronts(Front(cfg, lambda m: False), grpc_front, (host, port), (grpc_host, grpc_port))
+    return fronts, targs, can_reload, secret
+
+
+def serve(binary: Path, args: Sequence[str], env: dict[str, str]) -> int:
+    """Run Triton behind the fronts until it exits; returns its exit code."""
+    fronts, targs, can_reload, secret = _behind_fronts(list(args))
     loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)  # grpc.aio looks the loop up
     try:
-        server = loop.run_until_complete(front.serve(host, int(port)))
+        loop.run_until_complete(fronts.listen())
     except OSError as e:
-        print(f"error: the HTTP front cannot listen on {host}:{port}: {e.strerror} (address already in use?)",
-              file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     become_subreaper()
     proc = subprocess.Popen([str(binary), *targs], env=env)
-    sup = Supervisor(proc.pid, f"http://{LOOPBACK}:{internal}", (SECRET_HEADER, secret), reload=can_reload,
-                     log=lambda m: print(m, file=sys.stderr, flush=True))
-    front.not_ready = sup.not_ready
-    print(f"biva front: HTTP on {host}:{port} -> Triton on {LOOPBACK}:{internal} (restricted)", file=sys.stderr,
-          flush=True)
+    sup = Supervisor(proc.pid, f"http://{LOOPBACK}:{fronts.http.cfg.upstream_port}", (SECRET_HEADER, secret),
+                     reload=can_reload, log=lambda m: print(m, file=sys.stderr, flush=True))
+    fronts.watch(sup.not_ready)
+    print(f"biva front: {fronts.describe()}", file=sys.stderr, flush=True)
     try:
-        code = loop.run_until_complete(_run(proc, sup, server))
+        code = loop.run_until_complete(_run(proc, sup, fronts))
     finally:
         if proc.returncode is None:
             os.kill(proc.pid, signal.SIGKILL)

@@ -12,6 +12,7 @@ import socket
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
@@ -19,7 +20,8 @@ import tritonclient.http as thttp
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from biva_serving.front import json_depth
+from biva_serving.front import FrontConfig, Refused, check_tensor, json_depth
+from serving_helpers import i64, infer
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 
@@ -121,13 +123,132 @@ def test_admin_apis_are_refused_over_grpc(tiny_server) -> None:
     try:
         for call in (lambda: client.register_system_shared_memory("stolen", "/triton_python_backend_shm", 1024),
                      lambda: client.get_system_shared_memory_status(), lambda: client.unload_model("biva_score"),
+                     lambda: client.get_model_repository_index(),
                      lambda: client.update_log_settings({"log_verbose_level": 1}),
                      lambda: client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})):
-            with pytest.raises(InferenceServerException, match="restricted"):
+            with pytest.raises(InferenceServerException, match="not allowed on this port") as e:
                 call()
+            assert e.value.status() == "StatusCode.PERMISSION_DENIED"
         assert client.is_model_ready("biva_score")
     finally:
         client.close()
+    _good(tiny_server)
+
+
+# ---- gRPC: the front checks what Triton would pass to a stub -------------------------------------
+
+BODY_LIMIT = FrontConfig.__dataclass_fields__["max_body_bytes"].default  # the HTTP front's body limit
+SEED = ("seed", "INT64", [1], i64(1).tobytes())
+OVERFLOW = {  # model -> a request whose first input declares 2^62 rows and carries no bytes (issue 10)
+    "biva_score": [("images", "FP32", [2**62, 1, 28, 28], b""), SEED],
+    "biva_encode": [("images", "FP32", [2**62, 1, 28, 28], b""), SEED],
+    "biva_regenerate": [("z", "FP32", [2**62, 22], b""), ("k", "INT64", [1], i64(1).tobytes()), SEED],
+    "biva_encoder": [("images", "FP32", [2**62, 1, 28, 28], b""), ("noise", "FP32", [2**62, 32], b"")],
+}
+IMAGE = (np.random.default_rng(0).random((1, 1, 28, 28)) > 0.5).astype(np.float32)
+GOOD = {  # model -> a good request's inputs and outputs
+    "biva_score": ({"images": IMAGE, "seed": i64(1)}, ["elbo"]),
+    "biva_encode": ({"images": IMAGE, "seed": i64(1)}, ["z"]),
+    "biva_regenerate": ({"z": np.zeros((2, 22), np.float32), "k": i64(1), "seed": i64(1)}, ["images"]),
+    "biva_encoder": ({"images": IMAGE, "noise": np.ones((1, 32), np.float32)}, ["z"]),
+}
+
+
+def _grpc_request(model: str, tensors) -> service_pb2.ModelInferRequest:
+    """A ModelInferRequest with raw contents: tensors are (name, datatype, declared shape, raw bytes)."""
+    req = service_pb2.ModelInferRequest(model_name=model)
+    for name, dtype, shape, raw in tensors:
+        req.inputs.add(name=name, datatype=dtype, shape=shape)
+        req.raw_input_contents.append(raw)
+    return req
+
+
+def _grpc_call(url: str, req: service_pb2.ModelInferRequest, stream: bool = False) -> tuple[grpc.StatusCode, str]:
+    """(status, details) of one ModelInfer call, or of a ModelStreamInfer stream carrying this one message."""
+    with grpc.insecure_channel(url, options=[("grpc.max_send_message_length", -1)]) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            if stream:
+                for answer in stub.ModelStreamInfer(iter([req]), timeout=60):
+                    if answer.error_message:
+                        return grpc.StatusCode.UNKNOWN, answer.error_message
+            else:
+                stub.ModelInfer(req, timeout=60)
+            return grpc.StatusCode.OK, ""
+        except grpc.RpcError as e:
+            return e.code(), e.details()
+
+
+def test_shape_checks_count_exactly() -> None:
+    with pytest.raises(Refused, match="declares 14462247353788288466944 bytes"):
+        check_tensor("images", [2**62, 1, 28, 28], "FP32", BODY_LIMIT, "raw_input_contents[0]", nbytes=0)
+    with pytest.raises(Refused, match="contents holds 5 values, shape \\[2, 3\\] declares 6"):
+        check_tensor("x", [2, 3], "FP32", BODY_LIMIT, "contents", values=5)
+    assert check_tensor("x", [2, 3], "INT64", BODY_LIMIT, "contents", values=6) == 48
+
+
+@pytest.mark.parametrize("model", list(OVERFLOW))
+def test_overflowing_shapes_over_grpc_are_refused_and_no_stub_dies(tiny_server, model) -> None:
+    """The request that once killed the stub of biva_score, biva_encode or biva_regenerate (and reached a graph
+    model's): refused by the gRPC front; the stubs that served before serve after, none reloaded."""
+    stubs = set(_stub_pids(tiny_server, model))
+    assert stubs
+    name = OVERFLOW[model][0][0]
+    for stream in (False, True, False):  # two requests once disabled both instances for good
+        code, details = _grpc_call(tiny_server.grpc_url, _grpc_request(model, OVERFLOW[model]), stream)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert f"input {name}: shape [4611686018427387904" in details and "body limit" in details, details
+    inputs, outputs = GOOD[model]
+    assert all(np.isfinite(a).all() for a in infer(tiny_server, "grpc", model, inputs, outputs))
+    assert set(_stub_pids(tiny_server, model)) == stubs
+    assert f"stub of {model} died" not in tiny_server.log_path.read_text(errors="replace")
+    _good(tiny_server)
+
+
+GRPC_LIES = [  # (a biva_score request's inputs, words its refusal names), raw contents
+    ([("images", "FP32", [3, 1, 28, 28], bytes(3136)), SEED],
+     "raw_input_contents[0] is 3136 bytes but shape [3, 1, 28, 28] of FP32 is 9408 bytes"),
+    ([("images", "FP32", [2**40, 1, 28, 28], bytes(3136)), SEED], "more than the body limit"),
+    ([("images", "FP32", [1, 1, 28, 28], bytes(3136)), ("seed", "INT64", [1], bytes(16))],
+     "raw_input_contents[1] is 16 bytes but shape [1] of INT64 is 8 bytes"),
+    ([("images", "FP32", [-1, 1, 28, 28], b""), SEED], "input images: shape must be a list of at most 8 integers"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("tensors,words", GRPC_LIES)
+def test_raw_contents_that_lie_are_refused_over_grpc(tiny_server, tensors, words, stream) -> None:
+    code, details = _grpc_call(tiny_server.grpc_url, _grpc_request("biva_score", tensors), stream)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details, (code, details)
+    _good(tiny_server)
+
+
+def test_typed_contents_and_raw_counts_that_lie_are_refused_over_grpc(tiny_server) -> None:
+    typed = service_pb2.ModelInferRequest(model_name="biva_score")
+    typed.inputs.add(name="images", datatype="FP32", shape=[2, 1, 28, 28]).contents.fp32_contents.extend([0.0] * 784)
+    typed.inputs.add(name="seed", datatype="INT64", shape=[1]).contents.int64_contents.append(1)
+    code, details = _grpc_call(tiny_server.grpc_url, typed)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "contents holds 784 values, shape [2, 1, 28, 28] " \
+        "declares 1568" in details, details
+    extra = _grpc_request("biva_score", [("images", "FP32", [1, 1, 28, 28], bytes(3136)), SEED])
+    extra.raw_input_contents.append(b"")
+    code, details = _grpc_call(tiny_server.grpc_url, extra)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "holds 3 tensors for 2 inputs" in details, details
+    typed.inputs[0].shape[0] = 1  # the same request, honest: served
+    assert _grpc_call(tiny_server.grpc_url, typed) == (grpc.StatusCode.OK, "")
+    _good(tiny_server)
+
+
+def test_grpc_messages_over_the_body_limit_are_refused(tiny_server) -> None:
+    """gRPC's own limit is 2 GiB in Triton; the front's is the HTTP front's body limit. Under it, the model's
+    caps still apply (5,000 images to biva_score, whose cap is 1,024)."""
+    n = BODY_LIMIT // 3136 + 1
+    code, details = _grpc_call(tiny_server.grpc_url, _grpc_request("biva_score", [
+        ("images", "FP32", [n, 1, 28, 28], bytes(n * 3136)), SEED]))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and str(BODY_LIMIT) in details, (code, details)
+    code, details = _grpc_call(tiny_server.grpc_url, _grpc_request("biva_score", [
+        ("images", "FP32", [5000, 1, 28, 28], bytes(5000 * 3136)), SEED]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "caps allow" in details, (code, details)
     _good(tiny_server)
 
 
@@ -199,21 +320,6 @@ def test_regenerate_with_huge_latents_is_refused(tiny_server) -> None:
 
 # ---- a stub that dies: the supervisor reloads its model ------------------------------------------
 
-def _overflow_over_grpc(url: str, model: str) -> None:
-    """An images input declaring 2^62 x 784 floats and carrying none: 2.51 computes 0 bytes and the stub dies."""
-    import grpc
-
-    with grpc.insecure_channel(url) as channel:
-        req = service_pb2.ModelInferRequest(model_name=model)
-        inp = req.inputs.add(name="images", datatype="FP32", shape=[2**62, 1, 28, 28])
-        del inp
-        req.raw_input_contents.append(b"")
-        try:
-            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=60)
-        except grpc.RpcError:
-            pass
-
-
 def _ready_code(server, path: str) -> int:
     return _raw(server, "GET", path)[0]
 
@@ -272,26 +378,19 @@ def own_server(tiny_repo, tmp_path):
     assert not leaked, f"shared-memory regions left in /dev/shm: {leaked}"
 
 
-@pytest.mark.slow
-def test_stub_killed_by_an_overflowing_grpc_shape_is_reloaded(own_server) -> None:
-    before = _score_one(own_server)
-    old = set(_stub_pids(own_server, "biva_score"))
-    assert old
-    for _ in range(2):  # two requests once disabled both instances for good
-        _overflow_over_grpc(own_server.grpc_url, "biva_score")
-    seen_not_ready = False
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 60:
-        if _ready_code(own_server, "/v2/models/biva_score/ready") != 200:
-            seen_not_ready = True
-        if seen_not_ready and _ready_code(own_server, "/v2/health/ready") == 200:
-            break
-        time.sleep(0.1)
-    assert seen_not_ready, "readiness never reported the dead stub"
-    _wait_serving(own_server, 60)
-    assert np.array_equal(_score_one(own_server), before)
-    assert set(_stub_pids(own_server, "biva_score")) - old  # fresh stubs (the old ones may still be exiting)
-    _good(own_server)
+def _grpc_ready_while_reloading(server) -> dict[str, bool]:
+    """gRPC's ServerReady and ModelReady(biva_score), False if either said not ready while HTTP said so."""
+    said = {"server": True, "biva_score": True}
+    client = tgrpc.InferenceServerClient(server.grpc_url)
+    try:
+        t0 = time.monotonic()
+        while _ready_code(server, "/v2/models/biva_score/ready") != 200 and time.monotonic() - t0 < 60:
+            said["server"] &= client.is_server_ready()
+            said["biva_score"] &= client.is_model_ready("biva_score")
+            time.sleep(0.05)
+    finally:
+        client.close()
+    return said
 
 
 @pytest.mark.slow
@@ -306,6 +405,8 @@ def test_a_killed_stub_is_noticed_within_seconds_and_reloaded(own_server) -> Non
         assert time.monotonic() - t0 < 5, "the dead stub was not noticed within 5 s"
         time.sleep(0.05)
     noticed = time.monotonic() - t0
+    grpc_said = _grpc_ready_while_reloading(own_server)
+    assert grpc_said == {"server": False, "biva_score": False}, grpc_said
     recovered = _wait_serving(own_server, 60)
     assert np.array_equal(_score_one(own_server), before)
     assert _ready_code(own_server, "/v2/health/ready") == 200
@@ -338,4 +439,19 @@ def test_expect_continue_and_other_methods(tiny_server) -> None:
         assert answer.startswith(b"HTTP/1.1 200")
     for method in ("PUT", "DELETE", "HEAD"):
         assert _raw(tiny_server, method, "/v2/health/ready")[0] == 405
+    _good(tiny_server)
+
+
+def test_tritons_own_grpc_endpoint_needs_the_fronts_secret(tiny_server) -> None:
+    """Triton's gRPC endpoint (a private loopback port, named in the launcher's first log line) answers no one
+    but the front: not even health or inference without the per-start secret."""
+    line = tiny_server.log_path.read_text(errors="replace").splitlines()[0]
+    private = line.split("gRPC on ")[1].split(" -> Triton on ")[1].split()[0].rstrip(",")
+    assert private != tiny_server.grpc_url
+    client = tgrpc.InferenceServerClient(private)
+    try:
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.is_server_live()
+    finally:
+        client.close()
     _good(tiny_server)

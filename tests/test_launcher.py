@@ -144,14 +144,15 @@ def test_triton_args_behind_the_front_restrict_and_reload() -> None:
 
     port, rest = take_flag(["--model-repository", "r", "--http-port", "9", "--http-port=10"], "--http-port", "8000")
     assert port == "10" and rest == ["--model-repository", "r"]
-    args, reload = triton_args(rest, 4242, "s3cret")
+    args, reload = triton_args(rest, 4242, 4343, "s3cret")
     assert reload and "--model-control-mode=explicit" in args and args[-2:] == rest
     assert "--http-port=4242" in args and "--http-address=127.0.0.1" in args
-    [http] = _values(args, "--http-restricted-api")
-    assert http.endswith(":biva-admin-key=s3cret") and "inference" in http and "shared-memory" in http
-    [grpc] = _values(args, "--grpc-restricted-protocol")
-    assert grpc.split(":")[0].split(",") == ["shared-memory", "model-repository", "trace", "logging"]
-    assert not triton_args(["--model-control-mode=none"], 1, "s")[1]
+    assert "--grpc-port=4343" in args and "--grpc-address=127.0.0.1" in args
+    for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):  # only the fronts reach Triton
+        [value] = _values(args, flag)
+        apis, key = value.split(":")
+        assert key == "biva-admin-key=s3cret" and {"inference", "health", "shared-memory"} <= set(apis.split(","))
+    assert not triton_args(["--model-control-mode=none"], 1, 2, "s")[1]
 
 
 def test_main_runs_bundled_binary_with_backend_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

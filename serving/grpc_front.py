@@ -1,0 +1,205 @@
+"""The gRPC front: what every gRPC request to the default deployment passes before it reaches Triton (the
+counterpart of front.py, the HTTP front).
+
+Triton 2.51's gRPC endpoint accepts messages up to 2 GiB (INT32_MAX; no flag lowers it), and it passes a
+declared shape whose element count overflows 64 bits ([2^62, 1, 28, 28] with empty raw contents: 2^62 x 784 x 4
+bytes wraps to 0) on to the python-backend stub, which dies of it before model.py can answer. The launcher
+therefore starts Triton's gRPC endpoint on a private loopback port where every protocol needs the per-start
+secret (as the HTTP one), and serves the public gRPC port from this front (grpc.aio, in the launcher's event
+loop beside the HTTP front), which
+
+- refuses messages over the HTTP front's body limit (RESOURCE_EXHAUSTED, answered by gRPC itself);
+- relays health, metadata, config and statistics, and refuses the shared-memory, repository, logging and
+  trace RPCs (PERMISSION_DENIED);
+- answers not ready on ServerReady / ModelReady while the supervisor reloads a model whose stub died;
+- checks every ModelInfer request, and every message of a ModelStreamInfer stream, before forwarding it: each
+  input's declared shape against its raw or typed contents, in exact integers, and the declared total against
+  the model's caps (front.check_tensor and check_caps, the HTTP front's checks); INVALID_ARGUMENT naming the
+  input otherwise (a bad message ends its stream).
+
+Forwarded calls keep Triton's status codes and messages (a full queue stays UNAVAILABLE "Exceeds maximum
+queue size", which clients read as busy), the client's deadline and metadata; a client that goes away cancels
+its upstream call.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+from tritonclient.grpc import service_pb2 as pb
+
+from .front import FrontConfig, Refused, check_caps, check_tensor
+
+SERVICE = "/inference.GRPCInferenceService/"
+RELAYED = ("ServerLive", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelStatistics")
+CLOSED = ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "SystemSharedMemoryStatus",
+          "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
+          "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings")
+TYPED = tuple(pb.InferTensorContents.DESCRIPTOR.fields_by_name)  # bool_contents, ..., bytes_contents
+DROPPED_METADATA = ("user-agent", "content-type", "te")
+RESTRICTED_PREFIX = "triton-grpc-protocol-"  # Triton reads --grpc-restricted-protocol's key from this header
+
+
+def check_request(req: pb.ModelInferRequest, cfg: FrontConfig) -> None:
+    """Refused(400) unless every input's declared shape matches its raw or typed contents and the inputs'
+    declared bytes fit within the body limit and the model's caps (the HTTP front's checks, on gRPC's fields)."""
+    raw = req.raw_input_contents
+    if raw and len(raw) != len(req.inputs):
+        raise Refused(400, f"raw_input_contents holds {len(raw)} tensors for {len(req.inputs)} inputs")
+    declared = []
+    for i, inp in enumerate(req.inputs):
+        if "shared_memory_region" in inp.parameters:
+            raise Refused(400, f"input {inp.name[:64]}: shared-memory inputs are not accepted on this port")
+        if raw:
+            size = check_tensor(inp.name, list(inp.shape), inp.datatype, cfg.max_body_bytes,
+                                f"raw_input_contents[{i}]", nbytes=len(raw[i]))
+        else:
+            size = check_tensor(inp.name, list(inp.shape), inp.datatype, cfg.max_body_bytes, "contents",
+                                values=sum(len(getattr(inp.contents, f)) for f in TYPED))
+        declared.append((inp.name, size))
+    check_caps(req.model_name, declared, cfg)
+
+
+def _parse(message_type, raw: bytes):
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        raise Refused(400, f"the message is not a {message_type.__name__}") from None
+
+
+class GrpcFront:
+    """The grpc.aio server on the public gRPC port. `not_ready(model or None)` comes from the supervisor, as for
+    the HTTP front; `secret` is the (key, value) given to Triton's --grpc-restricted-protocol."""
+
+    def __init__(self, cfg: FrontConfig, upstream_port: int, secret: tuple[str, str],
+                 not_ready: Callable[[str | None], bool]):
+        self.cfg, self.not_ready = cfg, not_ready
+        self.secret = (RESTRICTED_PREFIX + secret[0], secret[1])
+        self.upstream = f"127.0.0.1:{upstream_port}"
+        self._channel: grpc.aio.Channel | None = None
+        self._calls: dict[str, Callable] = {}
+
+    async def serve(self, host: str, port: int) -> grpc.aio.Server:
+        """Listen on host:port (OSError when it cannot) and relay to Triton's private port."""
+        self._channel = grpc.aio.insecure_channel(self.upstream, options=[
+            ("grpc.max_send_message_length", self.cfg.max_body_bytes), ("grpc.max_receive_message_length", -1)])
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.cfg.max_body_bytes),
+                                          ("grpc.so_reuseport", 0)],
+                                 maximum_concurrent_rpcs=self.cfg.max_connections)
+        server.add_generic_rpc_handlers((_Routes(self),))
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise OSError(f"cannot bind {address} (address already in use?)")
+        await server.start()
+        return server
+
+    async def close(self, server: grpc.aio.Server) -> None:
+        await server.stop(None)
+        if self._channel is not None:
+            await self._channel.close()
+
+    def _metadata(self, ctx: grpc.aio.ServicerContext) -> tuple:
+        keep = [(k, v) for k, v in ctx.invocation_metadata() or ()
+                if not k.startswith((":", "grpc-", RESTRICTED_PREFIX)) and k not in DROPPED_METADATA]
+        return (*keep, self.secret)
+
+    async def relay(self, method: str, raw: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        """One unary call forwarded as bytes; Triton's status and message come back unchanged."""
+        call = self._calls.get(method)
+        if call is None:
+            call = self._calls[method] = self._channel.unary_unary(SERVICE + method)
+        try:
+            return await call(raw, metadata=self._metadata(ctx), timeout=ctx.time_remaining())
+        except grpc.aio.AioRpcError as e:
+            await ctx.abort(e.code(), e.details() or "")
+
+    async def server_ready(self, raw: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        if self.not_ready(None):
+            return pb.ServerReadyResponse(ready=False).SerializeToString()
+        return await self.relay("ServerReady", raw, ctx)
+
+    async def model_ready(self, raw: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        try:
+            name = _parse(pb.ModelReadyRequest, raw).name
+        except Refused as e:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.not_ready(name):
+            return pb.ModelReadyResponse(ready=False).SerializeToString()
+        return await self.relay("ModelReady", raw, ctx)
+
+    async def infer(self, raw: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        try:
+            check_request(_parse(pb.ModelInferRequest, raw), self.cfg)
+        except Refused as e:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return await self.relay("ModelInfer", raw, ctx)
+
+    async def stream_infer(self, requests, ctx: grpc.aio.ServicerContext):
+        """ModelStreamInfer: each message checked before it is written upstream; the first bad one cancels the
+        upstream stream and ends this one with INVALID_ARGUMENT."""
+        call = self._channel.stream_stream(SERVICE + "ModelStreamInfer")(metadata=self._metadata(ctx),
+                                                                          timeout=ctx.time_remaining())
+        refused: list[Refused] = []
+        pump = asyncio.ensure_future(self._pump(requests, call, refused))
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as e:
+            await ctx.abort(e.code(), e.details() or "")
+        except asyncio.CancelledError:  # grpc.aio raises this for an upstream call we cancelled
+            if not refused:
+                raise
+        finally:
+            pump.cancel()
+        if refused:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(refused[0]))
+
+    async def _pump(self, requests, call, refused: list[Refused]) -> None:
+        try:
+            async for raw in requests:
+                check_request(_parse(pb.ModelInferRequest, raw), self.cfg)
+                await call.write(raw)
+            await call.done_writing()
+        except Refused as e:
+            refused.append(e)
+            call.cancel()
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            pass  # the upstream call ended: its status reaches the client through the responses
+
+
+class _Routes(grpc.GenericRpcHandler):
+    """Method name -> handler; methods outside GRPCInferenceService get UNIMPLEMENTED from gRPC."""
+
+    def __init__(self, front: GrpcFront):
+        unary = grpc.unary_unary_rpc_method_handler
+        self.routes = {SERVICE + m: unary(_relayer(front, m)) for m in RELAYED}
+        self.routes.update({SERVICE + m: unary(_refuser(m)) for m in CLOSED})
+        self.routes[SERVICE + "ServerReady"] = unary(front.server_ready)
+        self.routes[SERVICE + "ModelReady"] = unary(front.model_ready)
+        self.routes[SERVICE + "ModelInfer"] = unary(front.infer)
+        self.routes[SERVICE + "ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(front.stream_infer)
+
+    def service(self, handler_call_details):
+        return self.routes.get(handler_call_details.method)
+
+
+def _relayer(front: GrpcFront, method: str):
+    async def relay(raw: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        return await front.relay(method, raw, ctx)
+
+    return relay
+
+
+def _refuser(method: str):
+    async def refuse(raw: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        await ctx.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not allowed on this port: the "
+                                                            "shared-memory, repository, logging and trace APIs are "
+                                                            "restricted")
+
+    return refuse
