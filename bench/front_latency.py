@@ -1,10 +1,9 @@
-"""What the HTTP front (serving/front.py) adds to a request: the same requests, one client per server,
-keep-alive, to a server started as the user starts it (front + supervisor) and to one started with
---biva-direct (Triton's own HTTP endpoint), both up at once, the requests alternating between them.
+"""What the fronts (serving/front.py for HTTP, serving/grpc_front.py for gRPC) add to a request: the same
+requests, one client per server and protocol, keep-alive, to a server started as the user starts it (fronts +
+supervisor) and to one started with --biva-direct (Triton's own endpoints), both up at once, the requests
+alternating between them.
 
     python -m biva_bench.front_latency --repo triton_models
-
-gRPC does not pass the front (its admin protocols are restricted inside Triton), so it is not measured here.
 """
 from __future__ import annotations
 
@@ -29,34 +28,47 @@ def _requests(meta) -> dict[str, tuple[str, dict[str, np.ndarray], list[str]]]:
             "score 64 images": (SCORE, {T.images: x64, T.seed: seed}, [T.elbo])}
 
 
-def _call(client, model: str, arrays: dict[str, np.ndarray], outputs: list[str]):
-    import tritonclient.http as thttp
-
+def _call(mod, client, model: str, arrays: dict[str, np.ndarray], outputs: list[str]):
     ins = []
     for name, a in arrays.items():
-        t = thttp.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64")
+        t = mod.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64")
         t.set_data_from_numpy(a)
         ins.append(t)
-    outs = [thttp.InferRequestedOutput(o, binary_data=True) for o in outputs]
+    outs = [mod.InferRequestedOutput(o, binary_data=True) if mod.__name__.endswith("http")
+            else mod.InferRequestedOutput(o) for o in outputs]
     return lambda: client.infer(model, ins, outputs=outs)
 
 
-def measure(repo: Path, reps: int, log_dir: Path) -> dict[str, dict[str, list[float]]]:
-    """{kind: {"direct": seconds, "front": seconds}}; both servers up, requests alternating between them, so a
-    busy machine slows both alike."""
+def _calls(servers: dict, protocols: tuple[str, ...], repo: Path, clients: list) -> dict[str, dict]:
+    """{label: {"direct": fn, "front": fn}} for each protocol; the clients opened are appended to `clients`."""
+    import tritonclient.grpc as tgrpc
     import tritonclient.http as thttp
 
     from biva_export.repository import read_meta
+
+    calls = {}
+    for protocol in protocols:
+        mod = thttp if protocol == "http" else tgrpc
+        mine = {k: mod.InferenceServerClient(s.http_url if protocol == "http" else s.grpc_url)
+                for k, s in servers.items()}
+        clients += mine.values()
+        calls[f"{protocol} health ready"] = {k: c.is_server_ready for k, c in mine.items()}
+        for label, (model, arrays, outputs) in _requests(read_meta(repo)).items():
+            calls[f"{protocol} {label}"] = {k: _call(mod, c, model, arrays, outputs) for k, c in mine.items()}
+    return calls
+
+
+def measure(repo: Path, reps: int, log_dir: Path, protocols: tuple[str, ...] = ("http", "grpc")
+            ) -> dict[str, dict[str, list[float]]]:
+    """{kind: {"direct": seconds, "front": seconds}}; both servers up, requests alternating between them, so a
+    busy machine slows both alike."""
     from biva_serving.launcher import DIRECT_FLAG, start_server
 
     with start_server(repo, extra_args=[DIRECT_FLAG], log_path=log_dir / "direct.log") as direct, \
             start_server(repo, log_path=log_dir / "front.log") as front:
-        clients = {"direct": thttp.InferenceServerClient(direct.http_url),
-                   "front": thttp.InferenceServerClient(front.http_url)}
+        clients: list = []
         try:
-            calls = {"health ready": {k: c.is_server_ready for k, c in clients.items()}}
-            for label, (model, arrays, outputs) in _requests(read_meta(repo)).items():
-                calls[label] = {k: _call(c, model, arrays, outputs) for k, c in clients.items()}
+            calls = _calls({"direct": direct, "front": front}, protocols, repo, clients)
             out = {}
             for label, pair in calls.items():
                 out[label] = {k: [] for k in pair}
@@ -67,7 +79,7 @@ def measure(repo: Path, reps: int, log_dir: Path) -> dict[str, dict[str, list[fl
                         out[label][k] += time_calls(fn, 1, warmup=0)
             return out
         finally:
-            for c in clients.values():
+            for c in clients:
                 c.close()
 
 
@@ -75,14 +87,16 @@ def measure(repo: Path, reps: int, log_dir: Path) -> dict[str, dict[str, list[fl
 @click.option("--repo", type=click.Path(file_okay=False, exists=True, path_type=Path), default=Path("triton_models"),
               show_default=True, help="Model repository written by biva-export.")
 @click.option("--reps", default=200, show_default=True, help="Timed requests per kind and server (after 5 warm-up).")
-def main(repo: Path, reps: int) -> None:
+@click.option("--protocol", "protocols", type=click.Choice(["http", "grpc"]), multiple=True,
+              default=("http", "grpc"), show_default=True, help="Protocols to measure (repeat the option for both).")
+def main(repo: Path, reps: int, protocols: tuple[str, ...]) -> None:
     with tempfile.TemporaryDirectory(prefix="biva-front-") as tmp:
-        times = measure(repo, reps, Path(tmp))
-    click.echo(f"HTTP, one client, keep-alive, {reps} requests each, alternating (ms): direct p50 / p99 | "
-               "front p50 / p99 | added p50")
+        times = measure(repo, reps, Path(tmp), protocols)
+    click.echo(f"one client per protocol and server, keep-alive, {reps} requests each, alternating (ms): "
+               "direct p50 / p99 | front p50 / p99 | added p50")
     for label, pair in times.items():
         d, f = np.array(pair["direct"]) * 1e3, np.array(pair["front"]) * 1e3
-        click.echo(f"  {label:16s} {np.median(d):7.2f} / {np.percentile(d, 99):7.2f} | {np.median(f):7.2f} / "
+        click.echo(f"  {label:21s} {np.median(d):7.2f} / {np.percentile(d, 99):7.2f} | {np.median(f):7.2f} / "
                    f"{np.percentile(f, 99):7.2f} | {np.median(f) - np.median(d):+6.2f}")
 
 

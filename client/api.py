@@ -72,7 +72,9 @@ class ServerBusy(ClientError):
 
 
 def _busy(status: str, msg: str) -> bool:
-    return status == "429" or "Exceeds maximum queue size" in msg or "Request timeout expired" in msg
+    """HTTP 429; Triton's full queue or queue timeout (UNAVAILABLE over gRPC); the gRPC front's RPC limit."""
+    return (status == "429" or "Exceeds maximum queue size" in msg or "Request timeout expired" in msg
+            or "Concurrent RPC limit exceeded" in msg)
 
 
 class RequestTimeout(ClientError):

@@ -223,8 +223,9 @@ def _resolve(args: list[str]) -> tuple[Path, list[str], dict[str, str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """`tritonserver ARGS`: Triton behind the HTTP front and the supervisor (serving/front.py,
-    serving/supervisor.py); `--biva-direct` runs Triton alone with ARGS, as a plain tritonserver would."""
+    """`tritonserver ARGS`: Triton behind the HTTP and gRPC fronts and the supervisor (serving/front.py,
+    serving/grpc_front.py, serving/supervisor.py); `--biva-direct` runs Triton alone with ARGS, as a plain
+    tritonserver would."""
     args = list(sys.argv[1:] if argv is None else argv)
     direct = DIRECT_FLAG in args
     args = [a for a in args if a != DIRECT_FLAG]

@@ -4,9 +4,9 @@ Triton 2.51's python backend does not restart a stub that died (a request it cou
 out-of-memory kill): that model answers "Stub process ... is not healthy" for good while the ready
 endpoints keep answering 200. Every `poll_s` the supervisor lists the server's stub processes (children of
 the server whose command line names a model.py and a shared-memory region); when one has died it marks
-the model not ready (the HTTP front answers 503 on its ready endpoints, and on the server's), unloads it
-and loads it again through Triton's repository API (explicit model control, restricted to the launcher's
-secret header), then marks it ready.
+the model not ready (the HTTP front answers 503 on its ready endpoints, and on the server's; the gRPC front
+answers ready: false), unloads it and loads it again through Triton's repository API (explicit model
+control, restricted to the launcher's secret header), then marks it ready.
 
 The launcher's process is a child subreaper (prctl), so stubs orphaned by a server that went down are
 reparented to it and reaped here: no zombies. Once the server is gone, the shared-memory regions of

@@ -455,3 +455,50 @@ def test_tritons_own_grpc_endpoint_needs_the_fronts_secret(tiny_server) -> None:
     finally:
         client.close()
     _good(tiny_server)
+
+
+def test_biva_client_reads_the_grpc_fronts_refusals(tiny_server) -> None:
+    """Over the body limit or a lie: the request's fault, never retried; the front's concurrent-RPC limit: busy."""
+    from biva_client.api import BivaClient, ServerBusy, ServerError
+
+    n = BODY_LIMIT // 3136 + 1
+    client = tgrpc.InferenceServerClient(tiny_server.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException) as big:
+            _infer_graph(client, tgrpc, "biva_score", {"images": np.zeros((n, 1, 28, 28), np.float32),
+                                                       "seed": i64(1)})
+    finally:
+        client.close()
+    with BivaClient(tiny_server.grpc_url, "grpc") as biva:
+        refused = biva._classify(big.value, "score")
+        assert isinstance(refused, ServerError) and not refused.transient, refused
+        assert refused.status == "StatusCode.RESOURCE_EXHAUSTED"
+        limit = InferenceServerException("Concurrent RPC limit exceeded!", status="StatusCode.RESOURCE_EXHAUSTED")
+        assert isinstance(biva._classify(limit, "score"), ServerBusy)
+    _good(tiny_server)
+
+
+def test_a_stream_is_relayed_until_a_message_lies(tiny_server) -> None:
+    """ModelStreamInfer: a good message is answered through the front; a lie after it ends the stream with
+    INVALID_ARGUMENT, and the next stream is served."""
+    import threading
+
+    good = _grpc_request("biva_score", [("images", "FP32", [1, 1, 28, 28], IMAGE.tobytes()), SEED])
+    lie = _grpc_request("biva_score", [("images", "FP32", [2**62, 1, 28, 28], b""), SEED])
+    answered = threading.Event()
+
+    def messages():
+        yield good
+        answered.wait(60)
+        yield lie
+
+    with grpc.insecure_channel(tiny_server.grpc_url) as channel:
+        responses = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(messages(), timeout=60)
+        first = next(responses)
+        answered.set()
+        assert not first.error_message and first.infer_response.model_name == "biva_score"
+        with pytest.raises(grpc.RpcError) as e:
+            next(responses)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "input images" in e.value.details()
+    assert _grpc_call(tiny_server.grpc_url, good, stream=True) == (grpc.StatusCode.OK, "")
+    _good(tiny_server)
