@@ -13,6 +13,7 @@ rotated, so generating inputs is not timed, as with perf_analyzer.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -41,7 +42,7 @@ def make_cases(iw: int) -> dict[str, Case]:
     }
 
 
-# ---- in process: PyTorch eager and ONNX Runtime ---------------------------------------------------
+# ---- in process: PyTorch eager, torch.compile and ONNX Runtime ------------------------------------
 
 class TorchRunner:
     """PyTorch eager reference: torch.no_grad, eval mode, weight norm folded (the exported weights)."""
@@ -55,6 +56,30 @@ class TorchRunner:
     def __call__(self, prepared: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
         with torch.no_grad():
             return [o.numpy() for o in self.module(*prepared)]
+
+
+class CompiledRunner(TorchRunner):
+    """torch.compile (inductor, CPU) of the same graph module, with static shapes: compiled for each input
+    shape when `prepare` first sees it, as a server with fixed batch sizes would, so compilation is never
+    inside a timed call; `compile_s` records that first call's seconds per graph row count."""
+
+    def __init__(self, module: torch.nn.Module, spec: GraphSpec):
+        super().__init__(module, spec)
+        # every batch size is its own compiled graph; past dynamo's default of 8 per forward it would fall
+        # back to eager silently, and the bench would time eager under this runner's name
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+        self.module = torch.compile(self.module, backend="inductor", dynamic=False)
+        self.compile_s: dict[str, float] = {}  # graph rows -> seconds
+
+    def prepare(self, feeds: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+        prepared = super().prepare(feeds)
+        rows = str(prepared[0].shape[0])
+        if rows not in self.compile_s:
+            t = time.perf_counter()
+            self(prepared)
+            self.compile_s[rows] = time.perf_counter() - t
+        return prepared
 
 
 class OrtRunner:

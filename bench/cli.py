@@ -1,5 +1,5 @@
-"""`biva-bench --ckpt model.pt`: PyTorch vs ONNX Runtime vs Triton (HTTP, gRPC), a concurrency sweep with
-and without dynamic batching, and the achieved fraction of the machine's fp32 GEMM rate.
+"""`biva-bench --ckpt model.pt`: PyTorch (eager and torch.compile) vs ONNX Runtime vs Triton (HTTP, gRPC), a
+concurrency sweep with and without dynamic batching, and the achieved fraction of the machine's fp32 GEMM rate.
 
     biva-bench --ckpt models/default28.pt                  full run (the README's figures)
     biva-bench --ckpt models/default28.pt --quick          tiny sizes, seconds (what the tests run)
@@ -64,7 +64,8 @@ def _names(text: str | None, allowed: tuple[str, ...]) -> tuple[str, ...] | None
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurrency, backends, cases, window_s,
          max_windows, ort_level, ort_saved_graph, instances, queue_delay_us, preferred_batch, debug):
-    """Benchmark the exported BIVA graphs: PyTorch eager, ONNX Runtime in process, Triton over HTTP and gRPC."""
+    """Benchmark the exported BIVA graphs: PyTorch eager and torch.compile, ONNX Runtime in process, Triton over
+    HTTP and gRPC."""
     from biva_core.checkpoint import CheckpointError
     from biva_export.cli import one_line_errors
 

@@ -10,7 +10,7 @@ from biva_export.contract import ORT_LEVELS as _ORT_LEVELS
 from .measure import MeasureConfig
 from .triton import Variant
 
-BACKENDS = ("torch", "ort", "triton_http", "triton_grpc")
+BACKENDS = ("torch", "compile", "ort", "triton_http", "triton_grpc")
 CASES = ("sampler", "encoder", "scorer_k1", "scorer_iw")
 ORT_LEVELS = tuple(_ORT_LEVELS)
 
@@ -31,7 +31,8 @@ class BenchConfig:
     iw_measure: MeasureConfig  # windows for scorer_iw, whose calls take seconds
     gemm_n: int  # n of the n x n x n fp32 matmul that measures the GEMM rate
     gemm_reps: int
-    threads: int = field(default_factory=default_threads)  # intra-op threads: torch, ORT, each Triton instance
+    threads: int = field(default_factory=default_threads)  # intra-op threads: torch (eager and compiled), ORT,
+    #                                                          each Triton instance
     backends: tuple[str, ...] = BACKENDS
     cases: tuple[str, ...] = CASES
     ort_level: str = "all"  # ONNX Runtime graph optimisation level, in process (Triton's model.py uses ALL)
@@ -59,9 +60,11 @@ FULL = BenchConfig(
     iw_measure=MeasureConfig(warmup_s=0.0, window_s=2.0, max_windows=5, min_calls=1),
     gemm_n=2048, gemm_reps=10)
 
-# Tiny sizes for the tests: batch 64 is kept so every ratio has its numbers; K = 8, 3 sweep levels.
+# Tiny sizes for the tests: batch 64 is kept so every ratio has its numbers; K = 64, so the IW rows are the
+# encoder's batch-64 shape and torch.compile compiles it once (each shape costs seconds of C++ compiling); 3 sweep
+# levels.
 QUICK = replace(
-    FULL, mode="quick", batches=(1, 64), iw=8, iw_batches=(1,), concurrency=(1, 4, 16),
+    FULL, mode="quick", batches=(1, 64), iw=64, iw_batches=(1,), concurrency=(1, 4, 16),
     measure=MeasureConfig(warmup_s=0.05, window_s=0.1, max_windows=4, min_calls=2),
     iw_measure=MeasureConfig(warmup_s=0.0, window_s=0.1, max_windows=3, min_calls=2),
     gemm_n=512, gemm_reps=3)

@@ -7,10 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-BACKEND_LABELS = {"torch": "PyTorch", "ort": "ONNX Runtime", "triton_http": "Triton HTTP", "triton_grpc": "Triton gRPC"}
+BACKEND_LABELS = {"torch": "PyTorch", "compile": "torch.compile", "ort": "ONNX Runtime", "triton_http": "Triton HTTP",
+                  "triton_grpc": "Triton gRPC"}
 
 # (numerator backend, denominator backend, batch, target)
 ORT_OVER_TORCH = ((1, 1.5), (64, 1.2))
+ORT_OVER_COMPILE = ((1, 1.0), (64, 1.0))  # issue 12: ONNX Runtime at least as fast as torch.compile
 GRPC_OVER_ORT = (64, 0.85)
 DYNAMIC_BATCHING = (16, 1, 4.0)  # clients, against clients, target
 PEAK_FRACTION = ("scorer_k1", 64, 0.40)
@@ -41,11 +43,13 @@ def _ratio(num: float | None, den: float | None, target: float, what: str) -> di
 def compute_ratios(result: dict[str, Any]) -> dict[str, Any]:
     """The targets, each {value, target, met, what}; value None where the numbers were not measured."""
     graph_cases = [c for c in result["graphs"] if result["graphs"][c]["rows_per_image"] == 1]
-    ratios: dict[str, Any] = {"ort_over_torch": {}, "triton_grpc_over_ort": {}}
+    ratios: dict[str, Any] = {"ort_over_torch": {}, "ort_over_compile": {}, "triton_grpc_over_ort": {}}
     for case in graph_cases:
-        ratios["ort_over_torch"][case] = {
-            str(b): _ratio(_ips(result, case, "ort", b), _ips(result, case, "torch", b), t,
-                           f"ONNX Runtime / PyTorch images/s at batch {b}") for b, t in ORT_OVER_TORCH}
+        for group, peer, label, targets in (("ort_over_torch", "torch", "PyTorch", ORT_OVER_TORCH),
+                                            ("ort_over_compile", "compile", "torch.compile", ORT_OVER_COMPILE)):
+            ratios[group][case] = {
+                str(b): _ratio(_ips(result, case, "ort", b), _ips(result, case, peer, b), t,
+                               f"ONNX Runtime / {label} images/s at batch {b}") for b, t in targets}
         b, t = GRPC_OVER_ORT
         ratios["triton_grpc_over_ort"][case] = {
             str(b): _ratio(_ips(result, case, "triton_grpc", b), _ips(result, case, "ort", b), t,
@@ -83,6 +87,12 @@ def _met(r: dict) -> str:
     return "-" if r["met"] is None else ("yes" if r["met"] else "no")
 
 
+def compile_summary(compile_s: dict[str, float]) -> str:
+    """torch.compile's first call per graph row count (compiling; left out of every timed figure)."""
+    return "torch.compile: compiling took " + ", ".join(f"{s:.1f} s ({rows} rows)" for rows, s in compile_s.items()) \
+        + ", not timed"
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta, sysinfo = result["meta"], result["meta"]["system"]
     v = sysinfo["versions"]
@@ -112,6 +122,8 @@ def markdown(result: dict[str, Any]) -> str:
                 cells.append(f"{m['images_per_s']:.1f} ({lat['p50']:.2f} / {lat['p99']:.2f})"
                              f"{'' if m['stable'] else '*'}")
             lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        if entry.get("compile_s"):
+            lines += ["", compile_summary(entry["compile_s"])]
         lines.append("")
     lines += _concurrency_lines(result.get("concurrency")) + _limit_and_target_lines(result)
     if result.get("notes"):
@@ -142,7 +154,7 @@ def _limit_and_target_lines(result: dict[str, Any]) -> list[str]:
                      f"{f['flops_per_row_torch'] * f['rows_per_image'] / 1e6:.2f} |")
     lines += ["", "## Targets", "", "| ratio | value | target | met |", "|---|---:|---:|---|"]
     r = result["ratios"]
-    for group in ("ort_over_torch", "triton_grpc_over_ort"):
+    for group in ("ort_over_torch", "ort_over_compile", "triton_grpc_over_ort"):
         for case, per in r[group].items():
             for b, x in per.items():
                 lines.append(f"| {case}: {x['what']} | {_fmt(x['value'], '.2f')} | {x['target']} | {_met(x)} |")

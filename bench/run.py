@@ -1,7 +1,7 @@
 """`run_bench`: every figure of the benchmark, in one pass, written to an output folder.
 
     checkpoint -> (repository: given, or exported here) -> GEMM rate, FLOPs per image
-    -> in process: PyTorch eager, ONNX Runtime            (no server running)
+    -> in process: PyTorch eager, torch.compile, ONNX Runtime   (no server running)
     -> Triton, dynamic batching on: HTTP and gRPC per case and batch, then the concurrency sweep
     -> Triton, dynamic batching off: the concurrency sweep
     -> ratios against the targets, JSON, markdown, plots
@@ -28,12 +28,12 @@ import torch
 from biva_export.contract import REPORT, T, ort_session
 from biva_export.repository import read_meta, sha256_file
 
-from .backends import Case, OrtRunner, TorchRunner, async_call, inprocess_call, make_cases, sync_call, \
+from .backends import Case, CompiledRunner, OrtRunner, TorchRunner, async_call, inprocess_call, make_cases, sync_call, \
     triton_inputs
 from .config import BenchConfig
 from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
 from .measure import MeasureConfig, measure_async, measure_sync
-from .report import add_achieved, compute_ratios, write_outputs
+from .report import add_achieved, compile_summary, compute_ratios, write_outputs
 from .triton import Variant, stats_delta, stats_snapshot, write_variant
 
 RESULT = "bench.json"
@@ -105,18 +105,25 @@ def _line(case: str, backend: str, batch: int, m: dict) -> str:
 
 def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain, specs, results: dict, work: Path,
                     log: Callable[[str], Any]) -> dict[str, float]:
-    """PyTorch eager and ONNX Runtime, same weights, same thread count, one caller."""
+    """PyTorch eager, torch.compile and ONNX Runtime, same weights, same thread count, one caller. Each
+    case's compile seconds (first call per row count, never timed) go into its entry as `compile_s`."""
     from biva_export.graphs import GRAPH_MODULES
     from biva_export.onnx_export import example_inputs
 
     graphs, graph_max = _graph_files(repo, specs), read_meta(repo).graph_max_batch
-    load_s = {}
+    load_s: dict[str, float] = {}
+    compiled: dict[str, CompiledRunner] = {}  # one per graph: scorer_iw reuses the encoder's compiled shapes
     for name, case in cases.items():
         spec = specs[case.graph]
         make = lambda rows, seed, spec=spec: example_inputs(spec, plain, rows, seed)  # noqa: E731
         runners = {}
         if "torch" in cfg.backends:
             runners["torch"] = TorchRunner(GRAPH_MODULES[case.graph](plain), spec)
+        if "compile" in cfg.backends:
+            if case.graph not in compiled:
+                compiled[case.graph] = CompiledRunner(GRAPH_MODULES[case.graph](plain), spec)
+            runners["compile"] = compiled[case.graph]
+            results[name]["compile_s"] = compiled[case.graph].compile_s  # graph rows -> s, filled by prepare
         if "ort" in cfg.backends:
             sess, load_s[case.graph] = _ort_session(graphs[case.graph], cfg, work)
             runners["ort"] = OrtRunner(sess)
@@ -127,6 +134,8 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
                 m, _ = measure_sync(call, b, _mcfg(cfg, case))
                 results[name]["results"].setdefault(backend, {})[str(b)] = m.to_dict()
                 log(_line(name, backend, b, m.to_dict()))
+        if "compile" in runners:
+            log(f"  {name:10s} " + compile_summary(results[name]["compile_s"]))
     return load_s
 
 

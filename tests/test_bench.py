@@ -171,9 +171,15 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
     mean_rows = [m["server"]["mean_batch_rows"] for m in conc["no_dynamic_batching"].values()]
     assert all(0.95 <= r <= 1.05 for r in mean_rows), mean_rows
 
+    for case, entry in on_disk["graphs"].items():  # torch.compile: one compile per graph row count, reported
+        rows = {str(b * entry["rows_per_image"]) for b in entry["batches"]}
+        assert rows <= set(entry["compile_s"]) and all(s > 0 for s in entry["compile_s"].values()), case
+    assert "torch.compile: compiling took" in (out / "bench.md").read_text()
+
     r = on_disk["ratios"]
     for case in ("sampler", "encoder", "scorer_k1"):
         assert r["ort_over_torch"][case]["1"]["value"] > 0 and r["ort_over_torch"][case]["64"]["value"] > 0
+        assert r["ort_over_compile"][case]["1"]["value"] > 0 and r["ort_over_compile"][case]["64"]["value"] > 0
         assert r["triton_grpc_over_ort"][case]["64"]["value"] > 0
     assert r["dynamic_batching_scaling"]["value"] > 0
     assert r["scorer_peak_fraction"]["value"] > 0 and r["scorer_peak_fraction"]["backend"] in BACKENDS

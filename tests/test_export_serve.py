@@ -116,6 +116,29 @@ def test_dynamo_exporter_gives_the_same_graph_numbers(tiny_ckpt, tmp_path):
     assert rep.ok, rep.summary()
 
 
+@pytest.mark.slow
+def test_compiled_graphs_match_eager_on_fresh_inputs():
+    """torch.compile (inductor, CPU) of the three graph modules ONNX Runtime runs, as biva-bench compiles them,
+    against eager on fresh random inputs: max |compiled - eager| <= the export tolerance of each output
+    (1e-4 images and latents, 1e-3 nats), raised to two float32 spacings of the output as validation does."""
+    from biva_bench.backends import CompiledRunner, TorchRunner
+    from biva_export.graphs import GRAPH_MODULES, inference_copy
+    from biva_export.onnx_export import example_inputs
+
+    torch.manual_seed(3)
+    plain = inference_copy(Biva(preset("tiny")))
+    for name, spec in graph_specs(plain).items():
+        eager = TorchRunner(GRAPH_MODULES[name](plain), spec)
+        compiled = CompiledRunner(GRAPH_MODULES[name](plain), spec)
+        # 64 rows: the quick bench's shape, so a test session compiles it once (inductor's on-disk cache)
+        feeds = example_inputs(spec, plain, 64, seed=int(np.random.default_rng().integers(2**31)))
+        got, ref = compiled(compiled.prepare(feeds)), eager(eager.prepare(feeds))
+        assert set(compiled.compile_s) == {"64"} and compiled.compile_s["64"] > 0, name
+        for out, g, r in zip(spec.output_names, got, ref):
+            tol = max(spec.atol[out], 2.0 * float(np.spacing(np.float32(np.abs(r).max()))))
+            assert g.shape == r.shape and float(np.abs(g - r).max()) <= tol, (name, out, float(np.abs(g - r).max()))
+
+
 def test_cli_failure_is_one_line_and_nonzero(tiny_ckpt, tmp_path):
     from click.testing import CliRunner
 
