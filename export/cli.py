@@ -47,6 +47,9 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
 @click.option("--front-instances", default=2, show_default=True, help="Instances per front (API) model.")
 @click.option("--threads", default=0, show_default=True,
               help="ONNX Runtime intra-op threads per python-backend graph instance (0: all cores).")
+@click.option("--spinning/--no-spinning", default=True, show_default=True,
+              help="Idle ONNX Runtime intra-op threads of the graph models busy-wait for work (faster wake-up, "
+                   "but they burn cores other processes could use) or sleep.")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Check every graph against PyTorch before writing anything.")
 @click.option("--atol-scale", default=1.0, show_default=True,
@@ -55,13 +58,13 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
 @click.option("--verbose", is_flag=True, help="Show the ONNX exporter's own output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(ckpt, out, backend, opset, exporter, max_batch_size, instances, queue_delay_us, preferred, front_instances,
-         threads, validate, atol_scale, force, verbose, debug):
+         threads, spinning, validate, atol_scale, force, verbose, debug):
     """Export a BIVA checkpoint to ONNX, validate it, and write the Triton model repository."""
     from biva_core.checkpoint import CheckpointError
 
     serving = ServingConfig(backend=backend, max_batch=max_batch_size, instances=instances,
-                            front_instances=front_instances, threads=threads, preferred=tuple(preferred),
-                            queue_delay_us=queue_delay_us)
+                            front_instances=front_instances, threads=threads, spinning=spinning,
+                            preferred=tuple(preferred), queue_delay_us=queue_delay_us)
     cfg = ExportConfig(opset=opset, exporter=exporter, validate=validate, atol_scale=atol_scale, force=force,
                        quiet=not verbose, serving=serving)
     with one_line_errors(debug, ExportError, CheckpointError, ValueError):

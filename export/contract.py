@@ -387,15 +387,18 @@ ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extend
 
 
 def ort_session(path: str, threads: int = 0, level: str = "all", gpu_device: int | None = None,
-                saved_graph: str | None = None):
+                saved_graph: str | None = None, spinning: bool | None = None):
     """The one ONNX Runtime session builder: `threads` intra-op threads (0: all cores), one inter-op
     thread, optimisation `level`; the CUDA provider on `gpu_device` where onnxruntime-gpu has it;
-    `saved_graph`: also write the optimised graph there."""
+    `saved_graph`: also write the optimised graph there; `spinning`: whether idle intra-op threads
+    busy-wait for work (None: ONNX Runtime's default, on)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if spinning is not None:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
     if saved_graph:

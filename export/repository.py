@@ -55,6 +55,7 @@ class ServingConfig:
     instances: int = 1  # instances per graph model
     front_instances: int = 2  # instances per front (API) model
     threads: int = 0  # ONNX Runtime intra-op threads per python-backend graph instance (0: all cores)
+    spinning: bool = True  # idle ONNX Runtime intra-op threads busy-wait for work (ONNX Runtime's default)
     preferred: tuple[int, ...] = ()  # dynamic batcher preferred batch sizes (none: batch what has arrived)
     queue_delay_us: int = 500  # dynamic batcher: longest a request waits for others to join its batch
     front_queue: int = 8  # requests waiting per front model beyond those running; more are refused as busy
@@ -68,7 +69,8 @@ def graph_config(spec: GraphSpec, sc: ServingConfig, meta: ModelMeta | None = No
     head = f'name: "{spec.name}"\n'
     if backend == "python":
         head += 'backend: "python"\n'
-        params = {"onnx_file": "model.onnx", "intra_op_threads": str(sc.threads)}
+        params = {"onnx_file": "model.onnx", "intra_op_threads": str(sc.threads),
+                  "intra_op_spinning": "1" if sc.spinning else "0"}
         if meta is not None:
             params[META_PARAMETER] = meta.to_json()
         kind, extra = "KIND_CPU", _params(params)

@@ -36,9 +36,11 @@ class TritonPythonModel:
         self.meta = ModelMeta.from_json(_param(config, META_PARAMETER, "null"))
         here = os.path.join(args["model_repository"], args["model_version"])
         gpu = args.get("model_instance_kind") == "GPU"
+        spinning = _param(config, "intra_op_spinning", "")  # "1" / "0"; absent: ONNX Runtime's default
         self.session = ort_session(os.path.join(here, _param(config, "onnx_file", "model.onnx")),
                                    int(_param(config, "intra_op_threads", "0")),
-                                   gpu_device=int(args["model_instance_device_id"]) if gpu else None)
+                                   gpu_device=int(args["model_instance_device_id"]) if gpu else None,
+                                   spinning=None if spinning == "" else spinning == "1")
 
     def _feeds(self, req):
         feeds = {n: pb_utils.get_input_tensor_by_name(req, n).as_numpy().astype(self.dtypes[n], copy=False)
