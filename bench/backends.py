@@ -22,6 +22,8 @@ import torch
 
 from biva_export.contract import ENCODER, SAMPLER, SCORE, SCORER, GraphSpec, LogMeanExp, T, iw_chunks
 
+from .loadgen import infer_inputs
+
 POOL = 3  # distinct input sets per shape
 
 
@@ -122,25 +124,25 @@ def inprocess_call(runner, case: Case, make_inputs: Callable[[int, int], dict[st
 
 # ---- Triton clients -------------------------------------------------------------------------------
 
+def request_feeds(case: Case, make_inputs: Callable[[int, int], dict[str, np.ndarray]], batch: int,
+                  seed: int) -> list[dict[str, np.ndarray]]:
+    """POOL requests' inputs (name -> array) for the Triton model `case` calls."""
+    pool = []
+    for j in range(POOL):
+        if case.rows_per_image == 1:
+            pool.append(make_inputs(batch, seed + j))
+        else:  # biva_score: the front model draws the noise from the seed
+            rng = np.random.default_rng(seed + j)
+            pool.append({T.images: make_inputs(batch, seed + j)[T.images],
+                         T.iw: np.array([case.rows_per_image], np.int64),
+                         T.seed: rng.integers(0, 2**62, size=1, dtype=np.int64)})
+    return pool
+
+
 def triton_inputs(client_mod, case: Case, make_inputs: Callable[[int, int], dict[str, np.ndarray]], batch: int,
                   seed: int) -> list[list[Any]]:
     """POOL request bodies (lists of InferInput) for tritonclient.http or .grpc (`client_mod`)."""
-    bodies = []
-    for j in range(POOL):
-        if case.rows_per_image == 1:
-            feeds = make_inputs(batch, seed + j)
-        else:  # biva_score: the front model draws the noise from the seed
-            rng = np.random.default_rng(seed + j)
-            feeds = {T.images: make_inputs(batch, seed + j)[T.images],
-                     T.iw: np.array([case.rows_per_image], np.int64),
-                     T.seed: rng.integers(0, 2**62, size=1, dtype=np.int64)}
-        body = []
-        for name, a in feeds.items():
-            t = client_mod.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64")
-            t.set_data_from_numpy(a)
-            body.append(t)
-        bodies.append(body)
-    return bodies
+    return [infer_inputs(client_mod, feeds) for feeds in request_feeds(case, make_inputs, batch, seed)]
 
 
 def sync_call(client, client_mod, model: str, bodies: list[list[Any]], outputs: list[str]) -> Callable[[int], Any]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from .config import BACKENDS, CASES, ORT_LEVELS, PRESETS
-from .triton import Variant
+from .config import BACKENDS, CASES, LOADS, ORT_LEVELS, PRESETS
+from .triton import Variant, parse_layout
 
 
 def _ints(text: str | None) -> tuple[int, ...] | None:
@@ -32,6 +32,13 @@ def _names(text: str | None, allowed: tuple[str, ...]) -> tuple[str, ...] | None
     if bad:
         raise click.BadParameter(f"unknown {bad}; expected some of {', '.join(allowed)}")
     return names
+
+
+def _layouts(text: str | None) -> tuple[Variant, ...]:
+    try:
+        return tuple(Variant(**parse_layout(x)) for x in (text or "").split(",") if x.strip())
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,12 +65,22 @@ def _names(text: str | None, allowed: tuple[str, ...]) -> tuple[str, ...] | None
               help="In process: optimise once, save the optimised graph and load it without re-optimising.")
 @click.option("--instances", type=int, default=0, show_default=True,
               help="Instances per Triton graph model (0: as exported).")
+@click.option("--instance-threads", type=int, default=0,
+              help="ONNX Runtime intra-op threads per Triton graph instance (0: --threads).")
+@click.option("--ort-spinning", type=click.Choice(["on", "off"]), default=None,
+              help="Triton graph instances: idle ONNX Runtime threads busy-wait (on) or sleep (off) [as exported].")
+@click.option("--layouts", default=None,
+              help="Extra dynamic-batching sweeps, one server each: INSTANCESxTHREADS[:spin|:nospin], "
+                   "comma-separated, e.g. 1x2:spin,1x2:nospin,2x1:nospin.")
+@click.option("--load", type=click.Choice(LOADS), default="processes", show_default=True,
+              help="Sweep clients: one process each, or one asyncio process (the method before issue 12).")
 @click.option("--queue-delay-us", type=int, default=None, help="Dynamic batcher max queue delay (default: as exported).")
 @click.option("--preferred-batch", default=None,
               help="Dynamic batcher preferred batch sizes, comma-separated; '' for none (default: as exported).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurrency, backends, cases, window_s,
-         max_windows, ort_level, ort_saved_graph, instances, queue_delay_us, preferred_batch, debug):
+         max_windows, ort_level, ort_saved_graph, instances, instance_threads, ort_spinning, layouts, load,
+         queue_delay_us, preferred_batch, debug):
     """Benchmark the exported BIVA graphs: PyTorch eager and torch.compile, ONNX Runtime in process, Triton over
     HTTP and gRPC."""
     from biva_core.checkpoint import CheckpointError
@@ -81,9 +98,12 @@ def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurren
         overrides = {"batches": _ints(batches), "iw": iw, "iw_batches": _ints(iw_batches),
                      "concurrency": _ints(concurrency), "backends": _names(backends, BACKENDS),
                      "cases": _names(cases, CASES), "threads": threads}
-        cfg = replace(cfg, measure=measure, ort_level=ort_level, ort_saved_graph=ort_saved_graph,
-                      variant=Variant(threads=threads or 0, instances=instances, preferred=_ints(preferred_batch),
-                                      queue_delay_us=queue_delay_us),
+        spinning = None if ort_spinning is None else ort_spinning == "on"
+        cfg = replace(cfg, measure=measure, ort_level=ort_level, ort_saved_graph=ort_saved_graph, load=load,
+                      variant=Variant(threads=instance_threads or threads or 0, instances=instances,
+                                      preferred=_ints(preferred_batch), queue_delay_us=queue_delay_us,
+                                      spinning=spinning),
+                      layouts=_layouts(layouts),
                       **{k: v for k, v in overrides.items() if v is not None})
         run_bench(ckpt, out_dir, cfg, repo=repo, log=click.echo)
 

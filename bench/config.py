@@ -13,6 +13,7 @@ from .triton import Variant
 BACKENDS = ("torch", "compile", "ort", "triton_http", "triton_grpc")
 CASES = ("sampler", "encoder", "scorer_k1", "scorer_iw")
 ORT_LEVELS = tuple(_ORT_LEVELS)
+LOADS = ("processes", "async")
 
 
 def default_threads() -> int:
@@ -38,6 +39,8 @@ class BenchConfig:
     ort_level: str = "all"  # ONNX Runtime graph optimisation level, in process (Triton's model.py uses ALL)
     ort_saved_graph: bool = False  # in process: optimise once, save, and load the saved graph (no re-optimising)
     variant: Variant = Variant()  # Triton repository settings for the dynamic-batching server
+    load: str = "processes"  # sweep clients: one process each ("processes") or one asyncio process ("async")
+    layouts: tuple[Variant, ...] = ()  # extra dynamic-batching sweeps: instances, threads, spinning of each
     seed: int = 20240601
 
     def __post_init__(self) -> None:
@@ -49,6 +52,8 @@ class BenchConfig:
             raise ValueError(f"ort_level must be one of {ORT_LEVELS}, got {self.ort_level!r}")
         if self.sweep_case not in ("sampler", "encoder", "scorer_k1"):
             raise ValueError(f"sweep_case must be a graph case, got {self.sweep_case!r}")
+        if self.load not in LOADS:
+            raise ValueError(f"load must be one of {LOADS}, got {self.load!r}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 

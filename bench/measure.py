@@ -54,6 +54,7 @@ class Measurement:
     windows: list[dict[str, float]]  # every window: duration_s, calls, images_per_s, p50_ms
     concurrency: int = 1
     server: dict[str, Any] | None = None  # Triton statistics deltas over the reported windows
+    load: dict[str, Any] | None = None  # concurrent clients: how the load was generated
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,4 +179,6 @@ async def measure_async(call: Callable[[int], Awaitable[Any]], concurrency: int,
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return summarise(windows, images_per_call, is_stable(windows, cfg.stability), concurrency), snaps
+    m = summarise(windows, images_per_call, is_stable(windows, cfg.stability), concurrency)
+    m.load = {"generator": "asyncio", "client_processes": 1}
+    return m, snaps

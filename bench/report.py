@@ -15,6 +15,7 @@ ORT_OVER_TORCH = ((1, 1.5), (64, 1.2))
 ORT_OVER_COMPILE = ((1, 1.0), (64, 1.0))  # issue 12: ONNX Runtime at least as fast as torch.compile
 GRPC_OVER_ORT = (64, 0.85)
 DYNAMIC_BATCHING = (16, 1, 4.0)  # clients, against clients, target
+CEILING_FRACTION = 0.90  # issue 12: 16 clients' images/s >= 90% of the ceiling (best in-process ONNX Runtime)
 PEAK_FRACTION = ("scorer_k1", 64, 0.40)
 
 
@@ -60,10 +61,20 @@ def compute_ratios(result: dict[str, Any]) -> dict[str, Any]:
     one = sweep.get(str(lo), {}).get("images_per_s")
     ratios["dynamic_batching_scaling"] = _ratio(sweep.get(str(hi), {}).get("images_per_s"), one, t,
                                                 f"{hi} clients / {lo} client throughput, dynamic batching on")
-    # Batching can at best reach the in-process rate at the largest batch measured: the scaling's ceiling.
+    # Batching can at best reach the best in-process rate over the batches measured: the scaling's ceiling.
     ort = result["graphs"].get(conc.get("case", ""), {}).get("results", {}).get("ort", {})
     best = max((m["images_per_s"] for m in ort.values() if "images_per_s" in m), default=None)
     ratios["dynamic_batching_scaling"]["ceiling"] = best / one if best and one else None
+    ratios["dynamic_batching_of_ceiling"] = _ratio(
+        sweep.get(str(hi), {}).get("images_per_s"), best, CEILING_FRACTION,
+        f"{hi} clients' images/s / the ceiling (best in-process ONNX Runtime images/s), dynamic batching on")
+    ratios["dynamic_batching_layouts"] = {
+        layout: {"scaling": _ratio(run["sweep"].get(str(hi), {}).get("images_per_s"),
+                                   run["sweep"].get(str(lo), {}).get("images_per_s"), t,
+                                   f"{hi} / {lo} clients, layout {layout}"),
+                 "of_ceiling": _ratio(run["sweep"].get(str(hi), {}).get("images_per_s"), best, CEILING_FRACTION,
+                                      f"{hi} clients / the ceiling, layout {layout}")}
+        for layout, run in conc.get("layouts", {}).items()}
     case, b, t = PEAK_FRACTION
     by_backend = {}
     for backend in BACKEND_LABELS:
@@ -137,8 +148,10 @@ def _concurrency_lines(conc: dict | None) -> list[str]:
     lines = [f"## Concurrency sweep: {conc['model']} over gRPC, batch-1 requests", "",
              "| clients | dynamic batching | images/s | p50 ms | p90 ms | p99 ms | queue us | compute us | "
              "mean batch |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for key, label in (("dynamic_batching", "on"), ("no_dynamic_batching", "off")):
-        for n, m in conc.get(key, {}).items():
+    sweeps = [(conc.get("dynamic_batching", {}), "on"), (conc.get("no_dynamic_batching", {}), "off")]
+    sweeps += [(run["sweep"], f"on, layout {layout}") for layout, run in conc.get("layouts", {}).items()]
+    for runs, label in sweeps:
+        for n, m in runs.items():
             s, lat = m.get("server", {}), m["latency_ms"]
             lines.append(f"| {n} | {label} | {m['images_per_s']:.1f}{'' if m['stable'] else '*'} | "
                          f"{lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {_fmt(s.get('queue_us'), '.0f')}"
@@ -158,9 +171,12 @@ def _limit_and_target_lines(result: dict[str, Any]) -> list[str]:
         for case, per in r[group].items():
             for b, x in per.items():
                 lines.append(f"| {case}: {x['what']} | {_fmt(x['value'], '.2f')} | {x['target']} | {_met(x)} |")
-    for key in ("dynamic_batching_scaling", "scorer_peak_fraction"):
+    for key in ("dynamic_batching_scaling", "dynamic_batching_of_ceiling", "scorer_peak_fraction"):
         x = r[key]
         lines.append(f"| {x['what']} | {_fmt(x['value'], '.2f')} | {x['target']} | {_met(x)} |")
+    for per in r.get("dynamic_batching_layouts", {}).values():
+        for x in per.values():
+            lines.append(f"| {x['what']} | {_fmt(x['value'], '.2f')} | {x['target']} | {_met(x)} |")
     ceiling = r["dynamic_batching_scaling"].get("ceiling")
     if ceiling is not None:
         lines += ["", f"Ceiling of the dynamic-batching scaling: ONNX Runtime's best in-process rate / the 1-client "
@@ -208,6 +224,10 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
                 ax_l.plot(n, [runs[str(k)]["latency_ms"][p] for k in n], style, color=color, marker="o",
                           label=f"{label} {p}")
             ax_t.plot(n, [runs[str(k)]["images_per_s"] for k in n], color=color, marker="o", label=label)
+        for i, (layout, run) in enumerate(conc.get("layouts", {}).items()):
+            n = [int(k) for k in run["sweep"]]
+            ax_t.plot(n, [run["sweep"][str(k)]["images_per_s"] for k in n], ":", color=f"C{4 + i % 6}",
+                      marker=".", label=f"layout {layout}")
         for ax, ylabel in ((ax_l, "latency (ms)"), (ax_t, "images/s")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("concurrent clients (batch-1 requests)")

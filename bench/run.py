@@ -28,8 +28,8 @@ import torch
 from biva_export.contract import REPORT, T, ort_session
 from biva_export.repository import read_meta, sha256_file
 
-from .backends import Case, CompiledRunner, OrtRunner, TorchRunner, async_call, inprocess_call, make_cases, sync_call, \
-    triton_inputs
+from .backends import Case, CompiledRunner, OrtRunner, TorchRunner, async_call, inprocess_call, make_cases, \
+    request_feeds, sync_call, triton_inputs
 from .config import BenchConfig
 from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
 from .measure import MeasureConfig, measure_async, measure_sync
@@ -217,6 +217,16 @@ def _server_stats(snaps: list[dict], case: Case) -> dict[str, dict]:
     return {m: stats_delta(before[m], after[m]) for m in _stats_models(case)}
 
 
+def _sweep_entry(m, snaps: list, label: str, n: int, log) -> dict:
+    entry = m.to_dict()
+    entry["server"] = srv = stats_delta(snaps[max(0, len(snaps) - 4)], snaps[-1])
+    log(f"  {label:22s} c={n:<3d} {entry['images_per_s']:10.1f} img/s  p50 {entry['latency_ms']['p50']:8.2f} ms"
+        f"  p99 {entry['latency_ms']['p99']:8.2f} ms  queue {srv.get('queue_us', 0):8.0f} us  compute "
+        f"{srv.get('compute_infer_us', 0):8.0f} us  batch {srv.get('mean_batch_rows', 0):.1f}"
+        f"{'' if entry['stable'] else '  (not stable)'}")
+    return entry
+
+
 async def _sweep_async(url: str, case: Case, bodies, levels, mcfg: MeasureConfig, log, label: str) -> dict:
     import tritonclient.grpc.aio as aioclient
 
@@ -229,29 +239,45 @@ async def _sweep_async(url: str, case: Case, bodies, levels, mcfg: MeasureConfig
 
         for n in levels:
             m, snaps = await measure_async(async_call(client, case.triton_model, bodies), n, 1, mcfg, snap)
-            entry = m.to_dict()
-            entry["server"] = stats_delta(snaps[max(0, len(snaps) - 4)], snaps[-1])
-            out[str(n)] = entry
-            srv = entry["server"]
-            log(f"  {label:22s} c={n:<3d} {entry['images_per_s']:10.1f} img/s  p50 {entry['latency_ms']['p50']:8.2f} ms"
-                f"  p99 {entry['latency_ms']['p99']:8.2f} ms  queue {srv.get('queue_us', 0):8.0f} us  compute "
-                f"{srv.get('compute_infer_us', 0):8.0f} us  batch {srv.get('mean_batch_rows', 0):.1f}"
-                f"{'' if entry['stable'] else '  (not stable)'}")
+            out[str(n)] = _sweep_entry(m, snaps, label, n, log)
     finally:
         await client.close()
     return out
 
 
+def _sweep_processes(url: str, case: Case, feeds: list[dict], levels, mcfg: MeasureConfig, log, label: str) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    from .loadgen import ProcessLoad
+
+    client = grpcclient.InferenceServerClient(url)  # the server's statistics only
+    snap = lambda: stats_snapshot(client.get_inference_statistics(case.triton_model, as_json=True),  # noqa: E731
+                                  case.triton_model)
+    out = {}
+    try:
+        with ProcessLoad(url, case.triton_model, feeds, max(levels)) as load:
+            for n in levels:
+                m, snaps = load.measure(n, 1, mcfg, snap)
+                out[str(n)] = _sweep_entry(m, snaps, label, n, log)
+    finally:
+        client.close()
+    return out
+
+
 def bench_sweep(cfg: BenchConfig, case: Case, server, plain, specs, label: str, log) -> dict:
-    """Closed-loop gRPC clients sending batch-1 requests to one graph model."""
+    """Closed-loop gRPC clients sending batch-1 requests to one graph model: one process each (cfg.load
+    "processes"), or coroutines in this process ("async", the bench's method before issue 12)."""
     import tritonclient.grpc as grpcclient
 
     from biva_export.onnx_export import example_inputs
 
     spec = specs[case.graph]
-    bodies = triton_inputs(grpcclient, case, lambda rows, seed: example_inputs(spec, plain, rows, seed), 1,
-                           cfg.seed + 7)
-    return asyncio.run(_sweep_async(server.grpc_url, case, bodies, cfg.concurrency, cfg.measure, log, label))
+    make = lambda rows, seed: example_inputs(spec, plain, rows, seed)  # noqa: E731
+    if cfg.load == "async":
+        bodies = triton_inputs(grpcclient, case, make, 1, cfg.seed + 7)
+        return asyncio.run(_sweep_async(server.grpc_url, case, bodies, cfg.concurrency, cfg.measure, log, label))
+    return _sweep_processes(server.grpc_url, case, request_feeds(case, make, 1, cfg.seed + 7), cfg.concurrency,
+                            cfg.measure, log, label)
 
 
 def _flops(cases: dict[str, Case], graphs: dict[str, Path], plain, specs) -> dict[str, dict]:
@@ -350,6 +376,14 @@ def run_bench(ckpt: Path, out_dir: Path, cfg: BenchConfig, repo: Path | None = N
         gemm_end = gemm_rate(cfg.gemm_n, cfg.threads, cfg.gemm_reps)
     log(f"GEMM at the end: {gemm_end['gflops_per_s']:.1f} GFLOP/s")
     _finish(result, cfg, (gemm_start, gemm_end), out_dir, t_start)
+    for key in ("dynamic_batching_scaling", "dynamic_batching_of_ceiling"):
+        x = result["ratios"][key]
+        if x["value"] is not None:
+            log(f"{x['what']}: {x['value']:.2f} (target {x['target']})")
+    for layout, per in result["ratios"]["dynamic_batching_layouts"].items():
+        if per["of_ceiling"]["value"] is not None:
+            log(f"layout {layout}: {per['scaling']['value']:.2f}x of 1 client, "
+                f"{per['of_ceiling']['value']:.2f} of the ceiling")
     log(f"wrote {out_dir / RESULT}, {out_dir / 'bench.md'} and plots")
     return result
 
@@ -358,9 +392,11 @@ def _unstable(result: dict) -> list[str]:
     """Cells that did not stabilise within the window cap (their figures pool the last 3 windows anyway)."""
     out = [f"{case}/{backend}/b{b}" for case, e in result["graphs"].items() for backend, cells in e["results"].items()
            for b, m in cells.items() if m.get("stable") is False]
-    for key, runs in result.get("concurrency", {}).items():
-        if isinstance(runs, dict):
-            out += [f"concurrency/{key}/c{n}" for n, m in runs.items() if m.get("stable") is False]
+    conc = result.get("concurrency", {})
+    sweeps = {k: conc[k] for k in ("dynamic_batching", "no_dynamic_batching") if k in conc}
+    sweeps |= {f"layouts/{k}": v["sweep"] for k, v in conc.get("layouts", {}).items()}
+    for key, runs in sweeps.items():
+        out += [f"concurrency/{key}/c{n}" for n, m in runs.items() if m.get("stable") is False]
     return out
 
 
@@ -389,6 +425,35 @@ def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: P
     with _server(off, out_dir / "server_plain.log") as server:
         result["concurrency"]["no_dynamic_batching"] = bench_sweep(cfg, sweep_case, server, plain, specs,
                                                                    "dynamic batching off", log)
-    result["notes"].append("Triton clients (python tritonclient) run on the same cores as the server. The servers run "
-                           "with --biva-direct: Triton's own HTTP endpoint, without the HTTP front "
-                           "(python -m biva_bench.front_latency measures what the front adds).")
+    if cfg.layouts:
+        result["concurrency"]["layouts"] = _bench_layouts(cfg, sweep_case, repo, work, out_dir, variant, plain,
+                                                          specs, log)
+    load = ("one process per client (tritonclient.grpc, blocking calls)" if cfg.load == "processes"
+            else "one asyncio process (tritonclient.grpc.aio) for every client")
+    result["notes"].append("The dynamic-batching ceiling is the best in-process ONNX Runtime rate of the sweep's "
+                           "graph (ONNX Runtime's default thread spinning, one caller); the served graphs run "
+                           f"with spinning {_spin_word(variant.spinning)} unless a layout says otherwise.")
+    result["notes"].append(f"Triton clients (python tritonclient) run on the same cores as the server; the "
+                           f"concurrency sweep's clients: {load}. The servers run with --biva-direct: Triton's "
+                           "own HTTP endpoint, without the HTTP front (python -m biva_bench.front_latency "
+                           "measures what the front adds).")
+
+
+def _spin_word(spinning: bool | None) -> str:
+    return "as exported" if spinning is None else ("on" if spinning else "off")
+
+
+def _bench_layouts(cfg: BenchConfig, case: Case, repo: Path, work: Path, out_dir: Path, base: Variant, plain,
+                   specs, log) -> dict:
+    """The dynamic-batching sweep again for each --layouts entry (instances x threads, spinning), one server
+    each, everything else as the main variant."""
+    out = {}
+    for v in cfg.layouts:
+        v = Variant(**{**asdict(base), "instances": v.instances, "threads": v.threads,
+                       "spinning": base.spinning if v.spinning is None else v.spinning})
+        path = write_variant(repo, work / f"repo_layout_{v.layout.replace(':', '_')}", [case.triton_model], v)
+        log(f"Triton, dynamic batching on, layout {v.layout}:")
+        with _server(path, out_dir / f"server_layout_{v.layout.replace(':', '_')}.log") as server:
+            out[v.layout] = {"variant": asdict(v),
+                             "sweep": bench_sweep(cfg, case, server, plain, specs, f"layout {v.layout}", log)}
+    return out

@@ -24,6 +24,22 @@ class Variant:
     instances: int = 0  # instances per graph model (0: as exported)
     preferred: tuple[int, ...] | None = None  # preferred batch sizes (None: as exported; () none)
     queue_delay_us: int | None = None  # max queue delay of the dynamic batcher (None: as exported)
+    spinning: bool | None = None  # ONNX Runtime intra-op threads busy-wait when idle (None: as exported)
+
+    @property
+    def layout(self) -> str:
+        """'INSTANCESxTHREADS' plus ':spin' / ':nospin' where set, as --layouts spells it (0: as exported)."""
+        spin = "" if self.spinning is None else (":spin" if self.spinning else ":nospin")
+        return f"{self.instances}x{self.threads}{spin}"
+
+
+def parse_layout(text: str) -> dict[str, Any]:
+    """'2x1:nospin' -> {instances: 2, threads: 1, spinning: False} (Variant fields)."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?::(spin|nospin))?", text.strip())
+    if m is None or "0" in (m.group(1), m.group(2)):
+        raise ValueError(f"layout {text!r}: expected INSTANCESxTHREADS[:spin|:nospin], each >= 1, e.g. 1x2:nospin")
+    return {"instances": int(m.group(1)), "threads": int(m.group(2)),
+            "spinning": None if m.group(3) is None else m.group(3) == "spin"}
 
 
 def rewrite_graph_config(text: str, v: Variant) -> str:
@@ -32,6 +48,12 @@ def rewrite_graph_config(text: str, v: Variant) -> str:
         text = re.sub(r'(key: "intra_op_threads" value: \{ string_value: )"\d+"', rf'\1"{v.threads}"', text)
     if v.instances:
         text = re.sub(r"instance_group \[ \{ count: \d+", f"instance_group [ {{ count: {v.instances}", text)
+    if v.spinning is not None:
+        flag = "1" if v.spinning else "0"
+        line = f'parameters {{ key: "intra_op_spinning" value: {{ string_value: "{flag}" }} }}\n'
+        text, n = re.subn(r'parameters \{ key: "intra_op_spinning"[^\n]*\n', line, text)
+        if not n:  # a repository exported before the option existed
+            text += line
     db = re.search(r"dynamic_batching \{[^\n]*\n(?:  [^\n]*\n)*", text)  # the block and its indented lines
     if db is not None:
         if not v.dynamic_batching:
@@ -62,6 +84,9 @@ def write_variant(src: Path, dst: Path, models: list[str], v: Variant) -> Path:
         if name not in FRONT_GRAPHS:  # a graph model
             cfg = dst / name / "config.pbtxt"
             cfg.write_text(rewrite_graph_config(cfg.read_text(), v))
+            if v.spinning is not None and "intra_op_spinning" not in (dst / name / "1" / "model.py").read_text():
+                raise ValueError(f"{src / name}: its model.py predates the spinning option; export the "
+                                 "repository again (or leave spinning as exported)")
     return dst
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from biva_export.contract import iw_chunks
 from biva_bench.measure import MeasureConfig, Window, is_stable, measure_sync
-from biva_bench.triton import Variant, rewrite_graph_config, stats_delta
+from biva_bench.triton import Variant, parse_layout, rewrite_graph_config, stats_delta
 
 CONFIG = """\
 name: "biva_scorer"
@@ -67,6 +67,48 @@ def test_rewrite_graph_config_variants() -> None:
     assert "preferred_batch_size" not in tuned and "max_queue_delay_microseconds: 100" in tuned
     assert "max_queue_size: 256" in tuned
     assert rewrite_graph_config(CONFIG, Variant()) == CONFIG
+    off = rewrite_graph_config(CONFIG, Variant(spinning=False))  # added where the export predates the option
+    assert off.count('key: "intra_op_spinning" value: { string_value: "0" }') == 1
+    on = rewrite_graph_config(off, Variant(spinning=True))  # replaced, not added twice
+    assert on.count("intra_op_spinning") == 1 and 'key: "intra_op_spinning" value: { string_value: "1" }' in on
+
+
+def test_layouts_parse_and_name_themselves() -> None:
+    assert parse_layout("2x1:nospin") == {"instances": 2, "threads": 1, "spinning": False}
+    assert parse_layout(" 1x2 ") == {"instances": 1, "threads": 2, "spinning": None}
+    assert Variant(**parse_layout("1x2:spin")).layout == "1x2:spin"
+    for bad in ("2x", "0x2", "1x2:fast", "2*1"):
+        with pytest.raises(ValueError, match="INSTANCESxTHREADS"):
+            parse_layout(bad)
+
+
+def test_batching_ratios_against_the_ceiling() -> None:
+    """16 clients' rate over the best in-process ONNX Runtime rate of the sweep's graph, for the main sweep and
+    every layout; the 16 / 1 scaling stays as it was."""
+    from biva_bench.report import compute_ratios
+
+    sweep = lambda one, sixteen: {"1": {"images_per_s": one}, "16": {"images_per_s": sixteen}}  # noqa: E731
+    result = {"graphs": {"scorer_k1": {"rows_per_image": 1, "results": {
+                  "ort": {"1": {"images_per_s": 150.0}, "64": {"images_per_s": 300.0}}}}},
+              "concurrency": {"case": "scorer_k1", "dynamic_batching": sweep(100.0, 240.0),
+                              "layouts": {"2x1:nospin": {"sweep": sweep(80.0, 285.0)}}}}
+    r = compute_ratios(result)
+    assert r["dynamic_batching_scaling"]["value"] == pytest.approx(2.4)
+    assert r["dynamic_batching_scaling"]["ceiling"] == pytest.approx(3.0)
+    main = r["dynamic_batching_of_ceiling"]
+    assert main["value"] == pytest.approx(0.8) and main["met"] is False and main["target"] == 0.9
+    layout = r["dynamic_batching_layouts"]["2x1:nospin"]
+    assert layout["of_ceiling"]["value"] == pytest.approx(0.95) and layout["of_ceiling"]["met"] is True
+    assert layout["scaling"]["value"] == pytest.approx(285 / 80)
+
+
+def test_ort_session_spinning_option(tiny_repo) -> None:
+    from biva_export.contract import ort_session
+
+    path = str(tiny_repo / "biva_scorer" / "1" / "model.onnx")
+    for spinning, flag in ((False, "0"), (True, "1")):
+        opts = ort_session(path, 1, spinning=spinning).get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == flag
 
 
 def test_variant_repository_holds_every_graph_a_front_model_calls(tmp_path: Path, tiny_repo) -> None:
@@ -133,7 +175,9 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
     from biva_bench.config import BACKENDS, QUICK
     from biva_bench.run import run_bench
 
-    cfg = replace(QUICK, threads=1, measure=replace(QUICK.measure, window_s=0.05, max_windows=3))
+    # the sweeps' clients run as processes (the default), plus one layout sweep with spinning off
+    cfg = replace(QUICK, threads=1, measure=replace(QUICK.measure, window_s=0.05, max_windows=3),
+                  layouts=(Variant(instances=2, threads=1, spinning=False),))
     out = tmp_path / "bench_out"
     lines = []
     result = run_bench(tiny_ckpt, out, cfg, repo=tiny_repo, log=lines.append)
@@ -162,10 +206,17 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
                     assert m["server"][entry["triton_model"]]["requests"] > 0
 
     conc = on_disk["concurrency"]
-    for key in ("dynamic_batching", "no_dynamic_batching"):
-        assert set(conc[key]) == {str(n) for n in QUICK.concurrency}
-        for m in conc[key].values():
+    assert set(conc["layouts"]) == {"2x1:nospin"}
+    assert conc["layouts"]["2x1:nospin"]["variant"]["spinning"] is False
+    for sweep in (conc["dynamic_batching"], conc["no_dynamic_batching"], conc["layouts"]["2x1:nospin"]["sweep"]):
+        assert set(sweep) == {str(n) for n in QUICK.concurrency}
+        for n, m in sweep.items():
             assert m["images_per_s"] > 0 and {"queue_us", "compute_infer_us"} <= set(m["server"])
+            assert m["concurrency"] == int(n) and len(m["windows"]) == 3
+            load = m["load"]  # one client process per client; the calls they sent back add up
+            assert load["generator"] == "processes" and load["client_processes"] == int(n)
+            assert int(n) * load["calls_per_client_min"] <= m["calls"] <= int(n) * load["calls_per_client_max"]
+            assert m["server"]["requests"] > 0
     # without the batcher every execution is one request; Triton updates the inference and execution
     # counters separately, so a statistics snapshot can land between the two: allow 5%
     mean_rows = [m["server"]["mean_batch_rows"] for m in conc["no_dynamic_batching"].values()]
@@ -182,6 +233,10 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
         assert r["ort_over_compile"][case]["1"]["value"] > 0 and r["ort_over_compile"][case]["64"]["value"] > 0
         assert r["triton_grpc_over_ort"][case]["64"]["value"] > 0
     assert r["dynamic_batching_scaling"]["value"] > 0
+    assert 0 < r["dynamic_batching_of_ceiling"]["value"] == pytest.approx(
+        conc["dynamic_batching"]["16"]["images_per_s"] / max(
+            m["images_per_s"] for m in on_disk["graphs"]["scorer_k1"]["results"]["ort"].values()))
+    assert r["dynamic_batching_layouts"]["2x1:nospin"]["of_ceiling"]["value"] > 0
     assert r["scorer_peak_fraction"]["value"] > 0 and r["scorer_peak_fraction"]["backend"] in BACKENDS
 
     md = (out / "bench.md").read_text()
