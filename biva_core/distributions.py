@@ -33,6 +33,10 @@ class DiagGaussian:
     def standard(cls, like: torch.Tensor) -> "DiagGaussian":
         return cls(torch.zeros_like(like), torch.ones_like(like))
 
+    def map(self, f) -> "DiagGaussian":
+        """The same distribution with `f` (a row selection or repetition) applied to its parameters."""
+        return DiagGaussian(f(self.mu), f(self.std))
+
     def sample(self, eps: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
         """Reparameterised draw mu + temperature * std * eps (temperature scales the std, Figs. 10-11)."""
         return self.mu + temperature * self.std * eps

@@ -21,7 +21,7 @@ only q(z_>k | x, z_<=k^BU) enters the ratio.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -49,6 +49,13 @@ class BottomUp(NamedTuple):
     q_top: DiagGaussian  # q(z_L | x, z_<L^BU)
     h_td: list[torch.Tensor] | None = None  # the second inference path's h_i^TD, i = 1..L (cfg.q_td_path only)
 
+    def map(self, f: Callable[[torch.Tensor], torch.Tensor]) -> "BottomUp":
+        """The same pass with `f` applied to every tensor (e.g. taking some rows)."""
+        q = lambda d: d.map(f) if d is not None else None  # noqa: E731
+        return BottomUp([f(h) for h in self.h], [q(d) for d in self.q_bu],
+                        [f(z) if z is not None else None for z in self.z_bu], self.q_top.map(f),
+                        [f(h) for h in self.h_td] if self.h_td is not None else None)
+
 
 class Pass(NamedTuple):
     z: torch.Tensor  # (B, D) the latents used, flat layout
@@ -65,6 +72,11 @@ class Pass(NamedTuple):
         in the latents' dtype (a float64 log p(x|z) is rounded once, here)."""
         log_w = self.log_px + self.log_ratio.sum(dim=1)
         return log_w if log_w.dtype == self.log_ratio.dtype else log_w.to(self.log_ratio.dtype)
+
+
+def repeat_rows(t: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
+    """Each row repeated n times, in place: (B, ...) -> (B * n, ...), rows b*n .. b*n+n-1 are row b."""
+    return t.unsqueeze(1).expand(t.shape[0], n, *t.shape[1:]).reshape(-1, *t.shape[1:])
 
 
 def _prior_mask(level: int, k: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
@@ -198,33 +210,51 @@ class Biva(nn.Module):
 
     # ---- passes ---------------------------------------------------------------------------------
     def bottom_up(self, x: torch.Tensor, eps: torch.Tensor) -> BottomUp:
-        """BU inference path (eqs. 7-9). x in [0, 1], (B, C, H, W); eps (B, noise_dim)."""
-        L = self.cfg.n_layers
-        inp, skips = x * 2.0 - 1.0, None
-        hs, q_bu, z_bu = [], [], []
-        for i in range(1, L + 1):
-            if i > 1:
-                inp = hs[-1]
-                if self.cfg.bu_latents:
-                    inp = torch.cat([inp, self.bu_embed[i - 2](z_bu[-1])], dim=1)  # (B, C + C_z, H, W)
-            outs = self.bu_blocks[i - 1](inp, skips if self.cfg.skip else None)
-            skips = outs
-            hs.append(outs[-1])
-            if i < L and self.cfg.bu_latents:
-                q = self.q_bu_heads[i - 1](outs[-1])[0]
-                q_bu.append(q)
-                z_bu.append(q.sample(self._bu_noise(eps, i)))
-            else:
-                q_bu.append(None)
-                z_bu.append(None)
-        if not self.cfg.q_td_path:
+        """BU inference path (eqs. 7-9). x in [0, 1], (B, C, H, W); eps (B * S, noise_dim): S >= 1 importance
+        samples per image, image-major (rows b*S .. b*S+S-1 draw for image b). The stages that see x alone, up
+        to the first stochastic draw (g_1 and q(z_1^BU | x) in BIVA; the whole path without BU latents), run
+        once per image; their outputs are repeated for each sample, and the pass is returned with B * S rows."""
+        L, cfg = self.cfg.n_layers, self.cfg
+        n_x = 1 if cfg.bu_latents else L  # stages before the first z^BU draw
+        x = x * 2.0 - 1.0
+        hs, q_bu, skips = [], [], None
+        for i in range(1, n_x + 1):  # once per image
+            skips, q = self._bu_stage(i, x if i == 1 else hs[-1], skips)
+            hs.append(skips[-1])
+            q_bu.append(q)
+        h_td = self._q_td_stages(x, hs, [], 1, n_x) if cfg.q_td_path else None
+
+        S = eps.shape[0] // x.shape[0]
+        hs, skips = [repeat_rows(h, S) for h in hs[:-1]], [repeat_rows(d, S) for d in skips]
+        hs.append(skips[-1])
+        q_bu = [q.map(lambda t: repeat_rows(t, S)) if q is not None else None for q in q_bu]
+        z_bu = [q.sample(self._bu_noise(eps, i)) if q is not None else None for i, q in enumerate(q_bu, 1)]
+        for i in range(n_x + 1, L + 1):  # once per sample (BIVA only: n_x = L without BU latents)
+            skips, q = self._bu_stage(i, torch.cat([hs[-1], self.bu_embed[i - 2](z_bu[-1])], dim=1), skips)
+            hs.append(skips[-1])  # the cat above: (B, C + C_z, H, W)
+            q_bu.append(q)
+            z_bu.append(q.sample(self._bu_noise(eps, i)) if q is not None else None)
+        if not cfg.q_td_path:
             return BottomUp(hs, q_bu[:L - 1], z_bu[:L - 1], self.q_top_head(hs[-1])[0])
-        h_td, inp = [], x * 2.0 - 1.0
-        for i in range(1, L + 1):
-            inp = self.q_td_blocks[i - 1](inp, [hs[i - 1]] * self.cfg.m_layers)[-1]
-            h_td.append(inp)
+        h_td = self._q_td_stages(x, hs, [repeat_rows(h, S) for h in h_td], n_x + 1, L)
         q_top = self.q_top_head(self.q_merges[L - 1](h_td[-1], hs[-1]))[0]
         return BottomUp(hs, q_bu[:L - 1], z_bu[:L - 1], q_top, h_td)
+
+    def _bu_stage(self, i: int, inp: torch.Tensor, skips: list[torch.Tensor] | None
+                  ) -> tuple[list[torch.Tensor], DiagGaussian | None]:
+        """Block g_i's outputs h_{i,1..M} (the next block's skips) and q(z_i^BU | .) where layer i has one."""
+        outs = self.bu_blocks[i - 1](inp, skips if self.cfg.skip else None)
+        q = self.q_bu_heads[i - 1](outs[-1])[0] if (i < self.cfg.n_layers and self.cfg.bu_latents) else None
+        return outs, q
+
+    def _q_td_stages(self, x: torch.Tensor, hs: list[torch.Tensor], h_td: list[torch.Tensor], first: int,
+                     last: int) -> list[torch.Tensor]:
+        """The second inference path's stages first..last (cfg.q_td_path), appended to h_td (stages before
+        `first`); stage i reads h_{i-1}^TD (x for i = 1) and the BU path's h_i."""
+        h_td = list(h_td)
+        for i in range(first, last + 1):
+            h_td.append(self.q_td_blocks[i - 1](h_td[-1] if i > 1 else x, [hs[i - 1]] * self.cfg.m_layers)[-1])
+        return h_td
 
     def top_down(self, bu: BottomUp | None, eps: torch.Tensor, k: int | torch.Tensor = 0,
                  temperature: float | torch.Tensor = 1.0, z_given: torch.Tensor | None = None,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import Biva
+from .model import Biva, repeat_rows
 from .noise import NoiseStream
 
 
@@ -32,6 +32,31 @@ def log_weights(model: Biva, x: torch.Tensor, eps: torch.Tensor, k: int | torch.
         return full.log_w, full.log_w, full.kl
     part = model.top_down(bu, eps, k, 1.0, x=x)
     return full.log_w, part.log_w, full.kl
+
+
+def iw_log_weights(model: Biva, x: torch.Tensor, eps: torch.Tensor, k: int | torch.Tensor = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """S importance samples and J values of k per image, eps (B, S, N), k (B, J) (an int: J = 1): the log
+    weight of every sample (B, S), L^{>k}'s of sample 0 for each k (B, J; J may be 0), and sample 0's
+    analytic KL per group (B, G).
+
+    `log_weights` for every sample, where the bottom-up stages that see x alone run once per image
+    (Biva.bottom_up), and only sample 0 gets the second top-down passes, one per k (its bottom-up pass and
+    noise shared), as in `evaluate_bounds`.
+    """
+    if isinstance(k, int):
+        k = torch.full((x.shape[0], 1), k, dtype=torch.int64, device=x.device)
+    S, J = eps.shape[1], k.shape[1]
+    flat = eps.reshape(-1, eps.shape[2])  # (B * S, N), image-major
+    bu = model.bottom_up(x, flat)
+    full = model.top_down(bu, flat, 0, 1.0, x=repeat_rows(x, S))
+    kl = full.kl.reshape(-1, S, full.kl.shape[1])[:, 0]  # (B, G)
+    first = lambda t: t.reshape(-1, S, *t.shape[1:])[:, 0]  # noqa: E731  (B * S, ...) -> sample 0's (B, ...)
+    # (B, ...) -> (J * B, ...), k-major: with J = 0 every reshape below keeps a 0 it can copy (ONNX's Reshape
+    # reads a 0 in the target shape as "the input's size there")
+    per_k = lambda t: t.unsqueeze(0).expand(J, *t.shape).reshape(-1, *t.shape[1:])  # noqa: E731
+    part = model.top_down(bu.map(first).map(per_k), per_k(eps[:, 0]), k.T.reshape(-1), 1.0, x=per_k(x))
+    return full.log_w.reshape(-1, S), part.log_w.reshape(J, x.shape[0]).T, kl
 
 
 @dataclass

@@ -130,6 +130,40 @@ def test_l_gt_0_equals_elbo_and_k_changes_it():
         assert not torch.allclose(pk, full)
 
 
+def _nats_close(a: torch.Tensor, ref: torch.Tensor) -> bool:
+    """|a - ref| <= 1e-3 nats, or two float32 spacings of ref where that is coarser (an untrained natural-image
+    model's log w near 2 x 10^4 nats, as the export validation allows)."""
+    return float((a - ref).abs().max()) <= max(1e-3, 2 * float(np.spacing(np.float32(ref.abs().max()))))
+
+
+@pytest.mark.parametrize("name,kw", [("tiny", {}), ("tiny", {"variant": "lvae+"}), ("tiny", {"variant": "lvae"}),
+                                     ("tiny32", {})])
+def test_iw_log_weights_share_the_x_only_stages_and_keep_l_k(name, kw):
+    """iw_log_weights (what the scorer graph runs: the bottom-up stages that see x alone once per image, S samples
+    and J values of k per image) against the reference on fresh random inputs: L_K of evaluate_bounds within
+    1e-3 nats, every sample's log w, L^{>k} and KL as log_weights gives them on the images repeated."""
+    from biva_core.model import repeat_rows
+    from biva_core.objectives import iw_log_weights
+
+    cfg = preset(name, **kw)
+    torch.manual_seed(int(np.random.default_rng().integers(2**31)))
+    model = Biva(cfg).eval()
+    B, K = 3, 6
+    x = _images(cfg, B, seed=int(torch.randint(0, 2**31, ())))
+    eps = NoiseStream(11).take((K, B, model.noise_dim)).transpose(0, 1)  # (B, K, N): the stream's (K, B, N)
+    ks = torch.tensor([[0, cfg.n_layers - 1], [1, 2], [cfg.n_layers, 0]])  # (B, J)
+    with torch.no_grad():
+        log_w, gt_k, kl = iw_log_weights(model, x, eps, ks)
+        ref = evaluate_bounds(model, x, NoiseStream(11), K)
+        assert _nats_close(torch.logsumexp(log_w, dim=1) - math.log(K), ref.iw)
+        tiled, _, tiled_kl = log_weights(model, repeat_rows(x, K), eps.reshape(B * K, -1), 0)
+        assert _nats_close(log_w, tiled.reshape(B, K)) and _nats_close(kl, tiled_kl.reshape(B, K, -1)[:, 0])
+        for j in range(ks.shape[1]):
+            assert _nats_close(gt_k[:, j], log_weights(model, x, eps[:, 0], ks[:, j])[1])
+        none = iw_log_weights(model, x, eps, torch.zeros((B, 0), dtype=torch.int64))  # J = 0: no L^{>k} pass
+        assert none[1].shape == (B, 0) and torch.equal(none[0], log_w)
+
+
 def test_l_gt_L_is_prior_sampling_estimate():
     """With k = L every latent comes from the prior, so log w = log p(x | z), z ~ p(z)."""
     cfg = preset("tiny")
