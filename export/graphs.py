@@ -9,11 +9,12 @@ different k or temperature can share one batch.
              z_>k kept from `z` (flat layout), z_<=k drawn from the conditional prior with `noise`;
              k = L samples unconditionally (z is then ignored). Figure 12 when 0 < k < L.
     encoder  (images, noise)             -> (z, q_mu, q_log_std, kl, log_w)
-             log_w = log p(x, z) - log q(z | x) for the z drawn: one importance sample of L_K. Rows
-             2..K of an IW likelihood run here, a single top-down pass; the scorer's second pass
-             (for L^{>k}) is only needed once per image.
+             log_w = log p(x, z) - log q(z | x) for the z drawn: one importance sample of L_K.
     scorer   (images, noise, k)          -> (log_w, log_w_gt_k, kl)
-             one importance sample per row: log w of L_1 and of L^{>k} (eq. 2), sharing noise.
+             noise (B, S, N): S importance samples per image; k (B, J): J values of k per image (J may
+             be 0). log w of each sample (B, S), sample 0's being L_1's; log w of L^{>k} (eq. 2) of
+             sample 0 for each k (B, J), sharing its noise; sample 0's KL. The bottom-up stages that see x
+             alone run once per image, so biva_score runs L_K here, several samples per image and call.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from biva_core.model import Biva
-from biva_core.objectives import log_weights
+from biva_core.objectives import iw_log_weights
 
 from . import contract
 from .contract import EncoderOut, GraphSpec, SamplerOut, ScorerOut
@@ -54,8 +55,8 @@ class ScorerGraph(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor, k: torch.Tensor):
-        log_w, log_w_gt_k, kl = log_weights(self.model, images, noise, k)
-        return ScorerOut(log_w=log_w.unsqueeze(1), log_w_gt_k=log_w_gt_k.unsqueeze(1), kl=kl)  # (B, 1), (B, 1), (B, G)
+        log_w, log_w_gt_k, kl = iw_log_weights(self.model, images, noise, k)
+        return ScorerOut(log_w=log_w, log_w_gt_k=log_w_gt_k, kl=kl)  # (B, S), (B, J), (B, G)
 
 
 GRAPH_MODULES = {contract.SAMPLER: SamplerGraph, contract.ENCODER: EncoderGraph, contract.SCORER: ScorerGraph}

@@ -12,7 +12,7 @@ import torch
 from biva_core.model import Biva
 from biva_core.noise import NoiseStream
 
-from .contract import GraphSpec, T, ort_session
+from .contract import KS, SAMPLES, GraphSpec, T, TensorSpec, ort_session
 from .graphs import GRAPH_MODULES
 
 DEFAULT_OPSET = 18
@@ -34,13 +34,15 @@ def _model_images(model: Biva, batch: int, rng: np.random.Generator) -> np.ndarr
     return (np.round(np.clip(mean + rng.normal(0, 0.02, mean.shape), 0, 1) * 255) / 255).astype(np.float32)
 
 
-def example_inputs(spec: GraphSpec, model: Biva, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Fresh random inputs for a graph: images drawn from the model, normal noise and latents, k in 0..L."""
+def example_inputs(spec: GraphSpec, model: Biva, batch: int, seed: int, samples: int = 1, ks: int = 1
+                   ) -> dict[str, np.ndarray]:
+    """Fresh random inputs for a graph: images drawn from the model, normal noise and latents, k in 0..L;
+    where the spec has free axes (the scorer's), `samples` importance samples and `ks` values of k per image."""
     rng = np.random.default_rng(seed)
     L = model.cfg.n_layers
     out: dict[str, np.ndarray] = {}
     for t in spec.inputs:
-        shape = (batch, *t.dims)
+        shape = (batch, *fixed_dims(t, {SAMPLES: samples, KS: ks}))
         if t.name == T.images:
             out[t.name] = _model_images(model, batch, rng)
         elif t.name == T.k:
@@ -52,7 +54,20 @@ def example_inputs(spec: GraphSpec, model: Biva, batch: int, seed: int) -> dict[
     return out
 
 
+def fixed_dims(t: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
+    """A row's shape with each free axis (-1) at its size in `sizes`."""
+    free = iter(t.free)
+    return tuple(sizes[next(free)] if d == -1 else d for d in t.dims)
+
+
 EXPORTERS = ("torchscript", "dynamo")
+EXPORT_SIZES = {SAMPLES: 3, KS: 2}  # free axes in the traced example: not 0 or 1, which torch.export specialises
+
+
+def _dynamic_axes(t: TensorSpec) -> dict[int, str]:
+    """The batch axis, and the spec's free axes (the scorer's samples and values of k) by name."""
+    free = iter(t.free)
+    return {0: "batch", **{i + 1: next(free) for i, d in enumerate(t.dims) if d == -1}}
 
 
 def export_graph(spec: GraphSpec, model: Biva, path: Path, opset: int = DEFAULT_OPSET,
@@ -63,16 +78,18 @@ def export_graph(spec: GraphSpec, model: Biva, path: Path, opset: int = DEFAULT_
     to export these graphs than "dynamo" (torch.export), with the same numbers (both are validated).
     """
     module = GRAPH_MODULES[spec.name](model).eval()
-    ex = example_inputs(spec, model, 2, seed=0)
+    ex = example_inputs(spec, model, 2, seed=0, samples=EXPORT_SIZES[SAMPLES], ks=EXPORT_SIZES[KS])
     args = tuple(torch.from_numpy(ex[n]) for n in spec.input_names)
     common = dict(input_names=spec.input_names, output_names=spec.output_names, opset_version=opset)
     with torch.no_grad():
         if exporter == "dynamo":
-            batch = torch.export.Dim("batch", min=1, max=65536)
-            torch.onnx.export(module, args, str(path), dynamo=True, dynamic_shapes=tuple({0: batch} for _ in args),
+            dims = {"batch": torch.export.Dim("batch", min=1, max=65536),
+                    SAMPLES: torch.export.Dim(SAMPLES, min=1, max=65536), KS: torch.export.Dim(KS, min=0, max=64)}
+            shapes = tuple({i: dims[a] for i, a in _dynamic_axes(t).items()} for t in spec.inputs)
+            torch.onnx.export(module, args, str(path), dynamo=True, dynamic_shapes=shapes,
                               external_data=False, optimize=True, **common)
         elif exporter == "torchscript":
-            axes = {n: {0: "batch"} for n in spec.input_names + spec.output_names}
+            axes = {t.name: _dynamic_axes(t) for t in spec.inputs + spec.outputs}
             torch.onnx.export(module, args, str(path), dynamo=False, dynamic_axes=axes, **common)
         else:
             raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
@@ -85,6 +102,7 @@ class GraphReport:
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     atol: dict[str, float] = field(default_factory=dict)
     batches: list[int] = field(default_factory=list)
+    free: list[dict[str, int]] = field(default_factory=list)  # with each batch, its free axes' sizes (the scorer's)
 
     @property
     def ok(self) -> bool:
@@ -95,10 +113,14 @@ class GraphReport:
         return f"{self.name}: {'ok' if self.ok else 'FAILED'}: max |ORT - torch|: " + ", ".join(parts)
 
 
+VALIDATION_FREE = ({SAMPLES: 5, KS: 2}, {SAMPLES: 1, KS: 1}, {SAMPLES: 2, KS: 0})  # one per batch, in turn
+
+
 def validate_graph(spec: GraphSpec, model: Biva, path: Path, batches: tuple[int, ...] = (1, 7, 33),
                    seed: int = 12345, atol_scale: float = 1.0) -> GraphReport:
     """Run the ONNX graph in ONNX Runtime and the PyTorch module on the same fresh inputs (several batch
-    sizes, so the dynamic axis is exercised) and record the max |difference| of every output, paired by
+    sizes, and with them VALIDATION_FREE's sizes of the free axes where the graph has some, J = 0 among
+    them, so every dynamic axis is exercised) and record the max |difference| of every output, paired by
     name: the module returns the contract's named tuple, whose fields must be the spec's output names.
 
     A tolerance below two float32 spacings of the output's largest value cannot be met by any runtime (a
@@ -106,9 +128,13 @@ def validate_graph(spec: GraphSpec, model: Biva, path: Path, batches: tuple[int,
     records the tolerance used; `atol_scale` 0 keeps exact equality."""
     module = GRAPH_MODULES[spec.name](model).eval()
     sess = ort_session(str(path))
-    rep = GraphReport(spec.name, atol={k: v * atol_scale for k, v in spec.atol.items()}, batches=list(batches))
+    free = [VALIDATION_FREE[i % len(VALIDATION_FREE)] for i in range(len(batches))] \
+        if any(t.free for t in spec.inputs) else []
+    rep = GraphReport(spec.name, atol={k: v * atol_scale for k, v in spec.atol.items()}, batches=list(batches),
+                      free=free)
     for i, b in enumerate(batches):
-        ex = example_inputs(spec, model, b, seed + i)
+        s, j = (free[i][SAMPLES], free[i][KS]) if free else (1, 1)
+        ex = example_inputs(spec, model, b, seed + i, s, j)
         got = dict(zip(spec.output_names, sess.run(spec.output_names, ex)))
         with torch.no_grad():
             ref = module(*(torch.from_numpy(ex[n]) for n in spec.input_names))

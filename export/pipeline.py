@@ -92,7 +92,8 @@ def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig
         if cfg.validate:
             rep = validate_graph(spec, model, path, atol_scale=cfg.atol_scale)
             log("  " + rep.summary())
-            entry.update({"max_abs_diff": rep.max_abs_diff, "atol": rep.atol, "batches": rep.batches, "ok": rep.ok})
+            entry.update({"max_abs_diff": rep.max_abs_diff, "atol": rep.atol, "batches": rep.batches,
+                          "free_axes": rep.free, "ok": rep.ok})
             if not rep.ok:  # fail fast: nothing is written, the remaining graphs are not exported
                 details = ", ".join(f"{k} {v:.3g} > {rep.atol[k]:.3g}" for k, v in rep.max_abs_diff.items()
                                     if v > rep.atol[k])

@@ -112,15 +112,15 @@ def test_ort_session_spinning_option(tiny_repo) -> None:
 
 
 def test_variant_repository_holds_every_graph_a_front_model_calls(tmp_path: Path, tiny_repo) -> None:
-    """biva_score calls the scorer (sample 0) and the encoder (samples 1..K-1): a bench of scorer_iw alone
-    needs both in its repository; every graph a front model names in front_model.py must be copied."""
+    """biva_score calls the scorer (every sample): a bench of scorer_iw alone needs it in its repository; every
+    graph a front model names in front_model.py must be copied."""
     import re
 
     from biva_bench.triton import write_variant
     from biva_export import contract
 
     out = write_variant(tiny_repo, tmp_path / "v", ["biva_score"], Variant())
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["biva_encoder", "biva_score", "biva_scorer"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["biva_score", "biva_scorer"]
     source = (tiny_repo / "biva_score" / "1" / "model.py").read_text()
     called = {getattr(contract, c) for c in re.findall(r"self\._call\((SAMPLER|ENCODER|SCORER)\b", source)}
     assert called == {g for gs in contract.FRONT_GRAPHS.values() for g in gs}

@@ -76,6 +76,9 @@ def test_graph_and_front_specs_follow_the_output_tuples() -> None:
     ({"temperature": np.array([[np.nan]], np.float32)}, "temperature"),
     ({"temperature": np.array([[1e30]], np.float32)}, "temperature"),
     ({"z": np.zeros((2, 5), np.float32), "k": np.zeros((3, 1), np.int64)}, "row counts"),
+    ({"noise": np.zeros((2, 9, 7), np.float32)}, "1 <= B <= 16"),  # the scorer's 2 x 9 rows: over the max batch
+    ({"noise": np.zeros((2, 0, 7), np.float32)}, "1 <= B <= 16"),  # no samples
+    ({"k": np.zeros((2, 5), np.int64)}, "at most 4"),  # more values of k per row than there are
 ])
 def test_graph_input_checks_refuse(feeds, match) -> None:
     with pytest.raises(RequestError, match=match):
@@ -85,6 +88,35 @@ def test_graph_input_checks_refuse(feeds, match) -> None:
 def test_graph_input_checks_accept_good_rows() -> None:
     contract.check_graph_inputs("g", {"images": np.ones((2, 1, 4, 4), np.float32),
                                       "noise": np.zeros((2, 7), np.float32), "k": np.array([[0], [3]])}, _meta())
+    contract.check_graph_inputs(contract.SCORER, {"images": np.ones((2, 1, 4, 4), np.float32),  # S = 8, J = 0 and 4
+                                                  "noise": np.zeros((2, 8, 7), np.float32),
+                                                  "k": np.zeros((2, 0), np.int64)}, _meta())
+    contract.check_graph_inputs(contract.SCORER, {"k": np.array([[0, 1, 2, 3]] * 2)}, _meta())
+
+
+@pytest.mark.parametrize("samples,batch,rows", [(1000, 1, 32), (999, 8, 32), (7, 5, 32), (40, 3, 16), (5, 300, 4),
+                                                (3, 2, 1)])
+def test_iw_calls_cover_every_sample_of_every_image_once(samples, batch, rows) -> None:
+    """The scorer calls of L_K's samples: each (image, sample) once, at most `rows` rows (images x samples) a call,
+    as many samples per image as fit (so the stages that see x alone run as few times as the row limit allows)."""
+    seen = np.zeros((batch, samples), int)
+    calls = contract.iw_calls(samples, batch, rows)
+    for imgs, smp in calls:
+        assert (imgs.stop - imgs.start) * (smp.stop - smp.start) <= max(rows, 1) and smp.stop > smp.start
+        seen[imgs, smp] += 1
+    assert (seen == 1).all()
+    assert max(smp.stop - smp.start for _, smp in calls) == min(samples, rows)
+
+
+def test_scorer_spec_names_its_free_axes_and_bounds_its_bytes() -> None:
+    meta = _meta()
+    spec = meta.graph_specs()[contract.SCORER]
+    free = {t.name: t.free for t in spec.inputs + spec.outputs}
+    assert free == {"images": (), "noise": (contract.SAMPLES,), "k": (contract.KS,), "log_w": (contract.SAMPLES,),
+                    "log_w_gt_k": (contract.KS,), "kl": ()}
+    assert all(t.dims.count(-1) == len(t.free) for t in spec.inputs + spec.outputs)
+    # rows x samples within the max batch; up to L + 1 values of k per row
+    assert meta.max_request_bytes()[contract.SCORER] == 16 * (4 * 16 + 4 * 7 + 8 * 4)
 
 
 def test_names_and_caps_are_written_once() -> None:

@@ -274,7 +274,7 @@ def _graph_inputs(model: str, over: dict[str, np.ndarray]) -> dict[str, np.ndarr
     images = (rng.random((1, 1, 28, 28)) > 0.5).astype(np.float32)
     noise = rng.standard_normal((1, 32)).astype(np.float32)
     base["biva_encoder"] = {"images": images, "noise": noise}
-    base["biva_scorer"] = {"images": images, "noise": noise, "k": np.array([[1]], np.int64)}
+    base["biva_scorer"] = {"images": images, "noise": noise[:, None], "k": np.array([[1]], np.int64)}  # (B, S, N)
     return {**base[model], **over}
 
 

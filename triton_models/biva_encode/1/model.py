@@ -22,9 +22,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 # export/contract.py, copied beside this file by biva-export: names, caps, metadata, checks, L_K estimator
-from biva_contract import (ENCODER, META_PARAMETER, ROLE_PARAMETER, SAMPLER, SCORER, LogMeanExp, ModelMeta, T,
-                           RequestError, check_images, check_iw, check_iw_rows, check_k, check_ks, check_n,
-                           check_temperature, check_vectors, iw_chunks)
+from biva_contract import (ENCODER, IW_CALL_ROWS, META_PARAMETER, ROLE_PARAMETER, SAMPLER, SCORER, LogMeanExp,
+                           ModelMeta, T, RequestError, check_images, check_iw, check_iw_rows, check_k, check_ks,
+                           check_n, check_temperature, check_vectors, iw_calls, iw_chunks)
 
 
 def _error(msg, invalid=True):
@@ -137,26 +137,35 @@ class TritonPythonModel:
         K = check_iw(self._one(req, T.iw, 1), self.caps)
         check_iw_rows(K, B, self.caps)
         ks = self._ks(req)
-        lme = LogMeanExp(B)
+        lme, elbo, sample0 = LogMeanExp(B), None, None
         for c in iw_chunks(K, B, self.graph_rows):
-            eps = rng.standard_normal((c, B, self.N), dtype=np.float32).reshape(c * B, self.N)
-            if lme.count == 0:  # sample 0: L_1, KL and L^{>k} for every k, as biva_core.objectives does
-                nk = ks.size
-                log_w, log_w_gt_k, kl = self._call(SCORER, {
-                    T.images: np.tile(x, (nk, 1, 1, 1)), T.noise: np.tile(eps[:B], (nk, 1)),
-                    T.k: np.repeat(ks, B).reshape(-1, 1)}, [T.log_w, T.log_w_gt_k, T.kl])
-                elbo, kl = log_w[:B, 0], kl[:B]
-                l_gt_k = log_w_gt_k[:, 0].reshape(nk, B).T  # (B, nk)
-                parts = [elbo[None]]
-                eps, c = eps[B:], c - 1
-            else:
-                parts = []
-            if c:  # samples 1..K-1 need only log w: the encoder's single top-down pass gives it
-                lw, = self._call(ENCODER, {T.images: np.tile(x, (c, 1, 1, 1)), T.noise: eps}, [T.log_w])
-                parts.append(lw[:, 0].reshape(c, B))
-            lme.add(np.concatenate(parts, axis=0))
-        return {T.elbo: elbo.astype(np.float32), T.iw_bound: lme.value().astype(np.float32),
-                T.l_gt_k: l_gt_k.astype(np.float32), T.kl: kl}
+            eps = rng.standard_normal((c, B, self.N), dtype=np.float32)  # (c, B, N): NoiseStream's order
+            log_w, first = self._iw_block(x, eps, ks if elbo is None else None)
+            if elbo is None:  # sample 0: L_1, with L^{>k} for every k and the KL from the same calls
+                elbo, sample0 = log_w[0], first
+            lme.add(log_w)
+        l_gt_k, kl = sample0
+        return {T.elbo: elbo.astype(np.float32), T.iw_bound: lme.value().astype(np.float32), T.l_gt_k: l_gt_k,
+                T.kl: kl}
+
+    def _iw_block(self, x, eps, ks):
+        """log w (c, B) of the samples eps (c, B, N) of images x, on the scorer in the calls contract.iw_calls
+        plans: a few images with several samples each, so the stages that see x alone run once per image and
+        call. With `ks` the block starts at sample 0, whose calls also take every k (J = len(ks): L^{>k} of
+        sample 0, as biva_core.objectives) and give its KL: then also (l_gt_k (B, J), kl (B, G)), else None."""
+        noise = eps.transpose(1, 0, 2)  # (B, c, N): an image's samples along the scorer's sample axis
+        log_w = np.empty(eps.shape[:2], np.float32)
+        B, G = eps.shape[1], len(self.meta.groups)
+        sample0 = (np.empty((B, ks.size), np.float32), np.empty((B, G), np.float32)) if ks is not None else None
+        for imgs, smp in iw_calls(eps.shape[0], B, min(IW_CALL_ROWS, self.graph_rows)):
+            n, with_ks = imgs.stop - imgs.start, sample0 is not None and smp.start == 0
+            k = np.tile(ks, (n, 1)) if with_ks else np.zeros((n, 0), np.int64)  # (n, J); J = 0: no L^{>k} pass
+            outs = self._call(SCORER, {T.images: x[imgs], T.noise: noise[imgs, smp], T.k: k},
+                              [T.log_w, T.log_w_gt_k, T.kl] if with_ks else [T.log_w])
+            log_w[smp, imgs] = outs[0].T  # (samples, images)
+            if with_ks:
+                sample0[0][imgs], sample0[1][imgs] = outs[1], outs[2]
+        return log_w, sample0
 
     def execute(self, requests):
         handler = getattr(self, f"_role_{self.role}")

@@ -10,8 +10,8 @@ Numpy only (no torch, no Triton): biva-export copies this file beside every pyth
 - the request caps and the model metadata record (`ModelMeta`, frozen, to/from JSON) that every
   config.pbtxt carries as its `biva_meta` parameter;
 - the request checks, shared by the front models, the graph models and the client;
-- the importance-weighted log-mean-exp with its chunk plan (the served L_K and the bench), and the one
-  ONNX Runtime session builder (validation, bench and the python-backend graph models).
+- the importance-weighted log-mean-exp with its chunk and scorer-call plans (the served L_K and the bench),
+  and the one ONNX Runtime session builder (validation, bench and the python-backend graph models).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ GRAPHS = (SAMPLER, ENCODER, SCORER)
 MODEL_PREFIX = "biva_"  # front model name = prefix + role
 ROLES = ("sample", "regenerate", "encode", "score")
 SAMPLE, REGENERATE, ENCODE, SCORE = (MODEL_PREFIX + r for r in ROLES)  # the front (API) models
-FRONT_GRAPHS = {SAMPLE: (SAMPLER,), REGENERATE: (SAMPLER,), ENCODE: (ENCODER,), SCORE: (SCORER, ENCODER)}
+FRONT_GRAPHS = {SAMPLE: (SAMPLER,), REGENERATE: (SAMPLER,), ENCODE: (ENCODER,), SCORE: (SCORER,)}
 META_PARAMETER = "biva_meta"  # config.pbtxt parameter holding ModelMeta.to_json()
 ROLE_PARAMETER = "role"  # config.pbtxt parameter naming a front model's role
 CONTRACT_COPY = "biva_contract.py"  # this file's name beside each python-backend model.py
@@ -50,9 +50,9 @@ class EncoderOut(NamedTuple):
 
 
 class ScorerOut(NamedTuple):
-    log_w: object  # (B, 1) log weight of L_1
-    log_w_gt_k: object  # (B, 1) log weight of L^{>k} (eq. 2)
-    kl: object  # (B, G)
+    log_w: object  # (B, S) log weight of each importance sample; sample 0's is L_1's
+    log_w_gt_k: object  # (B, J) log weight of L^{>k} (eq. 2) of sample 0, for each of the row's J values of k
+    kl: object  # (B, G) sample 0
 
 
 GRAPH_OUTPUTS = {SAMPLER: SamplerOut, ENCODER: EncoderOut, SCORER: ScorerOut}
@@ -70,11 +70,15 @@ class T:
 # ---- tensor specs ---------------------------------------------------------------------------------
 
 
+SAMPLES, KS = "samples", "ks"  # the scorer's free per-row axes: importance samples S, values of k J (may be 0)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: "float32" or "int64"
     dims: tuple[int, ...]  # per-row shape for graphs; full shape for front models (-1: free)
+    free: tuple[str, ...] = ()  # graphs: the axis each -1 in dims is (SAMPLES, KS), named as in the ONNX graph
 
 
 @dataclass(frozen=True)
@@ -106,15 +110,17 @@ IMAGE_ATOL = 1e-4  # images and latents
 NATS_ATOL = 1e-3  # every log-likelihood output, in nats
 
 
-def _f32(name: str, *dims: int) -> TensorSpec:
-    return TensorSpec(name, "float32", tuple(dims))
+def _f32(name: str, *dims: int, free: tuple[str, ...] = ()) -> TensorSpec:
+    return TensorSpec(name, "float32", tuple(dims), free)
 
 
-def _i64(name: str, *dims: int) -> TensorSpec:
-    return TensorSpec(name, "int64", tuple(dims))
+def _i64(name: str, *dims: int, free: tuple[str, ...] = ()) -> TensorSpec:
+    return TensorSpec(name, "int64", tuple(dims), free)
 
 
 def _outputs(graph: str, dims: dict[str, tuple[int, ...]]) -> tuple[TensorSpec, ...]:
+    if graph == SCORER:  # every sample's log w, and L^{>k}'s for every k of the row
+        return (_f32("log_w", -1, free=(SAMPLES,)), _f32("log_w_gt_k", -1, free=(KS,)), _f32("kl", *dims["kl"]))
     return tuple(_f32(n, *dims[n]) for n in GRAPH_OUTPUTS[graph]._fields)
 
 
@@ -126,7 +132,7 @@ def graph_specs(image_shape: tuple[int, ...], D: int, N: int, G: int) -> dict[st
     atol = {n: (IMAGE_ATOL if n in ("images", "z_out", "z", "q_mu", "q_log_std") else NATS_ATOL) for n in out_dims}
     ins = {SAMPLER: (_f32("z", D), _i64("k", 1), _f32("temperature", 1), _f32("noise", D)),
            ENCODER: (_f32("images", *img), _f32("noise", N)),
-           SCORER: (_f32("images", *img), _f32("noise", N), _i64("k", 1))}
+           SCORER: (_f32("images", *img), _f32("noise", -1, N, free=(SAMPLES,)), _i64("k", -1, free=(KS,)))}
     specs = {}
     for g in GRAPHS:
         outs = _outputs(g, out_dims)
@@ -230,8 +236,10 @@ class ModelMeta:
                 free = self.caps.max_images if len(t.dims) > 1 else self.n_layers + 1
                 total += item[t.dtype] * int(np.prod([free if d < 0 else d for d in t.dims]))
             out[name] = total
+        free = {SAMPLES: 1, KS: self.n_layers + 1}  # rows x samples <= the graph's max batch; J <= L + 1
         for name, spec in self.graph_specs().items():
-            out[name] = sum(item[t.dtype] * self.graph_max_batch * int(np.prod(t.dims)) for t in spec.inputs)
+            row = lambda t: int(np.prod([d for d in t.dims if d > 0] + [free[a] for a in t.free]))  # noqa: E731
+            out[name] = sum(item[t.dtype] * self.graph_max_batch * row(t) for t in spec.inputs)
         return out
 
 
@@ -339,10 +347,13 @@ def check_graph_inputs(graph: str, feeds: dict[str, np.ndarray], meta: ModelMeta
     for name, a in feeds.items():
         if name == "images":
             check_images(a, meta, rows)
-        elif name in ("z", "noise"):
-            check_vectors(name, a, a.shape[-1] if a.ndim == 2 else -1, rows, caps.max_abs_latent)
+        elif name in ("z", "noise"):  # the scorer's noise (B, S, N): B x S rows within the graph's max batch
+            flat = a.reshape(-1, a.shape[-1]) if a.ndim == 3 else a
+            check_vectors(name, flat, flat.shape[-1] if flat.ndim == 2 else -1, rows, caps.max_abs_latent)
         elif name == "k":
             check_k("k", a, meta.n_layers)
+            if a.ndim == 2 and a.shape[1] > meta.n_layers + 1:
+                raise RequestError(f"k: {a.shape[1]} values per row, expected at most {meta.n_layers + 1}")
         elif name == "temperature":
             check_temperature(a, caps)
     lens = {a.shape[0] for a in feeds.values()}
@@ -354,10 +365,27 @@ def check_graph_inputs(graph: str, feeds: dict[str, np.ndarray], meta: ModelMeta
 
 
 def iw_chunks(iw: int, batch: int, graph_rows: int) -> list[int]:
-    """Importance samples per graph call when K = iw samples of `batch` images go through a graph of at
-    most `graph_rows` rows per call (rows = samples x batch)."""
+    """Importance samples per block when K = iw samples of `batch` images are drawn (and reduced) in blocks of
+    at most `graph_rows` rows (rows = samples x batch)."""
     per_call = max(1, graph_rows // batch)
     return [min(per_call, iw - s) for s in range(0, iw, per_call)]
+
+
+# Rows (images x samples) per scorer call of L_K. Small calls keep ONNX Runtime's activations in the caches:
+# default28's encoder rows ran 1.4x faster per row in calls of 32 rows than in one call of 1000 (one thread,
+# the project machine, a Xeon with 2 MB of L2 per core; 16 to 64 rows within 10% of the best). Each call runs
+# the stages that see x alone once per image and costs a fixed few ms of ONNX Runtime's per-node overhead, so
+# much smaller calls lose more than the caches give.
+IW_CALL_ROWS = 32
+
+
+def iw_calls(samples: int, batch: int, rows: int = IW_CALL_ROWS) -> list[tuple[slice, slice]]:
+    """(images, samples) slices of the scorer calls that cover `samples` importance samples of `batch` images
+    with at most `rows` rows each: min(samples, rows) samples of as many images as fit (at least one)."""
+    s = max(1, min(samples, rows))
+    b = max(1, rows // s)
+    return [(slice(i, min(i + b, batch)), slice(j, min(j + s, samples)))
+            for j in range(0, samples, s) for i in range(0, batch, b)]
 
 
 class LogMeanExp:
