@@ -2,10 +2,9 @@
 
 A *case* is a graph at some rows per image: the sampler, the encoder, the scorer with K = 1, and the
 IW likelihood with K importance samples per image (`scorer_iw`: a biva_score request with iw = K). For
-K > 1 the in-process backends run the graph rows Triton's biva_score front model runs, in chunks of at
-most the graph's max batch (K x B rows, logsumexp over K): the front model sends sample 0 to the scorer
-(for L_1 and L^{>k}) and samples 1..K-1 to the encoder, which gives log w in one top-down pass; in
-process all K samples run on the encoder (one row in K differs).
+K > 1 the in-process backends run the scorer calls Triton's biva_score front model makes (contract.iw_calls:
+a few images with up to IW_CALL_ROWS samples each per call, logsumexp over K), the calls holding sample 0
+with one value of k (its L^{>k} pass; the front model passes the request's ks there), the others with none.
 
 Inputs come from biva_export.onnx_export.example_inputs (binary images, normal noise and latents, k and
 temperature drawn at random, never zeros); a small pool of distinct input sets is built before timing and
@@ -20,7 +19,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 import torch
 
-from biva_export.contract import ENCODER, SAMPLER, SCORE, SCORER, GraphSpec, LogMeanExp, T, iw_chunks
+from biva_export.contract import ENCODER, IW_CALL_ROWS, SAMPLER, SCORE, SCORER, GraphSpec, LogMeanExp, T, iw_calls
 
 from .loadgen import infer_inputs
 
@@ -40,7 +39,7 @@ def make_cases(iw: int) -> dict[str, Case]:
         "sampler": Case("sampler", SAMPLER, 1, SAMPLER),
         "encoder": Case("encoder", ENCODER, 1, ENCODER),
         "scorer_k1": Case("scorer_k1", SCORER, 1, SCORER),
-        "scorer_iw": Case("scorer_iw", ENCODER, iw, SCORE),
+        "scorer_iw": Case("scorer_iw", SCORER, iw, SCORE),
     }
 
 
@@ -63,7 +62,7 @@ class TorchRunner:
 class CompiledRunner(TorchRunner):
     """torch.compile (inductor, CPU) of the same graph module, with static shapes: compiled for each input
     shape when `prepare` first sees it, as a server with fixed batch sizes would, so compilation is never
-    inside a timed call; `compile_s` records that first call's seconds per graph row count."""
+    inside a timed call; `compile_s` records that first call's seconds per call shape (rows_key)."""
 
     def __init__(self, module: torch.nn.Module, spec: GraphSpec):
         super().__init__(module, spec)
@@ -72,11 +71,11 @@ class CompiledRunner(TorchRunner):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.fail_on_recompile_limit_hit = True
         self.module = torch.compile(self.module, backend="inductor", dynamic=False)
-        self.compile_s: dict[str, float] = {}  # graph rows -> seconds
+        self.compile_s: dict[str, float] = {}  # rows_key -> seconds
 
     def prepare(self, feeds: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
         prepared = super().prepare(feeds)
-        rows = str(prepared[0].shape[0])
+        rows = rows_key(feeds)
         if rows not in self.compile_s:
             t = time.perf_counter()
             self(prepared)
@@ -95,29 +94,40 @@ class OrtRunner:
         return self.session.run(None, prepared)
 
 
-def _iw_feeds(make_inputs: Callable[[int, int], dict[str, np.ndarray]], batch: int, samples: int,
-              seed: int) -> dict[str, np.ndarray]:
-    """Encoder inputs for `samples` importance samples of `batch` images: the images tiled."""
-    feeds = make_inputs(samples * batch, seed)
-    feeds[T.images] = np.tile(feeds[T.images][:batch], (samples, 1, 1, 1))  # (samples * B, C, H, W)
-    return feeds
+def rows_key(feeds: dict[str, np.ndarray]) -> str:
+    """A graph call's shape: "B" rows, or "BxS" where the scorer's noise carries S > 1 samples per image."""
+    noise = feeds.get(T.noise)
+    if noise is not None and noise.ndim == 3 and noise.shape[1] > 1:
+        return f"{noise.shape[0]}x{noise.shape[1]}"
+    return str(next(iter(feeds.values())).shape[0])
 
 
-def inprocess_call(runner, case: Case, make_inputs: Callable[[int, int], dict[str, np.ndarray]], batch: int,
+def iw_plan(samples: int, batch: int, graph_max: int) -> list[tuple[slice, slice, int]]:
+    """The scorer calls biva_score makes for `samples` importance samples of `batch` images: (images, samples,
+    J), J = 1 value of k in the calls holding sample 0 (its L^{>k} pass), 0 in the others."""
+    return [(imgs, smp, int(smp.start == 0)) for imgs, smp in iw_calls(samples, batch, min(IW_CALL_ROWS, graph_max))]
+
+
+def inprocess_call(runner, case: Case, make_inputs: Callable[..., dict[str, np.ndarray]], batch: int,
                    graph_max: int, seed: int, log_w_index: int = 0) -> Callable[[int], Any]:
-    """A call(i) running `batch` images of `case` on `runner`; make_inputs(rows, seed) gives raw inputs.
-    For K > 1, output `log_w_index` of the graph is the log weight."""
+    """A call(i) running `batch` images of `case` on `runner`; make_inputs(rows, seed, samples=1, ks=1) gives
+    raw inputs. For K > 1, output `log_w_index` of the scorer is the log weight of each sample."""
     if case.rows_per_image == 1:
         pool = [runner.prepare(make_inputs(batch, seed + j)) for j in range(POOL)]
         return lambda i: runner(pool[i % POOL])
-    chunks = iw_chunks(case.rows_per_image, batch, graph_max)
-    pools = {c: [runner.prepare(_iw_feeds(make_inputs, batch, c, seed + 101 * j + c)) for j in range(2)]
-             for c in set(chunks)}
+    calls = iw_plan(case.rows_per_image, batch, graph_max)
+    shape = lambda imgs, smp, ks: (imgs.stop - imgs.start, smp.stop - smp.start, ks)  # noqa: E731  (b, S, J)
+    pools = {}
+    for b, s, ks in {shape(*c) for c in calls}:  # k = 0 where there is one
+        feeds = [make_inputs(b, seed + 101 * j + s, s, ks) for j in range(2)]
+        pools[b, s, ks] = [runner.prepare({**f, T.k: np.zeros_like(f[T.k])}) for f in feeds]
 
     def call(i: int) -> np.ndarray:
+        log_w = np.empty((case.rows_per_image, batch))  # (K, B)
+        for c in calls:
+            log_w[c[1], c[0]] = runner(pools[shape(*c)][i % 2])[log_w_index].T
         lme = LogMeanExp(batch)  # log (1/K) sum_k w_k per image, as biva_score computes it
-        for c in chunks:
-            lme.add(runner(pools[c][i % 2])[log_w_index][:, 0].reshape(c, batch))  # (c, B)
+        lme.add(log_w)
         return lme.value()
     return call
 

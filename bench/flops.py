@@ -55,17 +55,20 @@ def _node_flops(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> in
     return 0
 
 
-def onnx_flops_per_row(path: Path) -> dict[str, Any]:
-    """FLOPs of one graph row (batch 1), counted over the ONNX graph's Conv/ConvTranspose/MatMul/Gemm nodes."""
+def onnx_flops_per_row(path: Path, free: dict[str, int] | None = None) -> dict[str, Any]:
+    """FLOPs of one graph row (batch 1; the graph's other free axes, the scorer's samples and values of k, at
+    their sizes in `free` by name, else 1), counted over the ONNX graph's Conv/ConvTranspose/MatMul/Gemm nodes."""
     model = onnx.load(str(path))
     if model.functions:
         from onnx import inliner
 
         model = inliner.inline_local_functions(model)
-    for inp in model.graph.input:  # fix the dynamic batch to 1 so every shape is concrete
-        dim0 = inp.type.tensor_type.shape.dim[0]
-        dim0.Clear()
-        dim0.dim_value = 1
+    for inp in model.graph.input:  # fix every dynamic axis so every shape is concrete
+        for i, dim in enumerate(inp.type.tensor_type.shape.dim):
+            if i == 0 or not dim.HasField("dim_value"):
+                size = 1 if i == 0 else (free or {}).get(dim.dim_param, 1)
+                dim.Clear()
+                dim.dim_value = size
     try:  # onnxruntime's symbolic inference follows the Shape -> Gather -> Concat -> Reshape chains
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference  # of the tracing exporter
 

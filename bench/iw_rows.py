@@ -1,49 +1,84 @@
-"""Importance-weighted rows on the scorer vs the encoder graph: why biva_score sends samples 1..K-1 to the encoder.
+"""Importance-weighted rows on the scorer vs the encoder graph: why biva_score runs samples 1..K-1 on the scorer.
 
     python -m biva_bench.iw_rows --repo triton_models
 
-The scorer runs two top-down passes per row (the second for L^{>k}); the encoder's log_w output needs one.
-Both graphs get the same K rows of one random binary image (k = 0 for the scorer) in ONNX Runtime; prints the
-largest log_w difference (the two must agree) and the median seconds of alternating runs, in one process.
+K importance samples of one random binary image, the same noise, in ONNX Runtime, three ways:
+
+    encoder      K rows (the image tiled) in calls of up to the graph's max batch: every sample through the whole
+                 pass, biva_score's route before issue 12;
+    encoder/32   the same rows in calls of IW_CALL_ROWS rows (what smaller calls alone give: the caches);
+    scorer       the calls biva_score makes now (contract.iw_calls): each image with up to IW_CALL_ROWS samples
+                 per call, the stages that see x alone once per call.
+
+Prints the largest log_w difference from the encoder's (all must agree), L_K of each, and the median seconds of
+alternating runs (one warm-up first), in one process.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import click
 import numpy as np
 
 
+def _routes(sessions: dict, image: np.ndarray, noise: np.ndarray, graph_rows: int, call_rows: int
+            ) -> dict[str, Callable[[], np.ndarray]]:
+    """name -> a function giving log w of the K samples (K,), each route as described above."""
+    from biva_export.contract import ENCODER, SCORER, T, iw_calls
+
+    K = noise.shape[0]
+    images = np.repeat(image, K, axis=0)
+
+    def encoder(rows: int) -> Callable[[], np.ndarray]:
+        return lambda: np.concatenate([sessions[ENCODER].run([T.log_w], {
+            T.images: images[s:s + rows], T.noise: noise[s:s + rows]})[0][:, 0] for s in range(0, K, rows)])
+
+    def scorer() -> np.ndarray:  # the call holding sample 0 also runs its L^{>k} pass (k = 0), as biva_score's
+        out = np.empty(K, np.float32)
+        for _, smp in iw_calls(K, 1, call_rows):
+            out[smp] = sessions[SCORER].run([T.log_w], {T.images: image, T.noise: noise[None, smp],
+                                                        T.k: np.zeros((1, int(smp.start == 0)), np.int64)})[0][0]
+        return out
+
+    return {"encoder": encoder(graph_rows), f"encoder/{call_rows}": encoder(call_rows), "scorer": scorer}
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--repo", type=click.Path(file_okay=False, exists=True, path_type=Path), default=Path("triton_models"),
               show_default=True, help="Model repository written by biva-export (with its model.onnx files).")
-@click.option("--rows", default=1000, show_default=True, help="Importance samples K (rows of one image).")
-@click.option("--reps", default=4, show_default=True, help="Alternating timed runs per graph (after one warm-up).")
+@click.option("--rows", default=1000, show_default=True, help="Importance samples K of one image.")
+@click.option("--reps", default=4, show_default=True, help="Alternating timed runs per route (after one warm-up).")
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
-def main(repo: Path, rows: int, reps: int, threads: int) -> None:
-    from biva_export.contract import ENCODER, SCORER, T, ort_session
+@click.option("--call-rows", default=None, type=int, help="Rows per scorer call [contract.IW_CALL_ROWS].")
+def main(repo: Path, rows: int, reps: int, threads: int, call_rows: int | None) -> None:
+    from biva_export.contract import ENCODER, IW_CALL_ROWS, SCORER, LogMeanExp, ort_session
     from biva_export.repository import read_meta
 
     meta = read_meta(repo)
+    call_rows = min(call_rows or IW_CALL_ROWS, meta.graph_max_batch)
     sessions = {g: ort_session(str(repo / g / "1" / "model.onnx"), threads) for g in (SCORER, ENCODER)}
     rng = np.random.default_rng(0)
     image = (rng.random((1, *meta.image_shape)) > 0.5).astype(np.float32)
-    feeds = {ENCODER: {T.images: np.repeat(image, rows, axis=0),
-                       T.noise: rng.standard_normal((rows, meta.noise_dim), dtype=np.float32)}}
-    feeds[SCORER] = {**feeds[ENCODER], T.k: np.zeros((rows, 1), np.int64)}
-    log_w = {g: s.run([T.log_w], feeds[g])[0] for g, s in sessions.items()}  # also the warm-up
-    times: dict[str, list[float]] = {g: [] for g in sessions}
+    noise = rng.standard_normal((rows, meta.noise_dim), dtype=np.float32)
+    routes = _routes(sessions, image, noise, meta.graph_max_batch, call_rows)
+    log_w = {name: run() for name, run in routes.items()}  # also the warm-up
+    times: dict[str, list[float]] = {name: [] for name in routes}
     for _ in range(reps):
-        for g, s in sessions.items():
+        for name, run in routes.items():
             t0 = time.perf_counter()
-            s.run([T.log_w], feeds[g])
-            times[g].append(time.perf_counter() - t0)
-    med = {g: float(np.median(t)) for g, t in times.items()}
-    click.echo(f"max |log_w scorer - log_w encoder| over {rows} rows: "
-               f"{float(np.abs(log_w[SCORER] - log_w[ENCODER]).max()):.3g} nats")
-    click.echo(f"{rows} IW rows, ONNX Runtime {threads} threads, median of {reps}: scorer {med[SCORER]:.2f} s, "
-               f"encoder {med[ENCODER]:.2f} s, scorer/encoder {med[SCORER] / med[ENCODER]:.2f}x")
+            run()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: float(np.median(t)) for name, t in times.items()}
+    for name, lw in log_w.items():
+        lme = LogMeanExp(1)
+        lme.add(lw[:, None])
+        click.echo(f"{name:12s} L_K {float(lme.value()[0]):.4f} nats, max |log_w - encoder's| "
+                   f"{float(np.abs(lw - log_w['encoder']).max()):.3g} nats, median {med[name]:.3f} s "
+                   f"({med['encoder'] / med[name]:.2f}x the encoder's)")
+    click.echo(f"{rows} IW samples of one image, ONNX Runtime {threads} threads, median of {reps} alternating runs; "
+               f"scorer calls of {call_rows} rows")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ from typing import Any, Callable
 
 import torch
 
-from biva_export.contract import REPORT, T, ort_session
+from biva_export.contract import ENCODER, IW_CALL_ROWS, KS, REPORT, SAMPLES, T, ort_session
 from biva_export.repository import read_meta, sha256_file
 
-from .backends import Case, CompiledRunner, OrtRunner, TorchRunner, async_call, inprocess_call, make_cases, \
+from .backends import Case, CompiledRunner, OrtRunner, TorchRunner, async_call, inprocess_call, iw_plan, make_cases, \
     request_feeds, sync_call, triton_inputs
 from .config import BenchConfig
 from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
@@ -112,10 +112,11 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
 
     graphs, graph_max = _graph_files(repo, specs), read_meta(repo).graph_max_batch
     load_s: dict[str, float] = {}
-    compiled: dict[str, CompiledRunner] = {}  # one per graph: scorer_iw reuses the encoder's compiled shapes
+    compiled: dict[str, CompiledRunner] = {}  # one per graph: scorer_iw reuses the scorer's
     for name, case in cases.items():
         spec = specs[case.graph]
-        make = lambda rows, seed, spec=spec: example_inputs(spec, plain, rows, seed)  # noqa: E731
+        make = lambda rows, seed, samples=1, ks=1, spec=spec: example_inputs(  # noqa: E731
+            spec, plain, rows, seed, samples, ks)
         runners = {}
         if "torch" in cfg.backends:
             runners["torch"] = TorchRunner(GRAPH_MODULES[case.graph](plain), spec)
@@ -280,25 +281,48 @@ def bench_sweep(cfg: BenchConfig, case: Case, server, plain, specs, label: str, 
                             cfg.measure, log, label)
 
 
-def _flops(cases: dict[str, Case], graphs: dict[str, Path], plain, specs) -> dict[str, dict]:
+def _graph_flops(graph: str, path: Path, plain, spec, samples: int, ks: int) -> dict[str, Any]:
+    """FLOPs per image of one graph call with `samples` samples and `ks` values of k per image (where the graph
+    has those axes), counted on the ONNX graph and on the PyTorch module."""
     from biva_export.graphs import GRAPH_MODULES
     from biva_export.onnx_export import example_inputs
 
-    per_graph = {}
-    for g in {c.graph for c in cases.values()}:
-        ex = example_inputs(specs[g], plain, 4, seed=1)
-        module = GRAPH_MODULES[g](plain).eval()
-        per_graph[g] = {"onnx": onnx_flops_per_row(graphs[g]),
-                        "torch": torch_flops_per_row(module, tuple(torch.from_numpy(ex[n])
-                                                                   for n in specs[g].input_names))}
+    ex = example_inputs(spec, plain, 4, seed=1, samples=samples, ks=ks)
+    module = GRAPH_MODULES[graph](plain).eval()
+    return {"onnx": onnx_flops_per_row(path, {SAMPLES: samples, KS: ks}),
+            "torch": torch_flops_per_row(module, tuple(torch.from_numpy(ex[n]) for n in spec.input_names))}
+
+
+def _flops(cases: dict[str, Case], graphs: dict[str, Path], plain, specs, graph_max: int) -> dict[str, dict]:
+    """FLOPs per image of each case: one graph row, or for K > 1 the scorer calls biva_score makes for one
+    image (the stages that see x alone once per call), with K encoder rows (every sample through the whole
+    pass, the route before issue 12) beside them."""
+    counts: dict[tuple[str, int, int], dict] = {}
+
+    def count(g: str, samples: int = 1, ks: int = 1) -> dict:
+        if (g, samples, ks) not in counts:
+            counts[g, samples, ks] = _graph_flops(g, graphs[g], plain, specs[g], samples, ks)
+        return counts[g, samples, ks]
+
     out = {}
     for name, c in cases.items():
-        f = per_graph[c.graph]
-        row = f["onnx"]["total"] if f["onnx"]["complete"] else f["torch"]
-        out[name] = {"graph": c.graph, "rows_per_image": c.rows_per_image, "flops_per_row_onnx": f["onnx"]["total"],
-                     "flops_per_row_onnx_by_op": f["onnx"]["by_op"], "onnx_count_complete": f["onnx"]["complete"],
-                     "flops_per_row_torch": f["torch"], "flops_per_image": row * c.rows_per_image,
-                     "source": "onnx" if f["onnx"]["complete"] else "torch"}
+        calls = [count(c.graph)] if c.rows_per_image == 1 else \
+            [count(c.graph, smp.stop - smp.start, ks) for _, smp, ks in iw_plan(c.rows_per_image, 1, graph_max)]
+        onnx_total, torch_total = sum(f["onnx"]["total"] for f in calls), sum(f["torch"] for f in calls)
+        complete = all(f["onnx"]["complete"] for f in calls)
+        by_op: dict[str, int] = {}
+        for f in calls:
+            for op, v in f["onnx"]["by_op"].items():
+                by_op[op] = by_op.get(op, 0) + v
+        out[name] = {"graph": c.graph, "rows_per_image": c.rows_per_image,
+                     "flops_per_row_onnx": onnx_total / c.rows_per_image, "flops_per_row_onnx_by_op": by_op,
+                     "onnx_count_complete": complete, "flops_per_row_torch": torch_total / c.rows_per_image,
+                     "flops_per_image": onnx_total if complete else torch_total,
+                     "source": "onnx" if complete else "torch"}
+        if c.rows_per_image > 1:
+            enc = count(ENCODER)
+            out[name]["flops_per_image_encoder_rows"] = c.rows_per_image * (
+                enc["onnx"]["total"] if enc["onnx"]["complete"] else enc["torch"])
     return out
 
 
@@ -322,9 +346,11 @@ def _describe(result: dict, cfg: BenchConfig, cases: dict[str, Case], graph_max:
     if cases.get("scorer_iw") is not None:
         result["notes"].append(
             f"scorer_iw: K = {cfg.iw} importance samples per image, batches {list(cfg.iw_batches)}; in process "
-            f"the encoder graph (its log_w output) runs K x B rows in chunks of at most {graph_max} rows, as "
-            "biva_score slices them; Triton gets one biva_score request with iw = K and runs sample 0 on the "
-            "scorer (L_1 and L^{>k}), samples 1..K-1 on the encoder.")
+            f"the scorer graph runs them in the calls biva_score makes (at most {min(IW_CALL_ROWS, graph_max)} "
+            "rows of images x samples each, the stages that see x alone once per image and call, the calls "
+            "holding sample 0 with its L^{>k} pass for k = 0); Triton gets one biva_score request with iw = K. "
+            "Its FLOPs per image are those calls'; flops_per_image_encoder_rows is K encoder rows, every sample "
+            "through the whole pass (the route before).")
 
 
 def _finish(result: dict, cfg: BenchConfig, gemm: tuple[dict, dict], out_dir: Path, t_start: float) -> None:
@@ -366,7 +392,7 @@ def run_bench(ckpt: Path, out_dir: Path, cfg: BenchConfig, repo: Path | None = N
             log("exporting the checkpoint (pass --repo to reuse an exported repository) ...")
             run_export(ckpt, repo, log=lambda *_: None)
         result["meta"]["repository"] = str(repo) if repo.parent != work else "exported into a temporary folder"
-        result["flops"] = _flops(cases, _graph_files(repo, specs), plain, specs)
+        result["flops"] = _flops(cases, _graph_files(repo, specs), plain, specs, read_meta(repo).graph_max_batch)
         _describe(result, cfg, cases, read_meta(repo).graph_max_batch)
         log("in process (no server running):")
         result["meta"]["ort_session_load_s"] = bench_inprocess(cfg, cases, repo, plain, specs, result["graphs"],

@@ -172,8 +172,12 @@ def test_cli_refuses_a_repository_from_another_checkpoint(tmp_path: Path, tiny_c
 @pytest.mark.slow
 @pytest.mark.server
 def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -> None:
+    import numpy as np
+
+    from biva_bench.backends import iw_plan, rows_key
     from biva_bench.config import BACKENDS, QUICK
     from biva_bench.run import run_bench
+    from biva_export.repository import read_meta
 
     # the sweeps' clients run as processes (the default), plus one layout sweep with spinning off
     cfg = replace(QUICK, threads=1, measure=replace(QUICK.measure, window_s=0.05, max_windows=3),
@@ -222,8 +226,10 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
     mean_rows = [m["server"]["mean_batch_rows"] for m in conc["no_dynamic_batching"].values()]
     assert all(0.95 <= r <= 1.05 for r in mean_rows), mean_rows
 
-    for case, entry in on_disk["graphs"].items():  # torch.compile: one compile per graph row count, reported
-        rows = {str(b * entry["rows_per_image"]) for b in entry["batches"]}
+    for case, entry in on_disk["graphs"].items():  # torch.compile: one compile per call shape, reported
+        rows = {str(b) for b in entry["batches"]} if entry["rows_per_image"] == 1 else \
+            {rows_key({"noise": np.zeros((i.stop - i.start, s.stop - s.start, 1))}) for i, s, _ in iw_plan(
+                entry["rows_per_image"], 1, read_meta(tiny_repo).graph_max_batch)}
         assert rows <= set(entry["compile_s"]) and all(s > 0 for s in entry["compile_s"].values()), case
     assert "torch.compile: compiling took" in (out / "bench.md").read_text()
 
@@ -238,8 +244,13 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
             m["images_per_s"] for m in on_disk["graphs"]["scorer_k1"]["results"]["ort"].values()))
     assert r["dynamic_batching_layouts"]["2x1:nospin"]["of_ceiling"]["value"] > 0
     assert r["scorer_peak_fraction"]["value"] > 0 and r["scorer_peak_fraction"]["backend"] in BACKENDS
+    iw = r["iw_peak_fraction"]  # the IW likelihood: seconds per image and the fraction of the GEMM rate
+    assert iw["value"] > 0 and iw["target"] == 0.7 and set(iw["seconds_per_image"]) == set(BACKENDS)
+    assert all(s > 0 for s in iw["seconds_per_image"].values())
+    f = on_disk["flops"]["scorer_iw"]
+    assert 0 < f["flops_per_image"] < f["flops_per_image_encoder_rows"]  # the stages that see x alone: once per call
 
     md = (out / "bench.md").read_text()
-    assert "## Targets" in md and "## Concurrency sweep" in md
+    assert "## Targets" in md and "## Concurrency sweep" in md and "## Importance-weighted likelihood" in md
     for png in ("throughput_vs_batch.png", "latency_vs_concurrency.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
