@@ -16,6 +16,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from biva_export.contract import ENCODER
+
 
 def op_times(path: Path, feeds: dict[str, np.ndarray], threads: int, runs: int) -> tuple[dict[str, float], dict[str, int]]:
     """{op type: kernel microseconds per run}, {op type: nodes run per run}, from ONNX Runtime's profiler."""
@@ -49,7 +51,7 @@ def op_times(path: Path, feeds: dict[str, np.ndarray], threads: int, runs: int) 
               help="The checkpoint the repository was exported from (for the inputs' shapes and binarisation).")
 @click.option("--repo", type=click.Path(file_okay=False, exists=True, path_type=Path), default=Path("triton_models"),
               show_default=True, help="Model repository written by biva-export (with its model.onnx files).")
-@click.option("--graph", default="biva_encoder", show_default=True, help="Graph model to profile.")
+@click.option("--graph", default=ENCODER, show_default=True, help="Graph model to profile.")
 @click.option("--batch", default=64, show_default=True, help="Rows per run.")
 @click.option("--runs", default=5, show_default=True, help="Profiled runs (after one warm-up).")
 @click.option("--threads", default=1, show_default=True, help="ONNX Runtime intra-op threads.")
