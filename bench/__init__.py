@@ -4,6 +4,7 @@ with perf_analyzer's measurement method, a concurrency sweep, and the fraction o
     config.py    BenchConfig and the quick / full presets
     measure.py   warm-up, windows, stability, percentiles (sync and concurrent clients)
     backends.py  the timed calls: cases, in-process runners, Triton request bodies
+    loadgen.py   closed-loop clients in separate processes for the concurrency sweep; a neighbour process
     triton.py    repository variants (dynamic batching off, threads, instances, queue), statistics deltas
     flops.py     FLOPs per image (ONNX graph and PyTorch counter) and the GEMM rate
     report.py    achieved fraction, ratios against the targets, JSON / markdown / PNG

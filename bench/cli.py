@@ -72,15 +72,23 @@ def _layouts(text: str | None) -> tuple[Variant, ...]:
 @click.option("--layouts", default=None,
               help="Extra dynamic-batching sweeps, one server each: INSTANCESxTHREADS[:spin|:nospin], "
                    "comma-separated, e.g. 1x2:spin,1x2:nospin,2x1:nospin.")
-@click.option("--load", type=click.Choice(LOADS), default="processes", show_default=True,
-              help="Sweep clients: one process each, or one asyncio process (the method before issue 12).")
+@click.option("--layout-rounds", type=int, default=1, show_default=True,
+              help="Run the --layouts list this many times over, interleaved; each layout reports its median round.")
+@click.option("--load", type=click.Choice(LOADS), default="async", show_default=True,
+              help="Sweep clients: coroutines of the bench process (async), or client processes (see --client-procs).")
+@click.option("--client-procs", type=int, default=0, show_default=True,
+              help="With --load processes: client processes, the clients spread over them as coroutines "
+                   "(0: one process per client).")
+@click.option("--neighbour", is_flag=True,
+              help="With --load processes: during the sweeps, run a 1-thread GEMM loop beside the server and report its rate against its "
+                   "rate beside an idle server (what the served model leaves to, say, a training process).")
 @click.option("--queue-delay-us", type=int, default=None, help="Dynamic batcher max queue delay (default: as exported).")
 @click.option("--preferred-batch", default=None,
               help="Dynamic batcher preferred batch sizes, comma-separated; '' for none (default: as exported).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurrency, backends, cases, window_s,
-         max_windows, ort_level, ort_saved_graph, instances, instance_threads, ort_spinning, layouts, load,
-         queue_delay_us, preferred_batch, debug):
+         max_windows, ort_level, ort_saved_graph, instances, instance_threads, ort_spinning, layouts, layout_rounds,
+         load, client_procs, neighbour, queue_delay_us, preferred_batch, debug):
     """Benchmark the exported BIVA graphs: PyTorch eager and torch.compile, ONNX Runtime in process, Triton over
     HTTP and gRPC."""
     from biva_core.checkpoint import CheckpointError
@@ -100,10 +108,12 @@ def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurren
                      "cases": _names(cases, CASES), "threads": threads}
         spinning = None if ort_spinning is None else ort_spinning == "on"
         cfg = replace(cfg, measure=measure, ort_level=ort_level, ort_saved_graph=ort_saved_graph, load=load,
+                      client_procs=client_procs,
+                      neighbour=neighbour,
                       variant=Variant(threads=instance_threads or threads or 0, instances=instances,
                                       preferred=_ints(preferred_batch), queue_delay_us=queue_delay_us,
                                       spinning=spinning),
-                      layouts=_layouts(layouts),
+                      layouts=_layouts(layouts), layout_rounds=layout_rounds,
                       **{k: v for k, v in overrides.items() if v is not None})
         run_bench(ckpt, out_dir, cfg, repo=repo, log=click.echo)
 

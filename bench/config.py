@@ -39,8 +39,12 @@ class BenchConfig:
     ort_level: str = "all"  # ONNX Runtime graph optimisation level, in process (Triton's model.py uses ALL)
     ort_saved_graph: bool = False  # in process: optimise once, save, and load the saved graph (no re-optimising)
     variant: Variant = Variant()  # Triton repository settings for the dynamic-batching server
-    load: str = "processes"  # sweep clients: one process each ("processes") or one asyncio process ("async")
+    load: str = "async"  # sweep clients: coroutines of the bench process ("async", the cheapest client measured
+    #                      on 2 cores), or client processes ("processes")
+    client_procs: int = 0  # processes load: client processes (0: one per client), clients spread over them
     layouts: tuple[Variant, ...] = ()  # extra dynamic-batching sweeps: instances, threads, spinning of each
+    layout_rounds: int = 1  # the layouts' sweeps this many times over, interleaved; each layout reports its median
+    neighbour: bool = False  # sweeps (processes load): a 1-thread GEMM loop runs beside the server, its rate reported
     seed: int = 20240601
 
     def __post_init__(self) -> None:
@@ -54,6 +58,14 @@ class BenchConfig:
             raise ValueError(f"sweep_case must be a graph case, got {self.sweep_case!r}")
         if self.load not in LOADS:
             raise ValueError(f"load must be one of {LOADS}, got {self.load!r}")
+        if self.neighbour and self.load != "processes":
+            raise ValueError("neighbour needs the processes load (load='processes')")
+        if len(set(self.layouts)) != len(self.layouts):
+            raise ValueError("a layout is listed twice; use layout_rounds to repeat them")
+        if self.client_procs < 0:
+            raise ValueError(f"client_procs must be >= 0, got {self.client_procs}")
+        if self.layout_rounds < 1:
+            raise ValueError(f"layout_rounds must be >= 1, got {self.layout_rounds}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 

@@ -1,23 +1,26 @@
 """Closed-loop concurrent clients in separate processes, measured with bench/measure.py's rules.
 
-One asyncio process driving 16 clients spends a core of Python on the client side while the server
-wants both cores, and it cannot use the other core for the clients either (one interpreter). Here
-every client is its own process with its own tritonclient.grpc client, as perf_analyzer's concurrency
-mode uses its own threads: each sends its next batch-1 request when the previous answer arrives.
+The bench's first sweep ran every client as a coroutine of the bench process itself: one interpreter,
+on one core at a time, beside the server. Here the clients run in their own processes (spawned, each
+with its own tritonclient.grpc.aio client and channel): one process per client by default, as
+perf_analyzer's concurrency mode gives each client its own thread, or fewer processes with several
+coroutine clients each (`procs`). Each client sends its next batch-1 request when the previous answer
+arrives.
 
-    controller (this process)                    worker w (spawned, one per client)
-    start N workers  ------------------------->  connect, one untimed call, "ready"
-    ("run", start time)  --------------------->  wait for the start time, then call back to back;
-                                                 every FLUSH_S send (completion time, latency) records
-    windows by the controller's clock, server    and "seen up to" the flush time
+    controller (this process)                    client process w (spawned)
+    start the processes  --------------------->  connect, one untimed call, "ready"
+    ("run", start time, clients)  ------------>  at the start time, its clients call back to back;
+                                                 every FLUSH_S it sends (completion time, latency,
+    windows by the controller's clock, server    client) records and "seen up to" the flush time
     snapshot at every boundary; a window is
-    counted once every worker has reported
+    counted once every process has reported
     past its end
-    ("stop")  -------------------------------->  finish the call in flight, "stopped"
+    ("stop")  -------------------------------->  finish the calls in flight, "stopped" with its CPU
+                                                 seconds and calls over the level
 
 Completion times and windows share one clock: time.perf_counter is CLOCK_MONOTONIC on Linux, the same in
-every process. The workers live for a whole sweep: a level runs the first N of them, so a sweep to 64
-clients starts 64 processes once, not 85.
+every process. The processes live for a whole sweep: a level runs its first N clients, so a sweep to 64
+clients starts its processes once.
 """
 from __future__ import annotations
 
@@ -49,62 +52,93 @@ def infer_inputs(client_mod, feeds: dict[str, np.ndarray]) -> list[Any]:
     return body
 
 
-def _worker(wid: int, url: str, model: str, bodies: list[dict[str, np.ndarray]], commands, results) -> None:
-    """One closed-loop client; runs in its own process."""
-    try:
-        import tritonclient.grpc as grpcclient
+def _worker(wid: int, url: str, model: str, bodies: list[dict[str, np.ndarray]], procs: int, commands,
+            results) -> None:
+    """Client process `wid` of `procs`: clients wid, wid + procs, ... as coroutines sharing one
+    tritonclient.grpc.aio client (one channel)."""
+    import asyncio
 
-        client = grpcclient.InferenceServerClient(url)
-        inputs = [infer_inputs(grpcclient, feeds) for feeds in bodies]
-        client.infer(model, inputs[0])  # connected and answered once before any timing
-        results.put(("ready", wid, None))
-        i = wid
-        cmd = commands.recv()
-        while cmd[0] == "run":
-            i, cmd = _run(client, model, inputs, i, cmd[1], commands, results, wid)
-            if cmd[0] == "stop":
-                cmd = commands.recv()
-        client.close()
+    try:
+        asyncio.run(_worker_main(wid, url, model, bodies, procs, commands, results))
     except Exception as exc:  # reported to the controller, which raises it
         results.put(("error", wid, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
 
 
-def _run(client, model: str, inputs: list, i: int, start: float, commands, results, wid: int
-         ) -> tuple[int, tuple]:
-    """Call back to back from `start` until a command ("stop" or "exit") arrives; records go out every
-    FLUSH_S. Returns the next input index and the command."""
-    time.sleep(max(0.0, start - time.perf_counter()))
-    records: list[tuple[float, float]] = []
-    last = time.perf_counter()
+async def _worker_main(wid: int, url: str, model: str, bodies: list[dict[str, np.ndarray]], procs: int, commands,
+                       results) -> None:
+    import asyncio
+
+    import tritonclient.grpc.aio as aioclient
+
+    client = aioclient.InferenceServerClient(url)
+    try:
+        inputs = [infer_inputs(aioclient, feeds) for feeds in bodies]
+        await client.infer(model, inputs[0])  # connected and answered once before any timing
+        results.put(("ready", wid, None))
+        loop = asyncio.get_running_loop()
+        while True:
+            cmd = await loop.run_in_executor(None, commands.recv)
+            if cmd[0] != "run":
+                break
+            _, start, clients = cmd
+            await _run(client, model, inputs, [wid + procs * j for j in range(clients)], start, commands, results, wid)
+    finally:
+        await client.close()
+
+
+async def _run(client, model: str, inputs: list, ids: list[int], start: float, commands, results, wid: int) -> None:
+    """Clients `ids` call back to back from `start` until "stop" arrives; records go out every FLUSH_S."""
+    import asyncio
+
+    await asyncio.sleep(max(0.0, start - time.perf_counter()))
+    records: list[tuple[float, float, int]] = []  # (completion time, latency, client)
+    stop = asyncio.Event()
+    cpu, calls = time.process_time(), [0]
+
+    async def one(cid: int) -> None:
+        i = cid
+        while not stop.is_set():
+            s = time.perf_counter()
+            await client.infer(model, inputs[i % len(inputs)])
+            e = time.perf_counter()
+            records.append((e, e - s, cid))
+            i += 1
+            calls[0] += 1
+
+    tasks = [asyncio.create_task(one(c)) for c in ids]
     while not commands.poll():
-        s = time.perf_counter()
-        client.infer(model, inputs[i % len(inputs)])
-        e = time.perf_counter()
-        records.append((e, e - s))
-        i += 1
-        if e - last >= FLUSH_S:
-            results.put(("records", wid, (e, records)))  # every call completed by e is in `records`
-            records, last = [], e
-    results.put(("stopped", wid, (float("inf"), records)))
-    return i, commands.recv()
+        await asyncio.sleep(FLUSH_S)
+        for t in tasks:
+            if t.done() and t.exception() is not None:
+                raise t.exception()
+        # every call completed by now is in `records`: the event loop runs one coroutine at a time
+        results.put(("records", wid, (time.perf_counter(), records)))
+        records = []
+    commands.recv()  # the "stop"
+    stop.set()
+    await asyncio.gather(*tasks)
+    # this process's CPU seconds (all its threads) over the level, and its calls
+    results.put(("stopped", wid, (float("inf"), records, time.process_time() - cpu, calls[0])))
 
 
 class ProcessLoad:
-    """`workers` client processes against `model` at `url`, alive for one sweep (a context manager)."""
+    """`clients` closed-loop clients in `procs` processes (0: one process per client) against `model` at
+    `url`, alive for one sweep (a context manager)."""
 
-    def __init__(self, url: str, model: str, bodies: list[dict[str, np.ndarray]], workers: int):
+    def __init__(self, url: str, model: str, bodies: list[dict[str, np.ndarray]], clients: int, procs: int = 0):
         ctx = mp.get_context("spawn")  # not fork: the bench process holds torch's and gRPC's threads
+        self.clients, procs = clients, min(procs or clients, clients)
         self.results = ctx.Queue()
         self.commands, self.procs = [], []
-        for w in range(workers):
+        for w in range(procs):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(w, url, model, bodies, child, self.results), daemon=True,
+            p = ctx.Process(target=_worker, args=(w, url, model, bodies, procs, child, self.results), daemon=True,
                             name=f"biva-bench-client-{w}")
             p.start()
             self.commands.append(parent)
             self.procs.append(p)
         try:
-            for _ in range(workers):
+            for _ in range(procs):
                 self._get(READY_TIMEOUT_S)  # "ready", or the first worker's error raised
         except BaseException:
             self.close()
@@ -148,46 +182,50 @@ class ProcessLoad:
 
     def measure(self, concurrency: int, images_per_call: int, cfg: MeasureConfig,
                 boundary: Callable[[], Any] | None = None) -> tuple[Any, list[Any]]:
-        """`concurrency` of the workers as closed-loop clients: warm-up, windows until 3 agree within
-        cfg.stability or cfg.max_windows, as measure_sync / measure_async; returns (Measurement, snapshots
-        at every window boundary)."""
-        if not 1 <= concurrency <= len(self.procs):
-            raise ValueError(f"concurrency {concurrency}: this load has {len(self.procs)} client processes")
-        active = range(concurrency)
+        """The first `concurrency` clients, closed-loop: warm-up, windows until 3 agree within cfg.stability
+        or cfg.max_windows, as measure_sync / measure_async; returns (Measurement, snapshots at every window
+        boundary)."""
+        if not 1 <= concurrency <= self.clients:
+            raise ValueError(f"concurrency {concurrency}: this load has {self.clients} clients")
+        procs = len(self.procs)
+        active = {w: len(range(w, concurrency, procs)) for w in range(min(procs, concurrency))}
         start = time.perf_counter() + START_DELAY_S
-        for w in active:
-            self.commands[w].send(("run", start))
-        run = _Collector(self, concurrency)
-        out = run.windows(start, images_per_call, cfg, boundary)  # on an error, close() ends the workers
+        for w, clients in active.items():
+            self.commands[w].send(("run", start, clients))
+        run = _Collector(self, list(active), concurrency)
+        m, snaps = run.windows(start, images_per_call, cfg, boundary)  # on an error, close() ends the workers
         for w in active:
             self.commands[w].send(("stop",))
         run.until_stopped()
-        return out
+        m.load = {**m.load, "client_processes": len(active),
+                  "client_cpu_us_per_call": run.cpu_s / run.level_calls * 1e6 if run.level_calls else None}
+        return m, snaps
 
 
 class _Collector:
-    """Records from the active workers, in completion order per worker, and how far each has reported."""
+    """Records from the active client processes, and how far each process has reported."""
 
-    def __init__(self, load: ProcessLoad, concurrency: int):
-        self.load, self.n = load, concurrency
-        self.records: list[tuple[float, float, int]] = []  # (completion time, latency, worker)
-        self.seen = [float("-inf")] * concurrency
-        self.calls = [0] * concurrency
+    def __init__(self, load: ProcessLoad, procs: list[int], clients: int):
+        self.load, self.n = load, clients
+        self.records: list[tuple[float, float, int]] = []  # (completion time, latency, client)
+        self.seen = {w: float("-inf") for w in procs}
+        self.cpu_s, self.level_calls = 0.0, 0
 
     def _take(self, timeout: float) -> None:
-        kind, wid, (seen, recs) = self.load._get(timeout)
-        self.records += [(e, lat, wid) for e, lat in recs]
-        self.calls[wid] += len(recs)
+        kind, wid, (seen, recs, *usage) = self.load._get(timeout)
+        if usage:  # the process stopped: CPU seconds and calls over the whole level
+            self.cpu_s += usage[0]
+            self.level_calls += usage[1]
+        self.records += recs
         self.seen[wid] = seen
 
     def until(self, t: float) -> None:
-        """Wait until every active worker has reported every call it completed before `t`."""
-        while min(self.seen) < t:
+        """Wait until every active process has reported every call it completed before `t`."""
+        while min(self.seen.values()) < t:
             self._take(READY_TIMEOUT_S)
 
     def until_stopped(self) -> None:
-        while min(self.seen) < float("inf"):
-            self._take(READY_TIMEOUT_S)
+        self.until(float("inf"))
 
     def between(self, t0: float, t1: float) -> list[tuple[float, float, int]]:
         return [r for r in self.records if t0 <= r[0] < t1]
@@ -195,7 +233,7 @@ class _Collector:
     def windows(self, start: float, images_per_call: int, cfg: MeasureConfig,
                 boundary: Callable[[], Any] | None) -> tuple[Any, list[Any]]:
         time.sleep(max(0.0, start + cfg.warmup_s - time.perf_counter()))
-        while not any(self.calls):  # at least one answer before measuring
+        while not self.records:  # at least one answer before measuring
             self._take(READY_TIMEOUT_S)
         snaps = [boundary() if boundary else None]
         t0 = time.perf_counter()
@@ -220,6 +258,54 @@ class _Collector:
                 break
         m = summarise(windows, images_per_call, is_stable(windows, cfg.stability), self.n)
         calls = sum(per_client[-N_STABLE:])  # over the reported windows, as the figures
-        m.load = {"generator": "processes", "client_processes": self.n,
-                  "calls_per_client_min": int(calls.min()), "calls_per_client_max": int(calls.max())}
+        m.load = {"generator": "processes", "calls_per_client_min": int(calls.min()),
+                  "calls_per_client_max": int(calls.max())}
         return m, snaps
+
+
+# ---- a neighbour: what the served model leaves to another process on the same cores ------------------
+
+NEIGHBOUR_N = 256  # n of the neighbour's n x n x n fp32 matmul, one thread (like a 1-thread training run)
+
+
+def _neighbour(counter, n: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    while True:
+        a @ b
+        with counter.get_lock():
+            counter.value += 1
+
+
+class Neighbour:
+    """A 1-thread GEMM loop in its own process beside the server; `rate(since)` is its GFLOP/s since a
+    `mark()`. Spinning ONNX Runtime threads take cores from such a process (issue 12: a training step
+    slowed 10x+ next to a served model under load)."""
+
+    def __init__(self, n: int = NEIGHBOUR_N):
+        ctx = mp.get_context("spawn")
+        self.n = n
+        self.counter = ctx.Value("q", 0)
+        self.proc = ctx.Process(target=_neighbour, args=(self.counter, n), daemon=True, name="biva-bench-neighbour")
+        self.proc.start()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while self.counter.value < 3:  # torch imported and the loop running
+            if not self.proc.is_alive() or time.monotonic() > deadline:
+                raise LoadError("the neighbour process did not start")
+            time.sleep(0.05)
+
+    def mark(self) -> tuple[float, int]:
+        return time.perf_counter(), self.counter.value
+
+    def rate(self, since: tuple[float, int]) -> float:
+        t, count = self.mark()
+        return (count - since[1]) * 2 * self.n ** 3 / (t - since[0]) / 1e9
+
+    def __enter__(self) -> Neighbour:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.join(timeout=5.0)

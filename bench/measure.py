@@ -155,6 +155,7 @@ async def measure_async(call: Callable[[int], Awaitable[Any]], concurrency: int,
         if errors:
             raise errors[0]
 
+    cpu = time.process_time()  # this process's CPU, all threads: the clients' cost
     tasks = [asyncio.create_task(worker(w)) for w in range(concurrency)]
     try:
         await pause(cfg.warmup_s)
@@ -179,6 +180,8 @@ async def measure_async(call: Callable[[int], Awaitable[Any]], concurrency: int,
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+    cpu = time.process_time() - cpu
     m = summarise(windows, images_per_call, is_stable(windows, cfg.stability), concurrency)
-    m.load = {"generator": "asyncio", "client_processes": 1}
+    m.load = {"generator": "asyncio", "client_processes": 1,
+              "client_cpu_us_per_call": cpu / len(records) * 1e6 if records else None}
     return m, snaps

@@ -172,12 +172,16 @@ def _concurrency_lines(conc: dict | None) -> list[str]:
              "mean batch |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     sweeps = [(conc.get("dynamic_batching", {}), "on"), (conc.get("no_dynamic_batching", {}), "off")]
     sweeps += [(run["sweep"], f"on, layout {layout}") for layout, run in conc.get("layouts", {}).items()]
+    neighbour = any("neighbour" in m for runs, _ in sweeps for m in runs.values())
+    if neighbour:  # a 1-thread GEMM process beside the server: its rate against its rate beside an idle server
+        lines[2], lines[3] = lines[2] + " neighbour |", lines[3] + "---:|"
     for runs, label in sweeps:
         for n, m in runs.items():
             s, lat = m.get("server", {}), m["latency_ms"]
             lines.append(f"| {n} | {label} | {m['images_per_s']:.1f}{'' if m['stable'] else '*'} | "
                          f"{lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {_fmt(s.get('queue_us'), '.0f')}"
-                         f" | {_fmt(s.get('compute_infer_us'), '.0f')} | {_fmt(s.get('mean_batch_rows'), '.1f')} |")
+                         f" | {_fmt(s.get('compute_infer_us'), '.0f')} | {_fmt(s.get('mean_batch_rows'), '.1f')} |"
+                         + (f" {_fmt(m.get('neighbour', {}).get('fraction_of_alone'), '.2f')} |" if neighbour else ""))
     return lines + [""]
 
 

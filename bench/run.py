@@ -223,7 +223,8 @@ def _sweep_entry(m, snaps: list, label: str, n: int, log) -> dict:
     entry["server"] = srv = stats_delta(snaps[max(0, len(snaps) - 4)], snaps[-1])
     log(f"  {label:22s} c={n:<3d} {entry['images_per_s']:10.1f} img/s  p50 {entry['latency_ms']['p50']:8.2f} ms"
         f"  p99 {entry['latency_ms']['p99']:8.2f} ms  queue {srv.get('queue_us', 0):8.0f} us  compute "
-        f"{srv.get('compute_infer_us', 0):8.0f} us  batch {srv.get('mean_batch_rows', 0):.1f}"
+        f"{srv.get('compute_infer_us', 0):8.0f} us  batch {srv.get('mean_batch_rows', 0):.1f}  client CPU "
+        f"{(entry['load'] or {}).get('client_cpu_us_per_call') or 0:5.0f} us/call"
         f"{'' if entry['stable'] else '  (not stable)'}")
     return entry
 
@@ -246,23 +247,42 @@ async def _sweep_async(url: str, case: Case, bodies, levels, mcfg: MeasureConfig
     return out
 
 
-def _sweep_processes(url: str, case: Case, feeds: list[dict], levels, mcfg: MeasureConfig, log, label: str) -> dict:
+def _sweep_processes(url: str, case: Case, feeds: list[dict], levels, mcfg: MeasureConfig, log, label: str,
+                     procs: int = 0, neighbour: bool = False) -> dict:
     import tritonclient.grpc as grpcclient
 
-    from .loadgen import ProcessLoad
+    from .loadgen import Neighbour, ProcessLoad
 
     client = grpcclient.InferenceServerClient(url)  # the server's statistics only
     snap = lambda: stats_snapshot(client.get_inference_statistics(case.triton_model, as_json=True),  # noqa: E731
                                   case.triton_model)
     out = {}
     try:
-        with ProcessLoad(url, case.triton_model, feeds, max(levels)) as load:
+        with ProcessLoad(url, case.triton_model, feeds, max(levels), procs) as load, \
+                (Neighbour() if neighbour else contextlib.nullcontext()) as nb:
             for n in levels:
+                alone = _neighbour_alone(nb, mcfg) if nb else None  # just before each level: load drifts
+                since = nb.mark() if nb else None
                 m, snaps = load.measure(n, 1, mcfg, snap)
-                out[str(n)] = _sweep_entry(m, snaps, label, n, log)
+                out[str(n)] = entry = _sweep_entry(m, snaps, label, n, log)
+                if nb:
+                    entry["neighbour"] = _neighbour_entry(nb.rate(since), alone)
+                    log(f"  {'':22s}        neighbour (1-thread GEMM) at {entry['neighbour']['gflops_per_s']:.1f} "
+                        f"GFLOP/s, {entry['neighbour']['fraction_of_alone']:.2f} of its rate beside an idle server")
     finally:
         client.close()
     return out
+
+
+def _neighbour_alone(nb, mcfg: MeasureConfig) -> float:
+    """The neighbour's rate with the server idle (client processes started, none sending)."""
+    since = nb.mark()
+    time.sleep(max(1.0, 3 * mcfg.window_s))
+    return nb.rate(since)
+
+
+def _neighbour_entry(gflops: float, alone: float) -> dict[str, float]:
+    return {"gflops_per_s": gflops, "alone_gflops_per_s": alone, "fraction_of_alone": gflops / alone}
 
 
 def bench_sweep(cfg: BenchConfig, case: Case, server, plain, specs, label: str, log) -> dict:
@@ -278,7 +298,7 @@ def bench_sweep(cfg: BenchConfig, case: Case, server, plain, specs, label: str, 
         bodies = triton_inputs(grpcclient, case, make, 1, cfg.seed + 7)
         return asyncio.run(_sweep_async(server.grpc_url, case, bodies, cfg.concurrency, cfg.measure, log, label))
     return _sweep_processes(server.grpc_url, case, request_feeds(case, make, 1, cfg.seed + 7), cfg.concurrency,
-                            cfg.measure, log, label)
+                            cfg.measure, log, label, cfg.client_procs, cfg.neighbour)
 
 
 def _graph_flops(graph: str, path: Path, plain, spec, samples: int, ks: int) -> dict[str, Any]:
@@ -407,9 +427,9 @@ def run_bench(ckpt: Path, out_dir: Path, cfg: BenchConfig, repo: Path | None = N
         if x["value"] is not None:
             log(f"{x['what']}: {x['value']:.2f} (target {x['target']})")
     for layout, per in result["ratios"]["dynamic_batching_layouts"].items():
-        if per["of_ceiling"]["value"] is not None:
-            log(f"layout {layout}: {per['scaling']['value']:.2f}x of 1 client, "
-                f"{per['of_ceiling']['value']:.2f} of the ceiling")
+        scaling, of_ceiling = ("-" if per[k]["value"] is None else f"{per[k]['value']:.2f}"
+                               for k in ("scaling", "of_ceiling"))  # no 1-client level: no scaling
+        log(f"layout {layout}: {scaling}x of 1 client, {of_ceiling} of the ceiling")
     log(f"wrote {out_dir / RESULT}, {out_dir / 'bench.md'} and plots")
     return result
 
@@ -454,8 +474,9 @@ def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: P
     if cfg.layouts:
         result["concurrency"]["layouts"] = _bench_layouts(cfg, sweep_case, repo, work, out_dir, variant, plain,
                                                           specs, log)
-    load = ("one process per client (tritonclient.grpc, blocking calls)" if cfg.load == "processes"
-            else "one asyncio process (tritonclient.grpc.aio) for every client")
+    load = (("one process per client" if not cfg.client_procs else f"at most {cfg.client_procs} processes, "
+             "clients spread over them as coroutines") + " (tritonclient.grpc.aio)" if cfg.load == "processes"
+            else "coroutines of the bench process (tritonclient.grpc.aio)")
     result["notes"].append("The dynamic-batching ceiling is the best in-process ONNX Runtime rate of the sweep's "
                            "graph (ONNX Runtime's default thread spinning, one caller); the served graphs run "
                            f"with spinning {_spin_word(variant.spinning)} unless a layout says otherwise.")
@@ -472,14 +493,23 @@ def _spin_word(spinning: bool | None) -> str:
 def _bench_layouts(cfg: BenchConfig, case: Case, repo: Path, work: Path, out_dir: Path, base: Variant, plain,
                    specs, log) -> dict:
     """The dynamic-batching sweep again for each --layouts entry (instances x threads, spinning), one server
-    each, everything else as the main variant."""
+    each, everything else as the main variant; with layout_rounds R, the list R times over, interleaved so
+    that a change of background load falls on every layout alike. Each layout's `sweep` is its round with
+    the median images/s at the highest level; every round is kept under `rounds`."""
+    variants = [Variant(**{**asdict(base), "instances": v.instances, "threads": v.threads,
+                           "spinning": base.spinning if v.spinning is None else v.spinning}) for v in cfg.layouts]
+    rounds: dict[str, list[dict]] = {v.layout: [] for v in variants}
+    top = str(max(cfg.concurrency))
+    for r in range(cfg.layout_rounds):
+        for v in variants:
+            name = v.layout.replace(":", "_")
+            path = write_variant(repo, work / f"repo_layout_{name}", [case.triton_model], v)
+            log(f"Triton, dynamic batching on, layout {v.layout}" + (f", round {r + 1}:" if cfg.layout_rounds > 1
+                                                                      else ":"))
+            with _server(path, out_dir / f"server_layout_{name}.log") as server:
+                rounds[v.layout].append(bench_sweep(cfg, case, server, plain, specs, f"layout {v.layout}", log))
     out = {}
-    for v in cfg.layouts:
-        v = Variant(**{**asdict(base), "instances": v.instances, "threads": v.threads,
-                       "spinning": base.spinning if v.spinning is None else v.spinning})
-        path = write_variant(repo, work / f"repo_layout_{v.layout.replace(':', '_')}", [case.triton_model], v)
-        log(f"Triton, dynamic batching on, layout {v.layout}:")
-        with _server(path, out_dir / f"server_layout_{v.layout.replace(':', '_')}.log") as server:
-            out[v.layout] = {"variant": asdict(v),
-                             "sweep": bench_sweep(cfg, case, server, plain, specs, f"layout {v.layout}", log)}
+    for v in variants:
+        runs = sorted(rounds[v.layout], key=lambda sweep: sweep[top]["images_per_s"])
+        out[v.layout] = {"variant": asdict(v), "sweep": runs[(len(runs) - 1) // 2], "rounds": rounds[v.layout]}
     return out

@@ -53,6 +53,26 @@ def test_measure_sync_counts_calls_and_stops_at_the_window_cap() -> None:
     assert calls == list(range(len(calls)))  # the input index rotates
 
 
+def test_measure_async_counts_every_client() -> None:
+    """The bench's default sweep load: coroutine clients; the load record says how it was generated."""
+    import asyncio
+
+    from biva_bench.measure import measure_async
+
+    calls = []
+
+    async def call(i: int) -> None:
+        calls.append(i)
+        await asyncio.sleep(0.001)
+
+    cfg = MeasureConfig(warmup_s=0.0, window_s=0.02, max_windows=4, min_calls=2)
+    m, snaps = asyncio.run(measure_async(call, 4, 2, cfg))
+    assert m.concurrency == 4 and m.images_per_call == 2 and m.images_per_s > 0
+    assert 3 <= len(m.windows) <= 4 and len(snaps) == len(m.windows) + 1
+    assert {i % 4 for i in calls} == {0, 1, 2, 3}  # every client called, each rotating its own inputs
+    assert m.load["generator"] == "asyncio" and m.load["client_cpu_us_per_call"] > 0
+
+
 def test_iw_chunks_cover_k_like_the_front_model() -> None:
     assert iw_chunks(1000, 8, 1024) == [128] * 7 + [104]
     assert sum(iw_chunks(1000, 1, 1024)) == 1000
@@ -80,6 +100,13 @@ def test_layouts_parse_and_name_themselves() -> None:
     for bad in ("2x", "0x2", "1x2:fast", "2*1"):
         with pytest.raises(ValueError, match="INSTANCESxTHREADS"):
             parse_layout(bad)
+    from biva_bench.config import QUICK
+
+    twice = (Variant(instances=2, threads=1), Variant(instances=2, threads=1))
+    with pytest.raises(ValueError, match="listed twice"):
+        replace(QUICK, layouts=twice)
+    with pytest.raises(ValueError, match="neighbour needs the processes load"):
+        replace(QUICK, load="async", neighbour=True)
 
 
 def test_batching_ratios_against_the_ceiling() -> None:
@@ -179,9 +206,12 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
     from biva_bench.run import run_bench
     from biva_export.repository import read_meta
 
-    # the sweeps' clients run as processes (the default), plus one layout sweep with spinning off
+    # the sweeps' clients run in 2 processes (1, 2 and 8 coroutine clients each at levels 1, 4, 16; the default
+    # asyncio load has its own test), with a neighbour process beside the server, plus one layout with
+    # spinning off, twice
     cfg = replace(QUICK, threads=1, measure=replace(QUICK.measure, window_s=0.05, max_windows=3),
-                  layouts=(Variant(instances=2, threads=1, spinning=False),))
+                  load="processes", client_procs=2, neighbour=True,
+                  layouts=(Variant(instances=2, threads=1, spinning=False),), layout_rounds=2)
     out = tmp_path / "bench_out"
     lines = []
     result = run_bench(tiny_ckpt, out, cfg, repo=tiny_repo, log=lines.append)
@@ -211,16 +241,20 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
 
     conc = on_disk["concurrency"]
     assert set(conc["layouts"]) == {"2x1:nospin"}
-    assert conc["layouts"]["2x1:nospin"]["variant"]["spinning"] is False
+    layout = conc["layouts"]["2x1:nospin"]
+    assert layout["variant"]["spinning"] is False
+    assert len(layout["rounds"]) == 2 and layout["sweep"] in layout["rounds"]
     for sweep in (conc["dynamic_batching"], conc["no_dynamic_batching"], conc["layouts"]["2x1:nospin"]["sweep"]):
         assert set(sweep) == {str(n) for n in QUICK.concurrency}
         for n, m in sweep.items():
             assert m["images_per_s"] > 0 and {"queue_us", "compute_infer_us"} <= set(m["server"])
             assert m["concurrency"] == int(n) and len(m["windows"]) == 3
-            load = m["load"]  # one client process per client; the calls they sent back add up
-            assert load["generator"] == "processes" and load["client_processes"] == int(n)
+            load = m["load"]  # clients spread over the processes; the calls they sent back add up
+            assert load["generator"] == "processes" and load["client_processes"] == min(2, int(n))
             assert int(n) * load["calls_per_client_min"] <= m["calls"] <= int(n) * load["calls_per_client_max"]
+            assert load["client_cpu_us_per_call"] > 0
             assert m["server"]["requests"] > 0
+            assert m["neighbour"]["gflops_per_s"] > 0 and m["neighbour"]["alone_gflops_per_s"] > 0
     # without the batcher every execution is one request; Triton updates the inference and execution
     # counters separately, so a statistics snapshot can land between the two: allow 5%
     mean_rows = [m["server"]["mean_batch_rows"] for m in conc["no_dynamic_batching"].values()]
