@@ -47,9 +47,9 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
 @click.option("--front-instances", default=2, show_default=True, help="Instances per front (API) model.")
 @click.option("--threads", default=0, show_default=True,
               help="ONNX Runtime intra-op threads per python-backend graph instance (0: all cores).")
-@click.option("--spinning/--no-spinning", default=True, show_default=True,
-              help="Idle ONNX Runtime intra-op threads of the graph models busy-wait for work (faster wake-up, "
-                   "but they burn cores other processes could use) or sleep.")
+@click.option("--spinning/--no-spinning", default=False, show_default=True,
+              help="Idle ONNX Runtime intra-op threads of the graph models busy-wait for work (ONNX Runtime's "
+                   "default; it burns cores other processes could use, and served no faster here) or sleep.")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Check every graph against PyTorch before writing anything.")
 @click.option("--atol-scale", default=1.0, show_default=True,

@@ -55,7 +55,8 @@ class ServingConfig:
     instances: int = 1  # instances per graph model
     front_instances: int = 2  # instances per front (API) model
     threads: int = 0  # ONNX Runtime intra-op threads per python-backend graph instance (0: all cores)
-    spinning: bool = True  # idle ONNX Runtime intra-op threads busy-wait for work (ONNX Runtime's default)
+    spinning: bool = False  # idle ONNX Runtime intra-op threads busy-wait for work (ORT's default; no faster
+    #                         served, measured: README, Speed)
     preferred: tuple[int, ...] = ()  # dynamic batcher preferred batch sizes (none: batch what has arrived)
     queue_delay_us: int = 500  # dynamic batcher: longest a request waits for others to join its batch
     front_queue: int = 8  # requests waiting per front model beyond those running; more are refused as busy
