@@ -54,6 +54,9 @@ def test_every_generated_config_parses_into_model_config(backend):
     no_pref = parse_config(graph_config(graph_specs(model)["biva_scorer"], ServingConfig(max_batch=64, threads=1)))
     assert list(no_pref.dynamic_batching.preferred_batch_size) == []
     assert no_pref.dynamic_batching.max_queue_delay_microseconds == 500
+    assert no_pref.parameters["intra_op_spinning"].string_value == "0"  # served threads sleep when idle (issue 12)
+    spin = parse_config(graph_config(graph_specs(model)["biva_scorer"], ServingConfig(spinning=True)))
+    assert spin.parameters["intra_op_spinning"].string_value == "1"
     meta = ModelMeta((1, 28, 28), "bernoulli", "threshold", model.cfg.n_layers, model.latent_dim, model.noise_dim,
                      tuple(model.group_names()), 64, Caps(max_n=7))
     for spec in front_specs((1, 28, 28), model.latent_dim, len(model.groups)).values():
