@@ -247,8 +247,9 @@ async def _sweep_async(url: str, case: Case, bodies, levels, mcfg: MeasureConfig
     return out
 
 
-def _sweep_processes(url: str, case: Case, feeds: list[dict], levels, mcfg: MeasureConfig, log, label: str,
-                     procs: int = 0, neighbour: bool = False) -> dict:
+def _sweep_processes(url: str, case: Case, feeds: list[dict], cfg: BenchConfig, log, label: str) -> dict:
+    """cfg's concurrency levels, measure windows, client processes and neighbour."""
+    levels, mcfg, procs, neighbour = cfg.concurrency, cfg.measure, cfg.client_procs, cfg.neighbour
     import tritonclient.grpc as grpcclient
 
     from .loadgen import Neighbour, ProcessLoad
@@ -297,8 +298,7 @@ def bench_sweep(cfg: BenchConfig, case: Case, server, plain, specs, label: str, 
     if cfg.load == "async":
         bodies = triton_inputs(grpcclient, case, make, 1, cfg.seed + 7)
         return asyncio.run(_sweep_async(server.grpc_url, case, bodies, cfg.concurrency, cfg.measure, log, label))
-    return _sweep_processes(server.grpc_url, case, request_feeds(case, make, 1, cfg.seed + 7), cfg.concurrency,
-                            cfg.measure, log, label, cfg.client_procs, cfg.neighbour)
+    return _sweep_processes(server.grpc_url, case, request_feeds(case, make, 1, cfg.seed + 7), cfg, log, label)
 
 
 def _graph_flops(graph: str, path: Path, plain, spec, samples: int, ks: int) -> dict[str, Any]:
@@ -472,8 +472,8 @@ def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: P
         result["concurrency"]["no_dynamic_batching"] = bench_sweep(cfg, sweep_case, server, plain, specs,
                                                                    "dynamic batching off", log)
     if cfg.layouts:
-        result["concurrency"]["layouts"] = _bench_layouts(cfg, sweep_case, repo, work, out_dir, variant, plain,
-                                                          specs, log)
+        result["concurrency"]["layouts"] = _bench_layouts(cfg, sweep_case, repo, (work, out_dir), variant,
+                                                          plain, specs, log)
     load = (("one process per client" if not cfg.client_procs else f"at most {cfg.client_procs} processes, "
              "clients spread over them as coroutines") + " (tritonclient.grpc.aio)" if cfg.load == "processes"
             else "coroutines of the bench process (tritonclient.grpc.aio)")
@@ -490,12 +490,13 @@ def _spin_word(spinning: bool | None) -> str:
     return "as exported" if spinning is None else ("on" if spinning else "off")
 
 
-def _bench_layouts(cfg: BenchConfig, case: Case, repo: Path, work: Path, out_dir: Path, base: Variant, plain,
+def _bench_layouts(cfg: BenchConfig, case: Case, repo: Path, dirs: tuple[Path, Path], base: Variant, plain,
                    specs, log) -> dict:
     """The dynamic-batching sweep again for each --layouts entry (instances x threads, spinning), one server
     each, everything else as the main variant; with layout_rounds R, the list R times over, interleaved so
     that a change of background load falls on every layout alike. Each layout's `sweep` is its round with
-    the median images/s at the highest level; every round is kept under `rounds`."""
+    the median images/s at the highest level; every round is kept under `rounds`. dirs: (work, out_dir)."""
+    work, out_dir = dirs
     variants = [Variant(**{**asdict(base), "instances": v.instances, "threads": v.threads,
                            "spinning": base.spinning if v.spinning is None else v.spinning}) for v in cfg.layouts]
     rounds: dict[str, list[dict]] = {v.layout: [] for v in variants}
