@@ -15,6 +15,8 @@ import numpy as np
 
 from biva_export.contract import SAMPLE, SCORE, T
 
+from .backends import sync_call
+from .loadgen import infer_inputs
 from .measure import time_calls
 
 
@@ -29,14 +31,9 @@ def _requests(meta) -> dict[str, tuple[str, dict[str, np.ndarray], list[str]]]:
 
 
 def _call(mod, client, model: str, arrays: dict[str, np.ndarray], outputs: list[str]):
-    ins = []
-    for name, a in arrays.items():
-        t = mod.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64")
-        t.set_data_from_numpy(a)
-        ins.append(t)
-    outs = [mod.InferRequestedOutput(o, binary_data=True) if mod.__name__.endswith("http")
-            else mod.InferRequestedOutput(o) for o in outputs]
-    return lambda: client.infer(model, ins, outputs=outs)
+    """One request, sent again at each call (the bench's request body and blocking infer)."""
+    call = sync_call(client, mod, model, [infer_inputs(mod, arrays)], outputs)
+    return lambda: call(0)
 
 
 def _calls(servers: dict, protocols: tuple[str, ...], repo: Path, clients: list) -> dict[str, dict]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from biva_export.contract import FRONT_GRAPHS, REPORT
+from biva_export.contract import FRONT_GRAPHS, REPORT, SPINNING_PARAMETER, THREADS_PARAMETER
 from biva_export.repository import parse_config
 
 
@@ -45,13 +45,13 @@ def parse_layout(text: str) -> dict[str, Any]:
 def rewrite_graph_config(text: str, v: Variant) -> str:
     """A graph model's config.pbtxt with the variant's settings."""
     if v.threads:
-        text = re.sub(r'(key: "intra_op_threads" value: \{ string_value: )"\d+"', rf'\1"{v.threads}"', text)
+        text = re.sub(rf'(key: "{THREADS_PARAMETER}" value: \{{ string_value: )"\d+"', rf'\1"{v.threads}"', text)
     if v.instances:
         text = re.sub(r"instance_group \[ \{ count: \d+", f"instance_group [ {{ count: {v.instances}", text)
     if v.spinning is not None:
         flag = "1" if v.spinning else "0"
-        line = f'parameters {{ key: "intra_op_spinning" value: {{ string_value: "{flag}" }} }}\n'
-        text, n = re.subn(r'parameters \{ key: "intra_op_spinning"[^\n]*\n', line, text)
+        line = f'parameters {{ key: "{SPINNING_PARAMETER}" value: {{ string_value: "{flag}" }} }}\n'
+        text, n = re.subn(rf'parameters \{{ key: "{SPINNING_PARAMETER}"[^\n]*\n', line, text)
         if not n:  # a repository exported before the option existed
             text += line
     db = re.search(r"dynamic_batching \{[^\n]*\n(?:  [^\n]*\n)*", text)  # the block and its indented lines
@@ -84,7 +84,7 @@ def write_variant(src: Path, dst: Path, models: list[str], v: Variant) -> Path:
         if name not in FRONT_GRAPHS:  # a graph model
             cfg = dst / name / "config.pbtxt"
             cfg.write_text(rewrite_graph_config(cfg.read_text(), v))
-            if v.spinning is not None and "intra_op_spinning" not in (dst / name / "1" / "model.py").read_text():
+            if v.spinning is not None and "SPINNING_PARAMETER" not in (dst / name / "1" / "model.py").read_text():
                 raise ValueError(f"{src / name}: its model.py predates the spinning option; export the "
                                  "repository again (or leave spinning as exported)")
     return dst

@@ -24,7 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import CONTRACT_COPY, META_PARAMETER, REPORT, ROLE_PARAMETER, FrontSpec, GraphSpec, ModelMeta, TensorSpec
+from .contract import (CONTRACT_COPY, META_PARAMETER, ONNX_FILE_PARAMETER, REPORT, ROLE_PARAMETER, SPINNING_PARAMETER,
+                       THREADS_PARAMETER, FrontSpec, GraphSpec, ModelMeta, TensorSpec)
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 # the serving step's python-backend model code, found without importing it (biva_serving is a later step)
@@ -70,8 +71,8 @@ def graph_config(spec: GraphSpec, sc: ServingConfig, meta: ModelMeta | None = No
     head = f'name: "{spec.name}"\n'
     if backend == "python":
         head += 'backend: "python"\n'
-        params = {"onnx_file": "model.onnx", "intra_op_threads": str(sc.threads),
-                  "intra_op_spinning": "1" if sc.spinning else "0"}
+        params = {ONNX_FILE_PARAMETER: "model.onnx", THREADS_PARAMETER: str(sc.threads),
+                  SPINNING_PARAMETER: "1" if sc.spinning else "0"}
         if meta is not None:
             params[META_PARAMETER] = meta.to_json()
         kind, extra = "KIND_CPU", _params(params)
@@ -129,7 +130,7 @@ def generated_copies(root: Path) -> dict[Path, Path]:
     """Every python file biva-export copied into repository `root` -> the source file it must equal."""
     out = {}
     for model_py in sorted(root.glob("*/1/model.py")):
-        graph = "onnx_file" in (model_py.parent.parent / "config.pbtxt").read_text()
+        graph = ONNX_FILE_PARAMETER in (model_py.parent.parent / "config.pbtxt").read_text()
         out[model_py] = PYTHON_DIR / ("graph_model.py" if graph else "front_model.py")
         out[model_py.parent / CONTRACT_COPY] = CONTRACT_FILE
     return out

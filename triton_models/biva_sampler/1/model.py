@@ -14,7 +14,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 # export/contract.py, copied beside this file by biva-export
-from biva_contract import META_PARAMETER, ModelMeta, RequestError, check_graph_inputs, ort_session
+from biva_contract import (META_PARAMETER, ONNX_FILE_PARAMETER, SPINNING_PARAMETER, THREADS_PARAMETER, ModelMeta,
+                           RequestError, check_graph_inputs, ort_session)
 
 
 def _param(config, key, default):
@@ -36,9 +37,9 @@ class TritonPythonModel:
         self.meta = ModelMeta.from_json(_param(config, META_PARAMETER, "null"))
         here = os.path.join(args["model_repository"], args["model_version"])
         gpu = args.get("model_instance_kind") == "GPU"
-        spinning = _param(config, "intra_op_spinning", "")  # "1" / "0"; absent: ONNX Runtime's default
-        self.session = ort_session(os.path.join(here, _param(config, "onnx_file", "model.onnx")),
-                                   int(_param(config, "intra_op_threads", "0")),
+        spinning = _param(config, SPINNING_PARAMETER, "")  # "1" / "0"; absent: ONNX Runtime's default
+        self.session = ort_session(os.path.join(here, _param(config, ONNX_FILE_PARAMETER, "model.onnx")),
+                                   int(_param(config, THREADS_PARAMETER, "0")),
                                    gpu_device=int(args["model_instance_device_id"]) if gpu else None,
                                    spinning=None if spinning == "" else spinning == "1")
 
