@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .config import BACKENDS, CASES, LOADS, ORT_LEVELS, PRESETS
+from .config import BACKENDS, CASES, EXTRA_BACKENDS, LOADS, ORT_LEVELS, PRESETS
 from .triton import Variant, parse_layout
 
 
@@ -55,7 +55,8 @@ def _layouts(text: str | None) -> tuple[Variant, ...]:
 @click.option("--iw", type=int, default=None, help="Importance samples per image for scorer_iw [full: 1000].")
 @click.option("--iw-batches", default=None, help="Images per request for scorer_iw [full: 1,8].")
 @click.option("--concurrency", default=None, help="Clients in the sweep, comma-separated [full: 1,4,16,64].")
-@click.option("--backends", default=None, help=f"Subset of {','.join(BACKENDS)}.")
+@click.option("--backends", default=None, help=f"Subset of {','.join(BACKENDS)} (the default), and "
+              f"{','.join(EXTRA_BACKENDS)}.")
 @click.option("--cases", default=None, help=f"Subset of {','.join(CASES)}.")
 @click.option("--window-s", type=float, default=None, help="Measurement window in seconds [full: 2].")
 @click.option("--max-windows", type=int, default=None, help="Give up on stability after this many windows [full: 10].")
@@ -104,7 +105,7 @@ def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurren
         if max_windows is not None:
             measure = replace(measure, max_windows=max_windows)
         overrides = {"batches": _ints(batches), "iw": iw, "iw_batches": _ints(iw_batches),
-                     "concurrency": _ints(concurrency), "backends": _names(backends, BACKENDS),
+                     "concurrency": _ints(concurrency), "backends": _names(backends, BACKENDS + EXTRA_BACKENDS),
                      "cases": _names(cases, CASES), "threads": threads}
         spinning = None if ort_spinning is None else ort_spinning == "on"
         cfg = replace(cfg, measure=measure, ort_level=ort_level, ort_saved_graph=ort_saved_graph, load=load,

@@ -74,13 +74,27 @@ def _ort_session(path: Path, cfg: BenchConfig, work: Path):
     graph loaded without optimising again (only that load is timed)."""
     t = time.perf_counter()
     if cfg.ort_saved_graph:
-        saved = work / f"{path.parent.parent.name}.opt.onnx"
+        saved = work / f"{path.parent.parent.name}.{path.stem}.opt.onnx"  # unique per graph file
         ort_session(str(path), cfg.threads, cfg.ort_level, saved_graph=str(saved))
         t = time.perf_counter()
         sess = ort_session(str(saved), cfg.threads, "disable")
     else:
         sess = ort_session(str(path), cfg.threads, cfg.ort_level)
     return sess, time.perf_counter() - t
+
+
+def _elu_native_copy(path: Path, work: Path) -> Path:
+    """The graph at `path` with its ELUs as single Elu nodes (graph_passes.compose_elu), written into `work`."""
+    import onnx
+
+    from biva_export.graph_passes import compose_elu
+
+    out = work / f"{path.parent.parent.name}.elu_native.onnx"
+    if not out.exists():
+        proto = onnx.load(str(path))
+        compose_elu(proto)
+        onnx.save(proto, str(out))
+    return out
 
 
 def _graph_files(repo: Path, specs: dict) -> dict[str, Path]:
@@ -128,6 +142,8 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
         if "ort" in cfg.backends:
             sess, load_s[case.graph] = _ort_session(graphs[case.graph], cfg, work)
             runners["ort"] = OrtRunner(sess)
+        if "ort_elu_native" in cfg.backends:
+            runners["ort_elu_native"] = OrtRunner(_ort_session(_elu_native_copy(graphs[case.graph], work), cfg, work)[0])
         for backend, runner in runners.items():
             for b in _batches(cfg, case):
                 call = inprocess_call(runner, case, make, b, graph_max, cfg.seed + b,

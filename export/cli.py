@@ -37,6 +37,9 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
 @click.option("--opset", default=18, show_default=True, help="ONNX opset.")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
               help="torch.onnx exporter: the tracing one (fast) or dynamo/torch.export.")
+@click.option("--elu", type=click.Choice(["auto", "decomposed", "native"]), default="auto", show_default=True,
+              help="How the graphs write ELU: as Max(x, Exp(Min(x, 0)) - 1), faster in ONNX Runtime's CPU provider, "
+                   "or as the Elu node; auto: decomposed for the python backend, native for the onnxruntime (GPU) one.")
 @click.option("--max-batch-size", default=1024, show_default=True,
               help="Rows per graph call (Triton max_batch_size of the graph models).")
 @click.option("--instances", default=1, show_default=True, help="Instances per graph model.")
@@ -57,7 +60,7 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
 @click.option("--force", is_flag=True, help="Replace OUT even if it was not written by biva-export.")
 @click.option("--verbose", is_flag=True, help="Show the ONNX exporter's own output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt, out, backend, opset, exporter, max_batch_size, instances, queue_delay_us, preferred, front_instances,
+def main(ckpt, out, backend, opset, exporter, elu, max_batch_size, instances, queue_delay_us, preferred, front_instances,
          threads, spinning, validate, atol_scale, force, verbose, debug):
     """Export a BIVA checkpoint to ONNX, validate it, and write the Triton model repository."""
     from biva_core.checkpoint import CheckpointError
@@ -65,7 +68,7 @@ def main(ckpt, out, backend, opset, exporter, max_batch_size, instances, queue_d
     serving = ServingConfig(backend=backend, max_batch=max_batch_size, instances=instances,
                             front_instances=front_instances, threads=threads, spinning=spinning,
                             preferred=tuple(preferred), queue_delay_us=queue_delay_us)
-    cfg = ExportConfig(opset=opset, exporter=exporter, validate=validate, atol_scale=atol_scale, force=force,
+    cfg = ExportConfig(opset=opset, exporter=exporter, elu=elu, validate=validate, atol_scale=atol_scale, force=force,
                        quiet=not verbose, serving=serving)
     with one_line_errors(debug, ExportError, CheckpointError, ValueError):
         run_export(ckpt, out, cfg, log=click.echo)

@@ -13,6 +13,7 @@ from biva_core.model import Biva
 from biva_core.noise import NoiseStream
 
 from .contract import KS, SAMPLES, GraphSpec, T, TensorSpec, ort_session
+from .graph_passes import apply_elu_form
 from .graphs import GRAPH_MODULES
 
 DEFAULT_OPSET = 18
@@ -71,11 +72,12 @@ def _dynamic_axes(t: TensorSpec) -> dict[int, str]:
 
 
 def export_graph(spec: GraphSpec, model: Biva, path: Path, opset: int = DEFAULT_OPSET,
-                 exporter: str = "torchscript") -> None:
+                 exporter: str = "torchscript", elu: str = "decomposed") -> None:
     """Export one graph with a dynamic batch dimension; weights inside the file (graphs are < 2 GB).
 
     "torchscript" (torch.onnx's tracing exporter, dynamo=False) is the default: about five times faster
     to export these graphs than "dynamo" (torch.export), with the same numbers (both are validated).
+    `elu` is the form the graph's ELUs are written in (graph_passes.ELU_FORMS).
     """
     module = GRAPH_MODULES[spec.name](model).eval()
     ex = example_inputs(spec, model, 2, seed=0, samples=EXPORT_SIZES[SAMPLES], ks=EXPORT_SIZES[KS])
@@ -93,7 +95,10 @@ def export_graph(spec: GraphSpec, model: Biva, path: Path, opset: int = DEFAULT_
             torch.onnx.export(module, args, str(path), dynamo=False, dynamic_axes=axes, **common)
         else:
             raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    proto = onnx.load(str(path))
+    if apply_elu_form(proto, elu):
+        onnx.save(proto, str(path))
+    onnx.checker.check_model(proto, full_check=True)
 
 
 @dataclass

@@ -32,12 +32,21 @@ class ExportError(RuntimeError):
 class ExportConfig:
     opset: int = 18  # ONNX opset
     exporter: str = "torchscript"  # torch.onnx exporter: "torchscript" (tracing, fast) or "dynamo"
+    elu: str = "auto"  # ELU form (graph_passes): "decomposed", "native", or "auto" (native on the GPU backend)
     validate: bool = True  # check every graph against PyTorch before writing anything
     atol_scale: float = 1.0  # multiplies every validation tolerance; 0 demands exact equality
     force: bool = False  # replace an output folder that biva-export did not write
     quiet: bool = True  # hide the ONNX exporter's own output
     caps: Caps = field(default_factory=Caps)  # request caps written into every served model's metadata
     serving: ServingConfig = field(default_factory=ServingConfig)  # how the graph and front models are served
+
+
+def elu_form(cfg: ExportConfig) -> str:
+    """The ELU form written: the decomposed one for ONNX Runtime's CPU provider (the python backend), the
+    single Elu node for the native GPU backend, where TensorRT and the CUDA provider fuse or run it fast."""
+    if cfg.elu == "auto":
+        return "native" if cfg.serving.backend == "onnxruntime" else "decomposed"
+    return cfg.elu
 
 
 @contextlib.contextmanager
@@ -70,7 +79,7 @@ def _report_head(ckpt: Path, cfg: ExportConfig, source: str | None) -> dict:
                          "pip install 'biva-serving[cpu]' (or '[gpu]' on a CUDA machine)") from None
 
     return {"checkpoint": source or str(ckpt), "checkpoint_sha256": sha256_file(ckpt),
-            "backend": cfg.serving.backend, "opset": cfg.opset, "exporter": cfg.exporter,
+            "backend": cfg.serving.backend, "opset": cfg.opset, "exporter": cfg.exporter, "elu": elu_form(cfg),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
             "validated": cfg.validate, "graphs": {}}
@@ -86,7 +95,7 @@ def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig
         path = tmp / f"{name}.onnx"
         log(f"exporting {name} ...")
         with _quiet_exporter(cfg.quiet):
-            export_graph(spec, plain, path, cfg.opset, cfg.exporter)
+            export_graph(spec, plain, path, cfg.opset, cfg.exporter, elu_form(cfg))
         onnx_files[name] = path
         entry = {"bytes": path.stat().st_size, "inputs": spec.input_names, "outputs": spec.output_names}
         if cfg.validate:
