@@ -34,7 +34,7 @@ from .config import BenchConfig
 from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
 from .measure import MeasureConfig, measure_async, measure_sync
 from .report import add_achieved, compile_summary, compute_ratios, write_outputs
-from .triton import Variant, stats_delta, stats_snapshot, write_variant
+from .triton import Variant, exported_instances, stats_delta, stats_snapshot, write_variant
 
 RESULT = "bench.json"
 
@@ -467,7 +467,10 @@ def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: P
     from biva_export.graphs import graph_specs
 
     specs = graph_specs(plain)
-    variant = cfg.variant if cfg.variant.threads else Variant(**{**asdict(cfg.variant), "threads": cfg.threads})
+    # each instance gets the bench's threads shared out between the graph's instances, as exported
+    instances = cfg.variant.instances or exported_instances(repo / make_cases(cfg.iw)[cfg.sweep_case].graph)
+    variant = cfg.variant if cfg.variant.threads else Variant(
+        **{**asdict(cfg.variant), "threads": max(1, cfg.threads // instances)})
     sweep_case = make_cases(cfg.iw)[cfg.sweep_case]
     models = sorted({c.triton_model for c in cases.values()} | {sweep_case.triton_model})
     on = write_variant(repo, work / "repo_dynamic", models, variant)

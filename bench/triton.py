@@ -42,6 +42,12 @@ def parse_layout(text: str) -> dict[str, Any]:
             "spinning": None if m.group(3) is None else m.group(3) == "spin"}
 
 
+def exported_instances(model_dir: Path) -> int:
+    """The instance count in a model's config.pbtxt (1 where it names none)."""
+    m = re.search(r"instance_group \[ \{ count: (\d+)", (model_dir / "config.pbtxt").read_text())
+    return int(m.group(1)) if m else 1
+
+
 def rewrite_graph_config(text: str, v: Variant) -> str:
     """A graph model's config.pbtxt with the variant's settings."""
     if v.threads:

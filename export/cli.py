@@ -42,14 +42,16 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
                    "or as the Elu node; auto: decomposed for the python backend, native for the onnxruntime (GPU) one.")
 @click.option("--max-batch-size", default=1024, show_default=True,
               help="Rows per graph call (Triton max_batch_size of the graph models).")
-@click.option("--instances", default=1, show_default=True, help="Instances per graph model.")
+@click.option("--instances", default=2, show_default=True,
+              help="Instances per graph model (each a process; one request's graph calls go to them in parallel). "
+                   "At least 2 with dynamic batching: Triton 2.51 leaves some requests to a lone instance waiting 0.5 s.")
 @click.option("--queue-delay-us", default=500, show_default=True,
               help="Dynamic batcher: longest a request waits for others to join its batch (microseconds).")
 @click.option("--preferred-batch-size", "preferred", multiple=True, type=int,
               help="Dynamic batcher preferred batch size (repeatable; default none: batch whatever has arrived).")
 @click.option("--front-instances", default=2, show_default=True, help="Instances per front (API) model.")
 @click.option("--threads", default=0, show_default=True,
-              help="ONNX Runtime intra-op threads per python-backend graph instance (0: all cores).")
+              help="ONNX Runtime intra-op threads per python-backend graph instance (0: the cores / --instances).")
 @click.option("--spinning/--no-spinning", default=False, show_default=True,
               help="Idle ONNX Runtime intra-op threads of the graph models busy-wait for work (ONNX Runtime's "
                    "default; it burns cores other processes could use, and served no faster here) or sleep.")

@@ -24,8 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import (CONTRACT_COPY, META_PARAMETER, ONNX_FILE_PARAMETER, REPORT, ROLE_PARAMETER, SPINNING_PARAMETER,
-                       THREADS_PARAMETER, FrontSpec, GraphSpec, ModelMeta, TensorSpec)
+from .contract import (CONTRACT_COPY, GRAPH_INSTANCES_PARAMETER, META_PARAMETER, ONNX_FILE_PARAMETER, REPORT,
+                       ROLE_PARAMETER, SPINNING_PARAMETER, THREADS_PARAMETER, FrontSpec, GraphSpec, ModelMeta, TensorSpec)
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 # the serving step's python-backend model code, found without importing it (biva_serving is a later step)
@@ -53,9 +53,12 @@ class ServingConfig:
 
     backend: str = "python"  # "python" (ONNX Runtime in the python backend) or "onnxruntime" (native, GPU)
     max_batch: int = 1024  # rows per graph call: max_batch_size of the graph models
-    instances: int = 1  # instances per graph model
+    # instances per graph model. Two, not one with all threads: Triton 2.51's dynamic batcher with a queue policy
+    # (graph_queue below) misses the wake-up when a lone instance frees up, so requests that arrive then wait
+    # its 500 ms timeout; with two the other instance takes them (README, Speed: batching)
+    instances: int = 2
     front_instances: int = 2  # instances per front (API) model
-    threads: int = 0  # ONNX Runtime intra-op threads per python-backend graph instance (0: all cores)
+    threads: int = 0  # ONNX Runtime intra-op threads per python-backend graph instance (0: cores / instances)
     spinning: bool = False  # idle ONNX Runtime intra-op threads busy-wait for work (ORT's default; no faster
     #                         served, measured: README, Speed)
     preferred: tuple[int, ...] = ()  # dynamic batcher preferred batch sizes (none: batch what has arrived)
@@ -100,7 +103,8 @@ def front_config(spec: FrontSpec, meta: ModelMeta, sc: ServingConfig) -> str:
             + _tensor_block("input", spec.inputs, spec.optional) + _tensor_block("output", spec.outputs)
             + f"dynamic_batching {{ {policy} }}\n"
             + f"instance_group [ {{ count: {sc.front_instances} kind: KIND_CPU }} ]\n"
-            + _params({ROLE_PARAMETER: spec.role, META_PARAMETER: meta.to_json()}))
+            + _params({ROLE_PARAMETER: spec.role, META_PARAMETER: meta.to_json(),
+                       GRAPH_INSTANCES_PARAMETER: str(sc.instances)}))
 
 
 def parse_config(text: str):

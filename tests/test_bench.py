@@ -149,7 +149,7 @@ def test_variant_repository_holds_every_graph_a_front_model_calls(tmp_path: Path
     out = write_variant(tiny_repo, tmp_path / "v", ["biva_score"], Variant())
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["biva_score", "biva_scorer"]
     source = (tiny_repo / "biva_score" / "1" / "model.py").read_text()
-    called = {getattr(contract, c) for c in re.findall(r"self\._call\((SAMPLER|ENCODER|SCORER)\b", source)}
+    called = {getattr(contract, c) for c in re.findall(r"self\._(?:call|exec_all)\((SAMPLER|ENCODER|SCORER)\b", source)}
     assert called == {g for gs in contract.FRONT_GRAPHS.values() for g in gs}
 
 

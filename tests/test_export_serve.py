@@ -55,13 +55,16 @@ def test_every_generated_config_parses_into_model_config(backend):
     assert list(no_pref.dynamic_batching.preferred_batch_size) == []
     assert no_pref.dynamic_batching.max_queue_delay_microseconds == 500
     assert no_pref.parameters["intra_op_spinning"].string_value == "0"  # served threads sleep when idle (issue 12)
+    # two instances by default (Triton 2.51's batcher stalls a lone instance with a queue policy for 0.5 s)
+    assert no_pref.instance_group[0].count == 2 and no_pref.dynamic_batching.default_queue_policy.max_queue_size > 0
     spin = parse_config(graph_config(graph_specs(model)["biva_scorer"], ServingConfig(spinning=True)))
     assert spin.parameters["intra_op_spinning"].string_value == "1"
     meta = ModelMeta((1, 28, 28), "bernoulli", "threshold", model.cfg.n_layers, model.latent_dim, model.noise_dim,
                      tuple(model.group_names()), 64, Caps(max_n=7))
     for spec in front_specs((1, 28, 28), model.latent_dim, len(model.groups)).values():
-        cfg = parse_config(front_config(spec, meta, ServingConfig(front_instances=2)))
+        cfg = parse_config(front_config(spec, meta, ServingConfig(front_instances=2, instances=3)))
         assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 8
+        assert cfg.parameters["graph_instances"].string_value == "3"  # the front splits its calls over them
         assert cfg.backend == "python" and cfg.max_batch_size == 0
         assert {i.name for i in cfg.input if i.optional} == set(spec.optional)
         assert ModelMeta.from_json(cfg.parameters["biva_meta"].string_value) == meta

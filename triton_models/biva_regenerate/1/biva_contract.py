@@ -32,6 +32,7 @@ SAMPLE, REGENERATE, ENCODE, SCORE = (MODEL_PREFIX + r for r in ROLES)  # the fro
 FRONT_GRAPHS = {SAMPLE: (SAMPLER,), REGENERATE: (SAMPLER,), ENCODE: (ENCODER,), SCORE: (SCORER,)}
 META_PARAMETER = "biva_meta"  # config.pbtxt parameter holding ModelMeta.to_json()
 ROLE_PARAMETER = "role"  # config.pbtxt parameter naming a front model's role
+GRAPH_INSTANCES_PARAMETER = "graph_instances"  # a front model's parameter: instances of each graph model
 # a graph model's config.pbtxt parameters (python backend): its ONNX file, intra-op threads, "1"/"0" spinning
 ONNX_FILE_PARAMETER, THREADS_PARAMETER, SPINNING_PARAMETER = "onnx_file", "intra_op_threads", "intra_op_spinning"
 CONTRACT_COPY = "biva_contract.py"  # this file's name beside each python-backend model.py

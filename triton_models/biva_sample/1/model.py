@@ -15,6 +15,7 @@ request without a seed gets a fresh one, returned in the response. The graphs ar
 in slices of at most the graph's max batch size, so memory stays bounded whatever K is.
 Every bad request gets INVALID_ARG naming the field, the value and what was expected.
 """
+import asyncio
 import json
 import os
 
@@ -22,9 +23,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 # export/contract.py, copied beside this file by biva-export: names, caps, metadata, checks, L_K estimator
-from biva_contract import (ENCODER, IW_CALL_ROWS, META_PARAMETER, ROLE_PARAMETER, SAMPLER, SCORER, LogMeanExp,
-                           ModelMeta, T, RequestError, check_images, check_iw, check_iw_rows, check_k, check_ks,
-                           check_n, check_temperature, check_vectors, iw_calls, iw_chunks)
+from biva_contract import (ENCODER, GRAPH_INSTANCES_PARAMETER, IW_CALL_ROWS, META_PARAMETER, ROLE_PARAMETER, SAMPLER,
+                           SCORER, LogMeanExp, ModelMeta, T, RequestError, check_images, check_iw, check_iw_rows,
+                           check_k, check_ks, check_n, check_temperature, check_vectors, iw_calls, iw_chunks)
 
 
 def _error(msg, invalid=True):
@@ -45,6 +46,10 @@ class TritonPythonModel:
         self.caps = self.meta.caps
         self.graph_rows = self.meta.graph_max_batch
         self.L, self.D, self.N = self.meta.n_layers, self.meta.latent_dim, self.meta.noise_dim
+        # a request's graph calls go to every instance of the graph model at once: its rows split in as many
+        # slices, two calls per instance in flight (the dynamic batcher may merge two into one batch)
+        self.instances = max(1, int(params.get(GRAPH_INSTANCES_PARAMETER, "1")))
+        self.inflight = 2 * self.instances
 
     # ---- request parsing ----------------------------------------------------------------------
     def _get(self, req, name, required=True):
@@ -85,18 +90,36 @@ class TritonPythonModel:
 
     # ---- graph calls --------------------------------------------------------------------------
     def _call(self, graph, inputs, outputs):
-        """BLS call in slices of at most graph_rows rows; outputs concatenated."""
+        """BLS calls in one slice per graph instance, of at most graph_rows rows each; outputs concatenated."""
         rows = next(iter(inputs.values())).shape[0]
-        parts = [[] for _ in outputs]
-        for s in range(0, rows, self.graph_rows):
-            tensors = [pb_utils.Tensor(n, np.ascontiguousarray(a[s:s + self.graph_rows])) for n, a in inputs.items()]
-            req = pb_utils.InferenceRequest(model_name=graph, requested_output_names=outputs, inputs=tensors)
-            resp = req.exec()
+        step = max(1, min(self.graph_rows, -(-rows // self.instances)))
+        sliced = [({n: a[s:s + step] for n, a in inputs.items()}, outputs) for s in range(0, rows, step)]
+        parts = list(zip(*self._exec_all(graph, sliced)))  # per output, its slices
+        return [np.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in parts]
+
+    def _exec_all(self, graph, calls):
+        """The BLS calls [(inputs, output names)] to `graph`, up to self.inflight of them in flight (the graph
+        model's instances get work at once; the dynamic batcher may merge two); each call's outputs, in order."""
+        reqs = [pb_utils.InferenceRequest(model_name=graph, requested_output_names=outs, inputs=[
+            pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in inputs.items()]) for inputs, outs in calls]
+        if len(reqs) == 1:
+            resps = [r.exec() for r in reqs]
+        else:
+            resps = asyncio.run(self._gather(reqs))
+        out = []
+        for resp, (_, outs) in zip(resps, calls):
             if resp.has_error():
                 raise RuntimeError(f"{graph}: {resp.error().message()}")
-            for i, o in enumerate(outputs):
-                parts[i].append(pb_utils.get_output_tensor_by_name(resp, o).as_numpy())
-        return [np.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in parts]
+            out.append([pb_utils.get_output_tensor_by_name(resp, o).as_numpy() for o in outs])
+        return out
+
+    async def _gather(self, reqs):
+        gate = asyncio.Semaphore(self.inflight)
+
+        async def one(r):
+            async with gate:
+                return await r.async_exec()
+        return await asyncio.gather(*(one(r) for r in reqs))
 
     def _sample(self, z, k, temperature, noise):
         B = z.shape[0]
@@ -157,13 +180,15 @@ class TritonPythonModel:
         log_w = np.empty(eps.shape[:2], np.float32)
         B, G = eps.shape[1], len(self.meta.groups)
         sample0 = (np.empty((B, ks.size), np.float32), np.empty((B, G), np.float32)) if ks is not None else None
-        for imgs, smp in iw_calls(eps.shape[0], B, min(IW_CALL_ROWS, self.graph_rows)):
+        plan, calls = iw_calls(eps.shape[0], B, min(IW_CALL_ROWS, self.graph_rows)), []
+        for imgs, smp in plan:
             n, with_ks = imgs.stop - imgs.start, sample0 is not None and smp.start == 0
             k = np.tile(ks, (n, 1)) if with_ks else np.zeros((n, 0), np.int64)  # (n, J); J = 0: no L^{>k} pass
-            outs = self._call(SCORER, {T.images: x[imgs], T.noise: noise[imgs, smp], T.k: k},
-                              [T.log_w, T.log_w_gt_k, T.kl] if with_ks else [T.log_w])
+            calls.append(({T.images: x[imgs], T.noise: noise[imgs, smp], T.k: k},
+                          [T.log_w, T.log_w_gt_k, T.kl] if with_ks else [T.log_w]))
+        for (imgs, smp), outs in zip(plan, self._exec_all(SCORER, calls)):
             log_w[smp, imgs] = outs[0].T  # (samples, images)
-            if with_ks:
+            if len(outs) > 1:  # the calls holding sample 0, with every k
                 sample0[0][imgs], sample0[1][imgs] = outs[1], outs[2]
         return log_w, sample0
 

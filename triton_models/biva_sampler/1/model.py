@@ -38,8 +38,11 @@ class TritonPythonModel:
         here = os.path.join(args["model_repository"], args["model_version"])
         gpu = args.get("model_instance_kind") == "GPU"
         spinning = _param(config, SPINNING_PARAMETER, "")  # "1" / "0"; absent: ONNX Runtime's default
-        self.session = ort_session(os.path.join(here, _param(config, ONNX_FILE_PARAMETER, "model.onnx")),
-                                   int(_param(config, THREADS_PARAMETER, "0")),
+        threads = int(_param(config, THREADS_PARAMETER, "0"))
+        if threads == 0 and not gpu:  # the cores shared out between this model's instances (each is a process)
+            count = sum(g.get("count", 1) for g in config.get("instance_group", [])) or 1
+            threads = max(1, len(os.sched_getaffinity(0)) // count)
+        self.session = ort_session(os.path.join(here, _param(config, ONNX_FILE_PARAMETER, "model.onnx")), threads,
                                    gpu_device=int(args["model_instance_device_id"]) if gpu else None,
                                    spinning=None if spinning == "" else spinning == "1")
 
