@@ -115,7 +115,8 @@ def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig
 # 234,400 + z, q_mu, q_log_std 156,320 each + the image), and ONNX Runtime's peak grows by about 2.7x that
 # per row (measured, one thread: encoder 7.0 MB/row, scorer 7.4, sampler 5.2, over 1.0 / 1.0 / 0.5 GB of
 # weights): 1024 rows would need about 22 GB for the three graphs. Binary models' rows are a few KB.
-GRAPH_CALL_BYTES = 512 << 20  # row tensors per graph call: natural32 gets 128 rows (about 4.8 GB, 3 graphs)
+GRAPH_CALL_BYTES = 512 << 20  # row tensors per graph call, shared by a graph's instances: natural32 gets 128
+#                                rows with one instance (about 4.8 GB, 3 graphs), 64 with the default two
 REQUEST_BYTES = 128 << 20  # latents per request (an encode answer is 3 per image): natural32, 64 images
 
 
@@ -125,9 +126,11 @@ def _pow2_at_most(n: int) -> int:
 
 def fit_to_memory(cfg: ExportConfig, latent_dim: int, noise_dim: int, image_shape: tuple[int, ...]) -> ExportConfig:
     """`cfg` with the graphs' max batch and the images-per-request cap lowered (to powers of two) where a
-    model's rows are too large for the defaults; binary models and anything already small are unchanged."""
+    model's rows are too large for the defaults; binary models and anything already small are unchanged.
+    Every instance of a graph model runs its own calls, so the row budget is shared out between them."""
     pixels = int(math.prod(image_shape))
-    rows = _pow2_at_most(GRAPH_CALL_BYTES // (4 * (noise_dim + 3 * latent_dim + pixels)))
+    budget = GRAPH_CALL_BYTES // max(1, cfg.serving.instances)
+    rows = _pow2_at_most(budget // (4 * (noise_dim + 3 * latent_dim + pixels)))
     images = _pow2_at_most(REQUEST_BYTES // (4 * (3 * latent_dim + pixels)))
     return replace(cfg, serving=replace(cfg.serving, max_batch=min(cfg.serving.max_batch, rows)),
                    caps=replace(cfg.caps, max_images=min(cfg.caps.max_images, images)))

@@ -68,11 +68,12 @@ def held_out() -> np.ndarray:
     return (_colour_images(5, seed=1) / 255).astype(np.float32)
 
 
-@pytest.mark.parametrize("name,rows,images", [("natural32", 128, 64), ("natural64", 128, 64),
+@pytest.mark.parametrize("name,rows,images", [("natural32", 64, 64), ("natural64", 64, 64),
                                                ("default28", 1024, 1024), ("tiny", 1024, 1024), ("tiny32", 1024, 1024)])
 def test_export_sizes_graph_batches_and_caps_to_memory(name, rows, images):
-    """natural32's rows carry 2.7 MiB of tensors: its graphs get 128 rows per call and requests 64 images
-    (binary models keep the defaults); an explicit smaller setting is kept."""
+    """natural32's rows carry 2.7 MiB of tensors: with the default two instances per graph its graphs get 64
+    rows per call (128 with one instance) and requests 64 images (binary models keep the defaults); an
+    explicit smaller setting is kept."""
     from biva_core.model import Biva
     from biva_export.contract import Caps
     from biva_export.pipeline import ExportConfig, fit_to_memory
@@ -82,6 +83,8 @@ def test_export_sizes_graph_batches_and_caps_to_memory(name, rows, images):
     got = fit_to_memory(ExportConfig(), m.latent_dim, m.noise_dim, m.cfg.image_shape)
     assert (got.serving.max_batch, got.caps.max_images) == (rows, images)
     assert got.caps.max_n == Caps().max_n and got.caps.max_iw_rows == Caps().max_iw_rows
+    one = fit_to_memory(ExportConfig(serving=ServingConfig(instances=1)), m.latent_dim, m.noise_dim, m.cfg.image_shape)
+    assert one.serving.max_batch == min(2 * rows, 1024)  # one instance: the whole row budget
     small = ExportConfig(serving=ServingConfig(max_batch=8), caps=Caps(max_images=4))
     kept = fit_to_memory(small, m.latent_dim, m.noise_dim, m.cfg.image_shape)
     assert (kept.serving.max_batch, kept.caps.max_images) == (8, 4)
