@@ -83,6 +83,22 @@ class CompiledRunner(TorchRunner):
         return prepared
 
 
+class AotiRunner:
+    """The repository's AOTInductor package of the graph (biva-export --runtime aoti), loaded as the served
+    graph model loads it (contract.aoti_runner); numpy in, numpy out, like OrtRunner."""
+
+    def __init__(self, path, spec: GraphSpec, threads: int):
+        from biva_export.contract import aoti_runner
+
+        self.run, self.names = aoti_runner(str(path), threads), spec.input_names
+
+    def prepare(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        return tuple(feeds[n] for n in self.names)
+
+    def __call__(self, prepared: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+        return self.run(*prepared)
+
+
 class OrtRunner:
     def __init__(self, session):
         self.session = session

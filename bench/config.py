@@ -13,7 +13,8 @@ from .triton import Variant
 BACKENDS = ("torch", "compile", "ort", "triton_http", "triton_grpc")  # the default run
 # on request: ONNX Runtime on the served graph with its ELUs as single Elu nodes (export/graph_passes.py), so the
 # decomposition the exporter writes is measured against the operator it replaces, in the same run
-EXTRA_BACKENDS = ("ort_elu_native",)
+# and "aoti": the repository's AOTInductor packages (biva-export --runtime aoti) in process
+EXTRA_BACKENDS = ("ort_elu_native", "aoti")
 CASES = ("sampler", "encoder", "scorer_k1", "scorer_iw")
 ORT_LEVELS = tuple(_ORT_LEVELS)
 LOADS = ("processes", "async")

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 BACKEND_LABELS = {"torch": "PyTorch", "compile": "torch.compile", "ort": "ONNX Runtime", "triton_http": "Triton HTTP",
-                  "triton_grpc": "Triton gRPC", "ort_elu_native": "ONNX Runtime, Elu nodes"}
+                  "triton_grpc": "Triton gRPC", "ort_elu_native": "ONNX Runtime, Elu nodes",
+                  "aoti": "AOTInductor package"}
 
 # (numerator backend, denominator backend, batch, target)
 ORT_OVER_TORCH = ((1, 1.5), (64, 1.2))
 ORT_OVER_COMPILE = ((1, 1.0), (64, 1.0))  # issue 12: ONNX Runtime at least as fast as torch.compile
 ELU_DECOMPOSITION = ((1, 1.0), (64, 1.0))  # the served graph's ELU form at least as fast as the Elu node
+AOTI_OVER_COMPILE = ((1, 1.0), (64, 1.0))  # the compiled serving route at least as fast as torch.compile
 GRPC_OVER_ORT = (64, 0.85)
 DYNAMIC_BATCHING = (16, 1, 4.0)  # clients, against clients, target
 CEILING_FRACTION = 0.90  # issue 12: 16 clients' images/s >= 90% of the ceiling (best in-process ONNX Runtime)
@@ -51,8 +53,11 @@ def compute_ratios(result: dict[str, Any]) -> dict[str, Any]:
     """The targets, each {value, target, met, what}; value None where the numbers were not measured."""
     graph_cases = [c for c in result["graphs"] if result["graphs"][c]["rows_per_image"] == 1]
     ratios: dict[str, Any] = {"ort_over_torch": {}, "ort_over_compile": {}, "ort_over_elu_native": {},
-                              "triton_grpc_over_ort": {}}
+                              "aoti_over_compile": {}, "triton_grpc_over_ort": {}}
     for case in graph_cases:
+        ratios["aoti_over_compile"][case] = {
+            str(b): _ratio(_ips(result, case, "aoti", b), _ips(result, case, "compile", b), t,
+                           f"AOTInductor package / torch.compile images/s at batch {b}") for b, t in AOTI_OVER_COMPILE}
         for group, peer, label, targets in (("ort_over_torch", "torch", "PyTorch", ORT_OVER_TORCH),
                                             ("ort_over_compile", "compile", "torch.compile", ORT_OVER_COMPILE),
                                             ("ort_over_elu_native", "ort_elu_native", "ONNX Runtime with Elu nodes",
@@ -197,11 +202,12 @@ def _limit_and_target_lines(result: dict[str, Any]) -> list[str]:
                      f"{f['flops_per_row_torch'] * f['rows_per_image'] / 1e6:.2f} |")
     lines += ["", "## Targets", "", "| ratio | value | target | met |", "|---|---:|---:|---|"]
     r = result["ratios"]
-    for group in ("ort_over_torch", "ort_over_compile", "ort_over_elu_native", "triton_grpc_over_ort"):
-        for case, per in r[group].items():
+    for group in ("ort_over_torch", "ort_over_compile", "ort_over_elu_native", "aoti_over_compile",
+                  "triton_grpc_over_ort"):
+        for case, per in r.get(group, {}).items():
             for b, x in per.items():
-                if x["value"] is None and group == "ort_over_elu_native":
-                    continue  # that backend runs only on request
+                if x["value"] is None and group in ("ort_over_elu_native", "aoti_over_compile"):
+                    continue  # those backends run only on request
                 lines.append(f"| {case}: {x['what']} | {_fmt(x['value'], '.2f')} | {x['target']} | {_met(x)} |")
     for key in ("dynamic_batching_scaling", "dynamic_batching_of_ceiling", "scorer_peak_fraction", "iw_peak_fraction"):
         x = r[key]

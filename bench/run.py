@@ -25,11 +25,11 @@ from typing import Any, Callable
 
 import torch
 
-from biva_export.contract import ENCODER, IW_CALL_ROWS, KS, REPORT, SAMPLES, T, ort_session
+from biva_export.contract import ENCODER, IW_CALL_ROWS, KS, PACKAGE_FILE, REPORT, SAMPLES, T, ort_session
 from biva_export.repository import read_meta, sha256_file
 
-from .backends import Case, CompiledRunner, OrtRunner, TorchRunner, async_call, inprocess_call, iw_plan, make_cases, \
-    request_feeds, sync_call, triton_inputs
+from .backends import AotiRunner, Case, CompiledRunner, OrtRunner, TorchRunner, async_call, inprocess_call, iw_plan, \
+    make_cases, request_feeds, sync_call, triton_inputs
 from .config import BenchConfig
 from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
 from .measure import MeasureConfig, measure_async, measure_sync
@@ -142,8 +142,14 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
         if "ort" in cfg.backends:
             sess, load_s[case.graph] = _ort_session(graphs[case.graph], cfg, work)
             runners["ort"] = OrtRunner(sess)
+        if "aoti" in cfg.backends:
+            package = graphs[case.graph].parent / PACKAGE_FILE
+            if not package.is_file():
+                raise BenchError(f"{package}: no AOTInductor package; export with biva-export --runtime aoti")
+            runners["aoti"] = AotiRunner(package, spec, cfg.threads)
         if "ort_elu_native" in cfg.backends:
-            runners["ort_elu_native"] = OrtRunner(_ort_session(_elu_native_copy(graphs[case.graph], work), cfg, work)[0])
+            native = _elu_native_copy(graphs[case.graph], work)
+            runners["ort_elu_native"] = OrtRunner(_ort_session(native, cfg, work)[0])
         for backend, runner in runners.items():
             for b in _batches(cfg, case):
                 call = inprocess_call(runner, case, make, b, graph_max, cfg.seed + b,

@@ -34,6 +34,9 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
 @click.option("--backend", type=click.Choice(["python", "onnxruntime"]), default="python", show_default=True,
               help="python: ONNX Runtime inside Triton's python backend (CPU, or CUDA with onnxruntime-gpu). "
                    "onnxruntime: native onnxruntime_onnx configs on KIND_GPU with TensorRT, for NVIDIA's container.")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "aoti"]), default="onnxruntime", show_default=True,
+              help="What runs the graphs in the python backend: ONNX Runtime, or AOTInductor packages compiled "
+                   "from the same graphs (export takes minutes; faster at large batches, README Speed).")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset.")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
               help="torch.onnx exporter: the tracing one (fast) or dynamo/torch.export.")
@@ -44,7 +47,8 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
               help="Rows per graph call (Triton max_batch_size of the graph models).")
 @click.option("--instances", default=2, show_default=True,
               help="Instances per graph model (each a process; one request's graph calls go to them in parallel). "
-                   "At least 2 with dynamic batching: Triton 2.51 leaves some requests to a lone instance waiting 0.5 s.")
+                   "At least 2 with dynamic batching: Triton 2.51 leaves some requests to a lone instance waiting "
+                   "0.5 s.")
 @click.option("--queue-delay-us", default=500, show_default=True,
               help="Dynamic batcher: longest a request waits for others to join its batch (microseconds).")
 @click.option("--preferred-batch-size", "preferred", multiple=True, type=int,
@@ -62,12 +66,12 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
 @click.option("--force", is_flag=True, help="Replace OUT even if it was not written by biva-export.")
 @click.option("--verbose", is_flag=True, help="Show the ONNX exporter's own output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt, out, backend, opset, exporter, elu, max_batch_size, instances, queue_delay_us, preferred, front_instances,
-         threads, spinning, validate, atol_scale, force, verbose, debug):
+def main(ckpt, out, backend, runtime, opset, exporter, elu, max_batch_size, instances, queue_delay_us, preferred,
+         front_instances, threads, spinning, validate, atol_scale, force, verbose, debug):
     """Export a BIVA checkpoint to ONNX, validate it, and write the Triton model repository."""
     from biva_core.checkpoint import CheckpointError
 
-    serving = ServingConfig(backend=backend, max_batch=max_batch_size, instances=instances,
+    serving = ServingConfig(backend=backend, runtime=runtime, max_batch=max_batch_size, instances=instances,
                             front_instances=front_instances, threads=threads, spinning=spinning,
                             preferred=tuple(preferred), queue_delay_us=queue_delay_us)
     cfg = ExportConfig(opset=opset, exporter=exporter, elu=elu, validate=validate, atol_scale=atol_scale, force=force,

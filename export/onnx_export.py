@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -71,6 +72,19 @@ def _dynamic_axes(t: TensorSpec) -> dict[int, str]:
     return {0: "batch", **{i + 1: next(free) for i, d in enumerate(t.dims) if d == -1}}
 
 
+def export_shapes(spec: GraphSpec) -> tuple[dict, ...]:
+    """torch.export's dynamic_shapes for a graph's inputs: the batch axis and the spec's free axes."""
+    dims = {"batch": torch.export.Dim("batch", min=1, max=65536),
+            SAMPLES: torch.export.Dim(SAMPLES, min=1, max=65536), KS: torch.export.Dim(KS, min=0, max=64)}
+    return tuple({i: dims[a] for i, a in _dynamic_axes(t).items()} for t in spec.inputs)
+
+
+def traced_inputs(spec: GraphSpec, model: Biva) -> tuple[torch.Tensor, ...]:
+    """The example inputs a graph is traced with: 2 rows, EXPORT_SIZES along the free axes."""
+    ex = example_inputs(spec, model, 2, seed=0, samples=EXPORT_SIZES[SAMPLES], ks=EXPORT_SIZES[KS])
+    return tuple(torch.from_numpy(ex[n]) for n in spec.input_names)
+
+
 def export_graph(spec: GraphSpec, model: Biva, path: Path, opset: int = DEFAULT_OPSET,
                  exporter: str = "torchscript", elu: str = "decomposed") -> None:
     """Export one graph with a dynamic batch dimension; weights inside the file (graphs are < 2 GB).
@@ -80,15 +94,11 @@ def export_graph(spec: GraphSpec, model: Biva, path: Path, opset: int = DEFAULT_
     `elu` is the form the graph's ELUs are written in (graph_passes.ELU_FORMS).
     """
     module = GRAPH_MODULES[spec.name](model).eval()
-    ex = example_inputs(spec, model, 2, seed=0, samples=EXPORT_SIZES[SAMPLES], ks=EXPORT_SIZES[KS])
-    args = tuple(torch.from_numpy(ex[n]) for n in spec.input_names)
+    args = traced_inputs(spec, model)
     common = dict(input_names=spec.input_names, output_names=spec.output_names, opset_version=opset)
     with torch.no_grad():
         if exporter == "dynamo":
-            dims = {"batch": torch.export.Dim("batch", min=1, max=65536),
-                    SAMPLES: torch.export.Dim(SAMPLES, min=1, max=65536), KS: torch.export.Dim(KS, min=0, max=64)}
-            shapes = tuple({i: dims[a] for i, a in _dynamic_axes(t).items()} for t in spec.inputs)
-            torch.onnx.export(module, args, str(path), dynamo=True, dynamic_shapes=shapes,
+            torch.onnx.export(module, args, str(path), dynamo=True, dynamic_shapes=export_shapes(spec),
                               external_data=False, optimize=True, **common)
         elif exporter == "torchscript":
             axes = {t.name: _dynamic_axes(t) for t in spec.inputs + spec.outputs}
@@ -108,6 +118,7 @@ class GraphReport:
     atol: dict[str, float] = field(default_factory=dict)
     batches: list[int] = field(default_factory=list)
     free: list[dict[str, int]] = field(default_factory=list)  # with each batch, its free axes' sizes (the scorer's)
+    runtime: str = "ORT"  # what ran the exported graph: ONNX Runtime, or "AOTI" (an AOTInductor package)
 
     @property
     def ok(self) -> bool:
@@ -115,7 +126,7 @@ class GraphReport:
 
     def summary(self) -> str:
         parts = [f"{k} {v:.2e} (tol {self.atol[k]:.1e})" for k, v in self.max_abs_diff.items()]
-        return f"{self.name}: {'ok' if self.ok else 'FAILED'}: max |ORT - torch|: " + ", ".join(parts)
+        return f"{self.name}: {'ok' if self.ok else 'FAILED'}: max |{self.runtime} - torch|: " + ", ".join(parts)
 
 
 VALIDATION_FREE = ({SAMPLES: 5, KS: 2}, {SAMPLES: 1, KS: 1}, {SAMPLES: 2, KS: 0})  # one per batch, in turn
@@ -123,16 +134,25 @@ VALIDATION_FREE = ({SAMPLES: 5, KS: 2}, {SAMPLES: 1, KS: 1}, {SAMPLES: 2, KS: 0}
 
 def validate_graph(spec: GraphSpec, model: Biva, path: Path, batches: tuple[int, ...] = (1, 7, 33),
                    seed: int = 12345, atol_scale: float = 1.0) -> GraphReport:
-    """Run the ONNX graph in ONNX Runtime and the PyTorch module on the same fresh inputs (several batch
-    sizes, and with them VALIDATION_FREE's sizes of the free axes where the graph has some, J = 0 among
-    them, so every dynamic axis is exercised) and record the max |difference| of every output, paired by
-    name: the module returns the contract's named tuple, whose fields must be the spec's output names.
+    """Run the ONNX graph in ONNX Runtime and the PyTorch module on the same fresh inputs (compare_with_torch)."""
+    sess = ort_session(str(path))
+    return compare_with_torch(spec, model, lambda feeds: sess.run(spec.output_names, feeds), batches, seed,
+                              atol_scale)
+
+
+def compare_with_torch(spec: GraphSpec, model: Biva, run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+                       batches: tuple[int, ...] = (1, 7, 33), seed: int = 12345, atol_scale: float = 1.0
+                       ) -> GraphReport:
+    """Run an exported graph (`run`: feeds -> outputs in the spec's order) and the PyTorch module on the same
+    fresh inputs (several batch sizes, and with them VALIDATION_FREE's sizes of the free axes where the graph
+    has some, J = 0 among them, so every dynamic axis is exercised) and record the max |difference| of every
+    output, paired by name: the module returns the contract's named tuple, whose fields must be the spec's
+    output names.
 
     A tolerance below two float32 spacings of the output's largest value cannot be met by any runtime (a
     natural-image log-likelihood of 20,000 nats is held to 0.002), so it is raised to that and the report
     records the tolerance used; `atol_scale` 0 keeps exact equality."""
     module = GRAPH_MODULES[spec.name](model).eval()
-    sess = ort_session(str(path))
     free = [VALIDATION_FREE[i % len(VALIDATION_FREE)] for i in range(len(batches))] \
         if any(t.free for t in spec.inputs) else []
     rep = GraphReport(spec.name, atol={k: v * atol_scale for k, v in spec.atol.items()}, batches=list(batches),
@@ -140,21 +160,25 @@ def validate_graph(spec: GraphSpec, model: Biva, path: Path, batches: tuple[int,
     for i, b in enumerate(batches):
         s, j = (free[i][SAMPLES], free[i][KS]) if free else (1, 1)
         ex = example_inputs(spec, model, b, seed + i, s, j)
-        got = dict(zip(spec.output_names, sess.run(spec.output_names, ex)))
+        got = dict(zip(spec.output_names, run(ex)))
         with torch.no_grad():
             ref = module(*(torch.from_numpy(ex[n]) for n in spec.input_names))
         if tuple(getattr(ref, "_fields", ())) != tuple(spec.output_names):
             raise ValidationError(f"{spec.name}: the module returns {getattr(ref, '_fields', type(ref).__name__)}, "
                                   f"the spec names {spec.output_names}")
         for name, r in ref._asdict().items():
-            g, r = got[name], r.numpy()
-            if g.shape != r.shape:
-                raise ValidationError(f"{spec.name}: output {name} has shape {g.shape}, PyTorch gives {r.shape}")
-            d = float(np.max(np.abs(g - r))) if g.size else 0.0
-            if not math.isfinite(d):
-                d = math.inf
-            rep.max_abs_diff[name] = max(rep.max_abs_diff.get(name, 0.0), d)
-            if atol_scale > 0 and g.size:  # a float32 output is not finer than its spacing at that magnitude
-                ulps = 2.0 * float(np.spacing(np.float32(np.max(np.abs(r)))))
-                rep.atol[name] = max(rep.atol[name], ulps)
+            _record(rep, name, got[name], r.numpy(), atol_scale)
     return rep
+
+
+def _record(rep: GraphReport, name: str, g: np.ndarray, r: np.ndarray, atol_scale: float) -> None:
+    """One output's max |difference| into the report (and its tolerance raised to two float32 spacings)."""
+    if g.shape != r.shape:
+        raise ValidationError(f"{rep.name}: output {name} has shape {g.shape}, PyTorch gives {r.shape}")
+    d = float(np.max(np.abs(g - r))) if g.size else 0.0
+    if not math.isfinite(d):
+        d = math.inf
+    rep.max_abs_diff[name] = max(rep.max_abs_diff.get(name, 0.0), d)
+    if atol_scale > 0 and g.size:  # a float32 output is not finer than its spacing at that magnitude
+        ulps = 2.0 * float(np.spacing(np.float32(np.max(np.abs(r)))))
+        rep.atol[name] = max(rep.atol[name], ulps)

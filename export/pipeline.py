@@ -79,7 +79,8 @@ def _report_head(ckpt: Path, cfg: ExportConfig, source: str | None) -> dict:
                          "pip install 'biva-serving[cpu]' (or '[gpu]' on a CUDA machine)") from None
 
     return {"checkpoint": source or str(ckpt), "checkpoint_sha256": sha256_file(ckpt),
-            "backend": cfg.serving.backend, "opset": cfg.opset, "exporter": cfg.exporter, "elu": elu_form(cfg),
+            "backend": cfg.serving.backend, "runtime": cfg.serving.runtime, "opset": cfg.opset,
+            "exporter": cfg.exporter, "elu": elu_form(cfg),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
             "validated": cfg.validate, "graphs": {}}
@@ -87,7 +88,8 @@ def _report_head(ckpt: Path, cfg: ExportConfig, source: str | None) -> dict:
 
 def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig, log, out: Path
                          ) -> tuple[dict, dict]:
-    """Each graph exported into `tmp` and validated; returns (name -> onnx path, name -> report entry)."""
+    """Each graph exported into `tmp` and validated; returns (name -> onnx path, name -> report entry), and
+    with the aoti runtime each graph's package, validated too, as "<name>.pt2" beside its ONNX file."""
     from .onnx_export import export_graph, validate_graph
 
     onnx_files, entries = {}, {}
@@ -99,16 +101,35 @@ def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig
         onnx_files[name] = path
         entry = {"bytes": path.stat().st_size, "inputs": spec.input_names, "outputs": spec.output_names}
         if cfg.validate:
-            rep = validate_graph(spec, model, path, atol_scale=cfg.atol_scale)
-            log("  " + rep.summary())
-            entry.update({"max_abs_diff": rep.max_abs_diff, "atol": rep.atol, "batches": rep.batches,
-                          "free_axes": rep.free, "ok": rep.ok})
-            if not rep.ok:  # fail fast: nothing is written, the remaining graphs are not exported
-                details = ", ".join(f"{k} {v:.3g} > {rep.atol[k]:.3g}" for k, v in rep.max_abs_diff.items()
-                                    if v > rep.atol[k])
-                raise ExportError(f"validation failed, {out} left untouched: {name}: max |ORT - torch| {details}")
+            entry.update(_checked(validate_graph(spec, model, path, atol_scale=cfg.atol_scale), log, out))
+        if cfg.serving.runtime == "aoti":
+            entry["package"] = _package(spec, model, plain, path.with_suffix(".pt2"), cfg, log, out)
         entries[name] = entry
     return onnx_files, entries
+
+
+def _checked(rep, log, out: Path) -> dict:
+    """A validation report's entry; raises ExportError (nothing written) when it failed."""
+    log("  " + rep.summary())
+    if not rep.ok:  # fail fast: nothing is written, the remaining graphs are not exported
+        details = ", ".join(f"{k} {v:.3g} > {rep.atol[k]:.3g}" for k, v in rep.max_abs_diff.items()
+                            if v > rep.atol[k])
+        raise ExportError(f"validation failed, {out} left untouched: {rep.name}: max |{rep.runtime} - torch| {details}")
+    return {"max_abs_diff": rep.max_abs_diff, "atol": rep.atol, "batches": rep.batches, "free_axes": rep.free,
+            "ok": rep.ok}
+
+
+def _package(spec, model, plain, path: Path, cfg: ExportConfig, log, out: Path) -> dict:
+    """The graph's AOTInductor package at `path`, validated like the ONNX graph; its report entry."""
+    from .aoti import compile_package, validate_package
+
+    log(f"  compiling {spec.name} with AOTInductor (a minute or two) ...")
+    with _quiet_exporter(cfg.quiet):
+        compile_package(spec, plain, path)
+    entry = {"bytes": path.stat().st_size}
+    if cfg.validate:
+        entry.update(_checked(validate_package(spec, model, path, atol_scale=cfg.atol_scale), log, out))
+    return entry
 
 
 # Memory sizing (issue 13). A natural32 row carries 2.7 MiB of float32 tensors through a graph call (noise
@@ -153,6 +174,9 @@ def run_export(ckpt: Path, out: Path, cfg: ExportConfig = ExportConfig(), log: C
 
     from .graphs import graph_specs, inference_copy
 
+    if cfg.serving.runtime == "aoti" and cfg.serving.backend != "python":
+        raise ExportError("--runtime aoti needs the python backend (the packages run inside its models); "
+                          f"got --backend {cfg.serving.backend}")
     if out.exists() and not (out / REPORT).exists() and any(out.iterdir()) and not cfg.force:
         raise ExportError(f"{out} exists and was not written by biva-export; pass --force to replace it")
     model, data_meta = load_model(ckpt)
@@ -173,7 +197,9 @@ def run_export(ckpt: Path, out: Path, cfg: ExportConfig = ExportConfig(), log: C
                         for name, spec in meta.front_specs().items()})
         staged = staging_dir(out)
         try:
-            write_model_files(staged, configs, onnx_files, cfg.serving.backend)
+            packages = {n: p.with_suffix(".pt2") for n, p in onnx_files.items()} \
+                if cfg.serving.runtime == "aoti" else None
+            write_model_files(staged, configs, onnx_files, cfg.serving.backend, packages)
             (staged / REPORT).write_text(json.dumps(report, indent=2) + "\n")
             swap_into_place(staged, out)
         except BaseException:

@@ -24,8 +24,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import (CONTRACT_COPY, GRAPH_INSTANCES_PARAMETER, META_PARAMETER, ONNX_FILE_PARAMETER, REPORT,
-                       ROLE_PARAMETER, SPINNING_PARAMETER, THREADS_PARAMETER, FrontSpec, GraphSpec, ModelMeta, TensorSpec)
+from .contract import (CONTRACT_COPY, GRAPH_INSTANCES_PARAMETER, META_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_FILE,
+                       REPORT, ROLE_PARAMETER, RUNTIME_PARAMETER, SPINNING_PARAMETER, THREADS_PARAMETER, FrontSpec,
+                       GraphSpec, ModelMeta, TensorSpec)
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 # the serving step's python-backend model code, found without importing it (biva_serving is a later step)
@@ -59,6 +60,7 @@ class ServingConfig:
     instances: int = 2
     front_instances: int = 2  # instances per front (API) model
     threads: int = 0  # ONNX Runtime intra-op threads per python-backend graph instance (0: cores / instances)
+    runtime: str = "onnxruntime"  # what runs the python backend's graphs: ONNX Runtime, or "aoti" (export/aoti.py)
     spinning: bool = False  # idle ONNX Runtime intra-op threads busy-wait for work (ORT's default; no faster
     #                         served, measured: README, Speed)
     preferred: tuple[int, ...] = ()  # dynamic batcher preferred batch sizes (none: batch what has arrived)
@@ -75,7 +77,7 @@ def graph_config(spec: GraphSpec, sc: ServingConfig, meta: ModelMeta | None = No
     if backend == "python":
         head += 'backend: "python"\n'
         params = {ONNX_FILE_PARAMETER: "model.onnx", THREADS_PARAMETER: str(sc.threads),
-                  SPINNING_PARAMETER: "1" if sc.spinning else "0"}
+                  SPINNING_PARAMETER: "1" if sc.spinning else "0", RUNTIME_PARAMETER: sc.runtime}
         if meta is not None:
             params[META_PARAMETER] = meta.to_json()
         kind, extra = "KIND_CPU", _params(params)
@@ -115,8 +117,10 @@ def parse_config(text: str):
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
-def write_model_files(root: Path, configs: dict[str, str], onnx_files: dict[str, Path], backend: str) -> None:
-    """Lay out one folder per model under `root` (a fresh directory)."""
+def write_model_files(root: Path, configs: dict[str, str], onnx_files: dict[str, Path], backend: str,
+                      packages: dict[str, Path] | None = None) -> None:
+    """Lay out one folder per model under `root` (a fresh directory); `packages`: the graphs' AOTInductor
+    packages, beside their ONNX files, for the aoti runtime."""
     for name, text in configs.items():
         parse_config(text)
         version = root / name / "1"
@@ -125,6 +129,8 @@ def write_model_files(root: Path, configs: dict[str, str], onnx_files: dict[str,
         source = PYTHON_DIR / ("graph_model.py" if name in onnx_files else "front_model.py")
         if name in onnx_files:
             shutil.copyfile(onnx_files[name], version / "model.onnx")
+        if packages and name in packages:
+            shutil.copyfile(packages[name], version / PACKAGE_FILE)
         if name not in onnx_files or backend == "python":
             shutil.copyfile(source, version / "model.py")
             shutil.copyfile(CONTRACT_FILE, version / CONTRACT_COPY)  # the server imports the same contract

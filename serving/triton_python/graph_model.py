@@ -1,7 +1,8 @@
-"""Triton python-backend model serving one exported ONNX graph with ONNX Runtime.
+"""Triton python-backend model serving one exported graph: the ONNX graph in ONNX Runtime, or (config
+parameter runtime "aoti") the AOTInductor package compiled from the same graph, with torch.
 
 Copied into the model repository by biva-export with the contract (biva_contract.py, export/contract.py);
-depends only on numpy, onnxruntime and Triton's triton_python_backend_utils. The dynamic batcher hands over
+depends only on numpy, onnxruntime (or torch) and Triton's triton_python_backend_utils. The dynamic batcher hands over
 a list of requests: each is checked as the API models check theirs (finite values in range, binary pixels
 for a binary model, k in 0..L, 0 < temperature <= cap), the good ones are stacked, run once, and the
 outputs split back by row counts; a row whose output is not finite is answered with an error, never a 200.
@@ -14,8 +15,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 # export/contract.py, copied beside this file by biva-export
-from biva_contract import (META_PARAMETER, ONNX_FILE_PARAMETER, SPINNING_PARAMETER, THREADS_PARAMETER, ModelMeta,
-                           RequestError, check_graph_inputs, ort_session)
+from biva_contract import (AOTI_MIN_ROWS, META_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_FILE, RUNTIME_PARAMETER,
+                           SPINNING_PARAMETER, THREADS_PARAMETER, ModelMeta, RequestError, aoti_runner,
+                           check_graph_inputs, ort_session)
 
 
 def _param(config, key, default):
@@ -42,9 +44,15 @@ class TritonPythonModel:
         if threads == 0 and not gpu:  # the cores shared out between this model's instances (each is a process)
             count = sum(g.get("count", 1) for g in config.get("instance_group", [])) or 1
             threads = max(1, len(os.sched_getaffinity(0)) // count)
-        self.session = ort_session(os.path.join(here, _param(config, ONNX_FILE_PARAMETER, "model.onnx")), threads,
-                                   gpu_device=int(args["model_instance_device_id"]) if gpu else None,
-                                   spinning=None if spinning == "" else spinning == "1")
+        self.runtime = _param(config, RUNTIME_PARAMETER, "onnxruntime")
+        session = ort_session(os.path.join(here, _param(config, ONNX_FILE_PARAMETER, "model.onnx")), threads,
+                              gpu_device=int(args["model_instance_device_id"]) if gpu else None,
+                              spinning=None if spinning == "" else spinning == "1")
+        self.run = lambda feeds: session.run(self.outputs, feeds)
+        if self.runtime == "aoti":  # the AOTInductor package of the same graph (export/aoti.py) from AOTI_MIN_ROWS
+            package = aoti_runner(os.path.join(here, PACKAGE_FILE), threads)
+            self.run = lambda feeds: package(*(feeds[n] for n in self.inputs)) \
+                if len(feeds[self.inputs[0]]) >= AOTI_MIN_ROWS else session.run(self.outputs, feeds)
 
     def _feeds(self, req):
         feeds = {n: pb_utils.get_input_tensor_by_name(req, n).as_numpy().astype(self.dtypes[n], copy=False)
@@ -68,10 +76,10 @@ class TritonPythonModel:
             return responses
         stacked = {n: np.ascontiguousarray(np.concatenate(v, axis=0)) for n, v in feeds.items()}
         try:
-            results = self.session.run(self.outputs, stacked)
+            results = self.run(stacked)
         except Exception as e:  # answer every request of the batch with the error
             for i, _ in good:
-                responses[i] = _error(f"onnxruntime failed: {str(e).splitlines()[0][:300]}", invalid=False)
+                responses[i] = _error(f"{self.runtime} failed: {str(e).splitlines()[0][:300]}", invalid=False)
             return responses
         start = 0
         for i, n in good:

@@ -35,6 +35,10 @@ ROLE_PARAMETER = "role"  # config.pbtxt parameter naming a front model's role
 GRAPH_INSTANCES_PARAMETER = "graph_instances"  # a front model's parameter: instances of each graph model
 # a graph model's config.pbtxt parameters (python backend): its ONNX file, intra-op threads, "1"/"0" spinning
 ONNX_FILE_PARAMETER, THREADS_PARAMETER, SPINNING_PARAMETER = "onnx_file", "intra_op_threads", "intra_op_spinning"
+# and the runtime that runs it: ONNX Runtime on model.onnx, or the AOTInductor package PACKAGE_FILE (export/aoti.py)
+RUNTIME_PARAMETER, RUNTIMES, PACKAGE_FILE = "runtime", ("onnxruntime", "aoti"), "model.pt2"
+# the aoti runtime keeps ONNX Runtime for calls of fewer rows: measured ahead of inductor at 1 row, behind at 8
+AOTI_MIN_ROWS = 8
 CONTRACT_COPY = "biva_contract.py"  # this file's name beside each python-backend model.py
 REPORT = "export_report.json"  # written by biva-export at the repository's root
 
@@ -438,3 +442,18 @@ def ort_session(path: str, threads: int = 0, level: str = "all", gpu_device: int
     if gpu_device is not None and "CUDAExecutionProvider" in ort.get_available_providers():
         providers = [("CUDAExecutionProvider", {"device_id": gpu_device}), "CPUExecutionProvider"]
     return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def aoti_runner(path: str, threads: int = 0):
+    """The one AOTInductor package loader (export/aoti.py writes them): `threads` intra-op threads (0: torch's
+    default); returns run(*arrays) -> outputs, numpy in the spec's input order, numpy out in its output order."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    package = torch._inductor.aoti_load_package(str(path))
+
+    def run(*arrays):
+        with torch.inference_mode():
+            return [t.numpy() for t in package(*(torch.from_numpy(a) for a in arrays))]
+    return run
