@@ -202,15 +202,16 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
     import numpy as np
 
     from biva_bench.backends import iw_plan, rows_key
-    from biva_bench.config import BACKENDS, EXTRA_BACKENDS, QUICK
+    from biva_bench.config import BACKENDS, QUICK
     from biva_bench.run import run_bench
     from biva_export.repository import read_meta
 
     # the sweeps' clients run in 2 processes (1, 2 and 8 coroutine clients each at levels 1, 4, 16; the default
     # asyncio load has its own test), with a neighbour process beside the server, plus one layout with
     # spinning off, twice
+    backends = BACKENDS + ("ort_elu_native",)  # the aoti backend needs packages: tests/test_aoti.py
     cfg = replace(QUICK, threads=1, measure=replace(QUICK.measure, window_s=0.05, max_windows=3),
-                  backends=BACKENDS + EXTRA_BACKENDS, load="processes", client_procs=2, neighbour=True,
+                  backends=backends, load="processes", client_procs=2, neighbour=True,
                   layouts=(Variant(instances=2, threads=1, spinning=False),), layout_rounds=2)
     out = tmp_path / "bench_out"
     lines = []
@@ -229,7 +230,7 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
     assert on_disk["graphs"]["scorer_iw"]["rows_per_image"] == QUICK.iw
     for case, entry in on_disk["graphs"].items():
         assert on_disk["flops"][case]["flops_per_image"] > 0
-        assert set(entry["results"]) == set(BACKENDS + EXTRA_BACKENDS), case
+        assert set(entry["results"]) == set(backends), case
         for backend, cells in entry["results"].items():
             assert set(cells) == {str(b) for b in entry["batches"]}, (case, backend)
             for m in cells.values():
@@ -278,9 +279,9 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
         conc["dynamic_batching"]["16"]["images_per_s"] / max(
             m["images_per_s"] for m in on_disk["graphs"]["scorer_k1"]["results"]["ort"].values()))
     assert r["dynamic_batching_layouts"]["2x1:nospin"]["of_ceiling"]["value"] > 0
-    assert r["scorer_peak_fraction"]["value"] > 0 and r["scorer_peak_fraction"]["backend"] in BACKENDS + EXTRA_BACKENDS
+    assert r["scorer_peak_fraction"]["value"] > 0 and r["scorer_peak_fraction"]["backend"] in backends
     iw = r["iw_peak_fraction"]  # the IW likelihood: seconds per image and the fraction of the GEMM rate
-    assert iw["value"] > 0 and iw["target"] == 0.7 and set(iw["seconds_per_image"]) == set(BACKENDS + EXTRA_BACKENDS)
+    assert iw["value"] > 0 and iw["target"] == 0.7 and set(iw["seconds_per_image"]) == set(backends)
     assert all(s > 0 for s in iw["seconds_per_image"].values())
     f = on_disk["flops"]["scorer_iw"]
     assert 0 < f["flops_per_image"] < f["flops_per_image_encoder_rows"]  # the stages that see x alone: once per call
