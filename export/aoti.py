@@ -17,7 +17,7 @@ from biva_core.model import Biva
 
 from .contract import GraphSpec, aoti_runner
 from .graphs import GRAPH_MODULES
-from .onnx_export import GraphReport, compare_with_torch, export_shapes, traced_inputs
+from .onnx_export import GraphReport, compare_with_torch, dynamic_axes, traced_inputs
 
 
 class _Plain(torch.nn.Module):
@@ -37,7 +37,7 @@ def compile_package(spec: GraphSpec, model: Biva, path: Path) -> None:
     with torch.no_grad():
         # Dim.DYNAMIC: torch.export works out the axes' relations and ranges itself (named ranges trip over guards
         # it cannot simplify on the scorer's sample axis); the package is then checked at 1..33 rows, S 1..5, J 0..2
-        shapes = tuple({axis: torch.export.Dim.DYNAMIC for axis in dims} for dims in export_shapes(spec))
+        shapes = tuple({axis: torch.export.Dim.DYNAMIC for axis in dynamic_axes(t)} for t in spec.inputs)
         program = torch.export.export(module, traced_inputs(spec, model), dynamic_shapes=(shapes,))
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
 

@@ -66,7 +66,7 @@ EXPORTERS = ("torchscript", "dynamo")
 EXPORT_SIZES = {SAMPLES: 3, KS: 2}  # free axes in the traced example: not 0 or 1, which torch.export specialises
 
 
-def _dynamic_axes(t: TensorSpec) -> dict[int, str]:
+def dynamic_axes(t: TensorSpec) -> dict[int, str]:
     """The batch axis, and the spec's free axes (the scorer's samples and values of k) by name."""
     free = iter(t.free)
     return {0: "batch", **{i + 1: next(free) for i, d in enumerate(t.dims) if d == -1}}
@@ -76,7 +76,7 @@ def export_shapes(spec: GraphSpec) -> tuple[dict, ...]:
     """torch.export's dynamic_shapes for a graph's inputs: the batch axis and the spec's free axes."""
     dims = {"batch": torch.export.Dim("batch", min=1, max=65536),
             SAMPLES: torch.export.Dim(SAMPLES, min=1, max=65536), KS: torch.export.Dim(KS, min=0, max=64)}
-    return tuple({i: dims[a] for i, a in _dynamic_axes(t).items()} for t in spec.inputs)
+    return tuple({i: dims[a] for i, a in dynamic_axes(t).items()} for t in spec.inputs)
 
 
 def traced_inputs(spec: GraphSpec, model: Biva) -> tuple[torch.Tensor, ...]:
@@ -101,7 +101,7 @@ def export_graph(spec: GraphSpec, model: Biva, path: Path, opset: int = DEFAULT_
             torch.onnx.export(module, args, str(path), dynamo=True, dynamic_shapes=export_shapes(spec),
                               external_data=False, optimize=True, **common)
         elif exporter == "torchscript":
-            axes = {t.name: _dynamic_axes(t) for t in spec.inputs + spec.outputs}
+            axes = {t.name: dynamic_axes(t) for t in spec.inputs + spec.outputs}
             torch.onnx.export(module, args, str(path), dynamo=False, dynamic_axes=axes, **common)
         else:
             raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")

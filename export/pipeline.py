@@ -87,12 +87,12 @@ def _report_head(ckpt: Path, cfg: ExportConfig, source: str | None) -> dict:
 
 
 def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig, log, out: Path
-                         ) -> tuple[dict, dict]:
-    """Each graph exported into `tmp` and validated; returns (name -> onnx path, name -> report entry), and
-    with the aoti runtime each graph's package, validated too, as "<name>.pt2" beside its ONNX file."""
+                         ) -> tuple[dict, dict, dict]:
+    """Each graph exported into `tmp` and validated; returns (name -> onnx path, name -> package path,
+    name -> report entry); the packages (validated too) only with the aoti runtime."""
     from .onnx_export import export_graph, validate_graph
 
-    onnx_files, entries = {}, {}
+    onnx_files, packages, entries = {}, {}, {}
     for name, spec in specs.items():
         path = tmp / f"{name}.onnx"
         log(f"exporting {name} ...")
@@ -103,9 +103,10 @@ def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig
         if cfg.validate:
             entry.update(_checked(validate_graph(spec, model, path, atol_scale=cfg.atol_scale), log, out))
         if cfg.serving.runtime == "aoti":
-            entry["package"] = _package(spec, model, plain, path.with_suffix(".pt2"), cfg, log, out)
+            packages[name] = path.with_suffix(".pt2")
+            entry["package"] = _package(spec, model, plain, packages[name], cfg, log, out)
         entries[name] = entry
-    return onnx_files, entries
+    return onnx_files, packages, entries
 
 
 def _checked(rep, log, out: Path) -> dict:
@@ -190,15 +191,13 @@ def run_export(ckpt: Path, out: Path, cfg: ExportConfig = ExportConfig(), log: C
     report = _report_head(ckpt, cfg, source)
     meta = model_meta(model, data_meta, cfg)
     with tempfile.TemporaryDirectory(prefix="biva-onnx-") as tmp:
-        onnx_files, report["graphs"] = _export_and_validate(model, plain, specs, Path(tmp), cfg, log, out)
+        onnx_files, packages, report["graphs"] = _export_and_validate(model, plain, specs, Path(tmp), cfg, log, out)
         report["meta"] = json.loads(meta.to_json())
         configs = {name: graph_config(spec, cfg.serving, meta) for name, spec in specs.items()}
         configs.update({name: front_config(spec, meta, cfg.serving)
                         for name, spec in meta.front_specs().items()})
         staged = staging_dir(out)
         try:
-            packages = {n: p.with_suffix(".pt2") for n, p in onnx_files.items()} \
-                if cfg.serving.runtime == "aoti" else None
             write_model_files(staged, configs, onnx_files, cfg.serving.backend, packages)
             (staged / REPORT).write_text(json.dumps(report, indent=2) + "\n")
             swap_into_place(staged, out)

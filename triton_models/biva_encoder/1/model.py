@@ -2,11 +2,11 @@
 parameter runtime "aoti") the AOTInductor package compiled from the same graph, with torch.
 
 Copied into the model repository by biva-export with the contract (biva_contract.py, export/contract.py);
-depends only on numpy, onnxruntime (or torch) and Triton's triton_python_backend_utils. The dynamic batcher hands over
-a list of requests: each is checked as the API models check theirs (finite values in range, binary pixels
-for a binary model, k in 0..L, 0 < temperature <= cap), the good ones are stacked, run once, and the
-outputs split back by row counts; a row whose output is not finite is answered with an error, never a 200.
-Input and output names come from the model's config.pbtxt (generated from the graph's spec).
+depends only on numpy, onnxruntime (and torch for "aoti") and Triton's triton_python_backend_utils. The
+dynamic batcher hands over a list of requests: each is checked as the API models check theirs (finite values
+in range, binary pixels for a binary model, k in 0..L, 0 < temperature <= cap), the good ones are stacked,
+run once, and the outputs split back by row counts; a row whose output is not finite is answered with an
+error, never a 200. Input and output names come from the model's config.pbtxt (generated from the graph's spec).
 """
 import json
 import os
