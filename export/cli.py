@@ -49,8 +49,9 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
               help="Instances per graph model (each a process; one request's graph calls go to them in parallel). "
                    "At least 2 with dynamic batching: Triton 2.51 leaves some requests to a lone instance waiting "
                    "0.5 s.")
-@click.option("--queue-delay-us", default=500, show_default=True,
-              help="Dynamic batcher: longest a request waits for others to join its batch (microseconds).")
+@click.option("--queue-delay-us", default=ServingConfig.queue_delay_us, show_default=True,
+              help="Dynamic batcher: longest a request waits for others to join its batch (microseconds; 0: batch "
+                   "what is queued when an instance frees up).")
 @click.option("--preferred-batch-size", "preferred", multiple=True, type=int,
               help="Dynamic batcher preferred batch size (repeatable; default none: batch whatever has arrived).")
 @click.option("--front-instances", default=2, show_default=True, help="Instances per front (API) model.")

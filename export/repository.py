@@ -64,7 +64,10 @@ class ServingConfig:
     spinning: bool = False  # idle ONNX Runtime intra-op threads busy-wait for work (ORT's default; no faster
     #                         served, measured: README, Speed)
     preferred: tuple[int, ...] = ()  # dynamic batcher preferred batch sizes (none: batch what has arrived)
-    queue_delay_us: int = 500  # dynamic batcher: longest a request waits for others to join its batch
+    # dynamic batcher: longest a request waits for others to join its batch. 0: an idle instance takes what is
+    # queued at once (under load the queue still forms batches: 16 clients 0.93-0.97 of the ceiling vs 0.94 with
+    # 500 us); a delay merges the calls a front model sends to both instances at once into one instance's batch
+    queue_delay_us: int = 0
     front_queue: int = 8  # requests waiting per front model beyond those running; more are refused as busy
     front_queue_timeout_us: int = 1_000_000  # longest a front request waits for an instance, then "busy"
     graph_queue: int = 256  # requests waiting per graph model (front models' slices and direct callers)
