@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from biva_export.contract import IW_CALL_ROWS
+
 
 @dataclass(frozen=True)
 class Op:
@@ -173,7 +175,7 @@ def _describe(op: Op) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--ckpt", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=Path("models/default28.pt"),
               show_default=True, help="Checkpoint whose scorer graph is measured.")
-@click.option("--rows", default=32, show_default=True, help="Importance samples in the call (contract.IW_CALL_ROWS).")
+@click.option("--rows", default=IW_CALL_ROWS, show_default=True, help="Importance samples in the call (as biva_score).")
 @click.option("--threads", default=2, show_default=True, help="Intra-op threads (the served layout: 1 per instance).")
 @click.option("--rounds", default=5, show_default=True, help="Alternating timed rounds; medians are reported.")
 @click.option("--top", default=12, show_default=True, help="Operator shapes listed, slowest first.")
