@@ -20,6 +20,7 @@ work it would have to shed to reach a target. Operator timings are medians of al
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import Counter
@@ -78,7 +79,7 @@ def record_ops(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Counter:
     def hook(mod: nn.Module, args: tuple, _out: torch.Tensor) -> None:
         x, w = tuple(args[0].shape), tuple(mod.weight.shape)
         if isinstance(mod, nn.Linear):
-            seen[Op("linear", (x[0] if len(x) == 2 else int(torch.tensor(x[:-1]).prod()), x[-1]), w)] += 1
+            seen[Op("linear", (math.prod(x[:-1]), x[-1]), w)] += 1
         else:
             kind = "conv_t" if isinstance(mod, nn.ConvTranspose2d) else "conv"
             seen[Op(kind, x, w, tuple(mod.stride), tuple(mod.padding),
