@@ -214,7 +214,9 @@ def test_score_matches_pytorch(tiny_server, tiny, tiny_images, protocol):
     for j, k in enumerate(ks):
         assert np.abs(lgk[:, j] - ref.l_gt_k[k].numpy()).max() <= NATS_TOL
     assert np.abs(kl - ref.kl.numpy()).max() <= NATS_TOL
-    assert np.array_equal(lgk[:, 0], elbo)  # L^{>0} = L_1 exactly, same graph run
+    # L^{>0} and L_1 are the same bound from two top-down passes over different row counts: equal up to the
+    # kernels' rounding, which differs by processor (one float32 spacing on a Zen 4), so compared within the tolerance
+    assert np.abs(lgk[:, 0] - elbo).max() <= NATS_TOL
     assert (iw >= elbo - np.log(40)).all()
 
 
