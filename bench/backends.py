@@ -1,12 +1,12 @@
-"""What is timed: one call of a graph case on one backend, with pre-generated random inputs.
+"""What is timed: one call of a case on one backend.
 
-A *case* is a graph at some rows per image: the sampler, the encoder, the scorer with K = 1, and the
-IW likelihood with K importance samples per image (`scorer_iw`: a biva_score request with iw = K). For
-K > 1 the in-process backends run the scorer calls Triton's biva_score front model makes (contract.iw_calls:
-a few images with up to IW_CALL_ROWS samples each per call, logsumexp over K), the calls holding sample 0
-with one value of k (its L^{>k} pass; the front model passes the request's ks there), the others with none.
+A *case* is a graph call (the sampler, the encoder, the scorer with one draw and one k) or a biva_score request
+(`scorer_iw`: the IW likelihood with K importance samples per image; `ood_mode`, `ood_mean1/4/16`: the OOD
+statistics by each estimator, with the default ks 1..L-1). In process, a score case runs contract.run_score,
+the plan Triton's biva_score front model runs (its noise drawn from a seed inside the call, as the server does),
+on the backend's scorer; through Triton it is one biva_score request.
 
-Inputs come from biva_export.onnx_export.example_inputs (binary images, normal noise and latents, k and
+Graph inputs come from biva_export.onnx_export.example_inputs (binary images, normal noise and latents, k and
 temperature drawn at random, never zeros); a small pool of distinct input sets is built before timing and
 rotated, so generating inputs is not timed, as with perf_analyzer.
 """
@@ -19,28 +19,32 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 import torch
 
-from biva_export.contract import ENCODER, IW_CALL_ROWS, SAMPLER, SCORE, SCORER, GraphSpec, LogMeanExp, T, iw_calls
+from biva_core.contract import ENCODER, SAMPLER, SCORE, SCORER, GraphSpec, ScoreRequest, T, noise_rng, run_score
 
 from .loadgen import infer_inputs
 
 POOL = 3  # distinct input sets per shape
 
 
+OOD_SAMPLES = (1, 4, 16)  # the mean estimator's draws in the OOD cases
+
+
 @dataclass(frozen=True)
 class Case:
-    name: str  # "sampler", "encoder", "scorer_k1", "scorer_iw"
+    name: str  # "sampler", "encoder", "scorer_k1", "scorer_iw", "ood_mode", "ood_mean<S>"
     graph: str  # ONNX graph and Triton graph model
-    rows_per_image: int  # graph rows per image: 1, or K importance samples
+    rows_per_image: int  # scorer rows per image: 1, or the score request's cost (ScoreRequest.rows)
     triton_model: str  # model the Triton clients call: the graph model, or the biva_score front model
+    score: ScoreRequest | None = None  # the biva_score request of a score case
 
 
-def make_cases(iw: int) -> dict[str, Case]:
-    return {
-        "sampler": Case("sampler", SAMPLER, 1, SAMPLER),
-        "encoder": Case("encoder", ENCODER, 1, ENCODER),
-        "scorer_k1": Case("scorer_k1", SCORER, 1, SCORER),
-        "scorer_iw": Case("scorer_iw", SCORER, iw, SCORE),
-    }
+def make_cases(iw: int, n_layers: int) -> dict[str, Case]:
+    ks = tuple(range(1, n_layers)) or (1,)
+    scored = {"scorer_iw": ScoreRequest("sample", 1, iw, ()), "ood_mode": ScoreRequest("mode", 1, 1, ks, False),
+              **{f"ood_mean{s}": ScoreRequest("mean", s, 1, ks, False) for s in OOD_SAMPLES}}
+    return {"sampler": Case("sampler", SAMPLER, 1, SAMPLER), "encoder": Case("encoder", ENCODER, 1, ENCODER),
+            "scorer_k1": Case("scorer_k1", SCORER, 1, SCORER),
+            **{n: Case(n, SCORER, r.rows(1), SCORE, r) for n, r in scored.items()}}
 
 
 # ---- in process: PyTorch eager, torch.compile and ONNX Runtime ------------------------------------
@@ -88,7 +92,7 @@ class AotiRunner:
     graph model loads it (contract.aoti_runner); numpy in, numpy out, like OrtRunner."""
 
     def __init__(self, path, spec: GraphSpec, threads: int):
-        from biva_export.contract import aoti_runner
+        from biva_core.contract import aoti_runner
 
         self.run, self.names = aoti_runner(str(path), threads), spec.input_names
 
@@ -118,34 +122,19 @@ def rows_key(feeds: dict[str, np.ndarray]) -> str:
     return str(next(iter(feeds.values())).shape[0])
 
 
-def iw_plan(samples: int, batch: int, graph_max: int) -> list[tuple[slice, slice, int]]:
-    """The scorer calls biva_score makes for `samples` importance samples of `batch` images: (images, samples,
-    J), J = 1 value of k in the calls holding sample 0 (its L^{>k} pass), 0 in the others."""
-    return [(imgs, smp, int(smp.start == 0)) for imgs, smp in iw_calls(samples, batch, min(IW_CALL_ROWS, graph_max))]
-
-
 def inprocess_call(runner, case: Case, make_inputs: Callable[..., dict[str, np.ndarray]], batch: int,
-                   graph_max: int, seed: int, log_w_index: int = 0) -> Callable[[int], Any]:
-    """A call(i) running `batch` images of `case` on `runner`; make_inputs(rows, seed, samples=1, ks=1) gives
-    raw inputs. For K > 1, output `log_w_index` of the scorer is the log weight of each sample."""
-    if case.rows_per_image == 1:
+                   graph_max: int, seed: int, spec: GraphSpec) -> Callable[[int], Any]:
+    """A call(i) running `batch` images of `case` on `runner`; make_inputs(rows, seed) gives raw graph inputs.
+    A score case runs contract.run_score on the runner's scorer (`spec`), call i drawing from seed + i."""
+    if case.score is None:
         pool = [runner.prepare(make_inputs(batch, seed + j)) for j in range(POOL)]
         return lambda i: runner(pool[i % POOL])
-    calls = iw_plan(case.rows_per_image, batch, graph_max)
-    shape = lambda imgs, smp, ks: (imgs.stop - imgs.start, smp.stop - smp.start, ks)  # noqa: E731  (b, S, J)
-    pools = {}
-    for b, s, ks in {shape(*c) for c in calls}:  # k = 0 where there is one
-        feeds = [make_inputs(b, seed + 101 * j + s, s, ks) for j in range(2)]
-        pools[b, s, ks] = [runner.prepare({**f, T.k: np.zeros_like(f[T.k])}) for f in feeds]
-
-    def call(i: int) -> np.ndarray:
-        log_w = np.empty((case.rows_per_image, batch))  # (K, B)
-        for c in calls:
-            log_w[c[1], c[0]] = runner(pools[shape(*c)][i % 2])[log_w_index].T
-        lme = LogMeanExp(batch)  # log (1/K) sum_k w_k per image, as biva_score computes it
-        lme.add(log_w)
-        return lme.value()
-    return call
+    images = [make_inputs(batch, seed + j)[T.images] for j in range(POOL)]
+    dims = {t.name: t.dims for t in spec.inputs + spec.outputs}
+    noise_dim, groups = dims[T.noise][-1], dims[T.kl][-1]
+    exec_calls = lambda feeds, ks: [runner(runner.prepare(f)) for f in feeds]  # noqa: E731
+    return lambda i: run_score(case.score, images[i % POOL], noise_rng(seed + i), noise_dim, graph_max, groups,
+                               exec_calls)
 
 
 # ---- Triton clients -------------------------------------------------------------------------------
@@ -155,13 +144,14 @@ def request_feeds(case: Case, make_inputs: Callable[[int, int], dict[str, np.nda
     """POOL requests' inputs (name -> array) for the Triton model `case` calls."""
     pool = []
     for j in range(POOL):
-        if case.rows_per_image == 1:
+        if case.score is None:
             pool.append(make_inputs(batch, seed + j))
-        else:  # biva_score: the front model draws the noise from the seed
-            rng = np.random.default_rng(seed + j)
-            pool.append({T.images: make_inputs(batch, seed + j)[T.images],
-                         T.iw: np.array([case.rows_per_image], np.int64),
-                         T.seed: rng.integers(0, 2**62, size=1, dtype=np.int64)})
+            continue
+        r, rng = case.score, np.random.default_rng(seed + j)  # biva_score: the front model draws the noise
+        feeds = {T.images: make_inputs(batch, seed + j)[T.images], T.iw: np.array([r.iw], np.int64),
+                 T.estimator: np.array([r.estimator.encode()], object), T.samples: np.array([r.samples], np.int64),
+                 T.seed: rng.integers(0, 2**62, size=1, dtype=np.int64)}
+        pool.append({**feeds, **({T.ks: np.array(r.ks, np.int64)} if r.ks else {})})
     return pool
 
 

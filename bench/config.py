@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from biva_export.contract import ORT_LEVELS as _ORT_LEVELS
+from biva_core.contract import ORT_LEVELS as _ORT_LEVELS
 
 from .measure import MeasureConfig
 from .triton import Variant
@@ -15,7 +15,7 @@ BACKENDS = ("torch", "compile", "ort", "triton_http", "triton_grpc")  # the defa
 # decomposition the exporter writes is measured against the operator it replaces, in the same run
 # and "aoti": the repository's AOTInductor packages (biva-export --runtime aoti) in process
 EXTRA_BACKENDS = ("ort_elu_native", "aoti")
-CASES = ("sampler", "encoder", "scorer_k1", "scorer_iw")
+CASES = ("sampler", "encoder", "scorer_k1", "scorer_iw", "ood_mode", "ood_mean1", "ood_mean4", "ood_mean16")
 ORT_LEVELS = tuple(_ORT_LEVELS)
 LOADS = ("processes", "async")
 
@@ -30,6 +30,7 @@ class BenchConfig:
     batches: tuple[int, ...]  # images per request for sampler, encoder, scorer_k1
     iw: int  # importance samples per image of the scorer_iw case (the paper's K = 1000)
     iw_batches: tuple[int, ...]  # images per request for scorer_iw (K x B graph rows each)
+    ood_batches: tuple[int, ...]  # images per request of the OOD cases (ood_mode, ood_mean<S>)
     concurrency: tuple[int, ...]  # closed-loop clients in the sweep, each sending batch-1 requests
     sweep_case: str  # the case whose graph model the sweep calls directly
     measure: MeasureConfig  # windows for every cell but scorer_iw
@@ -75,17 +76,19 @@ class BenchConfig:
 
 
 FULL = BenchConfig(
-    mode="full", batches=(1, 8, 64, 256), iw=1000, iw_batches=(1, 8), concurrency=(1, 4, 16, 64),
+    mode="full", batches=(1, 8, 64, 256), iw=1000, iw_batches=(1, 8), ood_batches=(100,), concurrency=(1, 4, 16, 64),
     sweep_case="scorer_k1",
     measure=MeasureConfig(warmup_s=1.0, window_s=2.0, max_windows=10, min_calls=3),
     iw_measure=MeasureConfig(warmup_s=0.0, window_s=2.0, max_windows=5, min_calls=1),
     gemm_n=2048, gemm_reps=10)
 
-# Tiny sizes for the tests: batch 64 is kept so every ratio has its numbers; K = 64, so the IW rows are the
-# encoder's batch-64 shape and torch.compile compiles it once (each shape costs seconds of C++ compiling); 3 sweep
-# levels.
+# Tiny sizes for the tests and a first look (about two minutes here): batch 64 is kept so every ratio has its
+# numbers, K = 64, 3 sweep levels; no torch.compile unless asked (--backends), whose C++ compiling of every call
+# shape alone took minutes.
 QUICK = replace(
-    FULL, mode="quick", batches=(1, 64), iw=64, iw_batches=(1,), concurrency=(1, 4, 16),
+    FULL, mode="quick", batches=(1, 64), iw=64, iw_batches=(1,), ood_batches=(16,), concurrency=(1, 4, 16),
+    backends=tuple(b for b in BACKENDS if b != "compile"), cases=("sampler", "encoder", "scorer_k1", "scorer_iw",
+                                                                  "ood_mode", "ood_mean4"),
     measure=MeasureConfig(warmup_s=0.05, window_s=0.1, max_windows=4, min_calls=2),
     iw_measure=MeasureConfig(warmup_s=0.0, window_s=0.1, max_windows=3, min_calls=2),
     gemm_n=512, gemm_reps=3)

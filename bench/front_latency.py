@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from biva_export.contract import SAMPLE, SCORE, T
+from biva_core.contract import SAMPLE, SCORE, T
 
 from .backends import sync_call
 from .loadgen import infer_inputs
@@ -41,7 +41,7 @@ def _calls(servers: dict, protocols: tuple[str, ...], repo: Path, clients: list)
     import tritonclient.grpc as tgrpc
     import tritonclient.http as thttp
 
-    from biva_export.repository import read_meta
+    from biva_core.contract import read_meta
 
     calls = {}
     for protocol in protocols:

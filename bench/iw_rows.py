@@ -26,7 +26,7 @@ import numpy as np
 def _routes(sessions: dict, image: np.ndarray, noise: np.ndarray, graph_rows: int, call_rows: int
             ) -> dict[str, Callable[[], np.ndarray]]:
     """name -> a function giving log w of the K samples (K,), each route as described above."""
-    from biva_export.contract import ENCODER, SCORER, T, iw_calls
+    from biva_core.contract import ENCODER, SCORER, T, iw_calls
 
     K = noise.shape[0]
     images = np.repeat(image, K, axis=0)
@@ -53,8 +53,8 @@ def _routes(sessions: dict, image: np.ndarray, noise: np.ndarray, graph_rows: in
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
 @click.option("--call-rows", default=None, type=int, help="Rows per scorer call [contract.IW_CALL_ROWS].")
 def main(repo: Path, rows: int, reps: int, threads: int, call_rows: int | None) -> None:
-    from biva_export.contract import ENCODER, IW_CALL_ROWS, SCORER, LogMeanExp, ort_session
-    from biva_export.repository import read_meta
+    from biva_core.contract import ENCODER, IW_CALL_ROWS, SCORER, LogMeanExp, ort_session
+    from biva_core.contract import read_meta
 
     meta = read_meta(repo)
     call_rows = min(call_rows or IW_CALL_ROWS, meta.graph_max_batch)

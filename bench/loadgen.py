@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from biva_core.contract import wire_type
+
 from .measure import N_STABLE, MeasureConfig, Window, is_stable, summarise
 
 FLUSH_S = 0.05  # a worker sends its records at least this often while it is answered
@@ -46,7 +48,7 @@ def infer_inputs(client_mod, feeds: dict[str, np.ndarray]) -> list[Any]:
     """One request body (InferInput list) for tritonclient.http or .grpc (`client_mod`)."""
     body = []
     for name, a in feeds.items():
-        t = client_mod.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64")
+        t = client_mod.InferInput(name, list(a.shape), wire_type(a))
         t.set_data_from_numpy(a)
         body.append(t)
     return body

@@ -25,7 +25,9 @@ import torch
 from biva_core.checkpoint import load_model, read_checkpoint
 from biva_core.config import BivaConfig, preset
 from biva_core.data import load_for_model
-from biva_core.evaluate import ood_aurocs, per_image
+from biva_core.contract import ScoreRequest
+from biva_core.evaluate import per_image, scores_of
+from biva_core.stats import auroc
 from biva_core.train import TrainConfig, train
 
 BASE_TRAIN = TrainConfig(data="fashion-mnist:train", binarize="threshold", batch_size=64, lr=2e-3, free_bits=2.0,
@@ -75,14 +77,18 @@ def train_cmd(candidate: str, minutes: float, threads: int, runs: Path) -> None:
 OOD_SETS = ("mnist", "digits")
 
 
-def score_checkpoint(path: Path, n: int = 1000, in_spec: str = "fashion-mnist:test") -> dict:
-    """AUROC of every score (L1, L>k, LLR>k for k = 1..L-1) vs each OOD set, and the test ELBO, of one checkpoint."""
+def score_checkpoint(path: Path, n: int = 1000, in_spec: str = "fashion-mnist:test", estimator: str = "sample"
+                     ) -> dict:
+    """AUROC of every score (L1, L>k, LLR>k for k = 1..L-1) vs each OOD set, and the test ELBO, of one checkpoint,
+    by `estimator` (the study's rows: one draw, "sample")."""
     model, meta = load_model(path)
     model.eval()
-    ks = tuple(range(1, model.cfg.n_layers))
-    cats = {spec: per_image(model, load_for_model(spec, meta, n), ks=ks) for spec in (in_spec, *OOD_SETS)}
+    req = ScoreRequest(estimator, 1, 1, tuple(range(1, model.cfg.n_layers)), want_iw=False)
+    cats = {spec: per_image(model, load_for_model(spec, meta, n), req) for spec in (in_spec, *OOD_SETS)}
+    scores = {spec: scores_of(c, req) for spec, c in cats.items()}
     return {"test_elbo": float(cats[in_spec]["elbo"].mean()),
-            "auroc": {spec: ood_aurocs(cats[in_spec], cats[spec], ks) for spec in OOD_SETS}}
+            "auroc": {spec: {name: auroc(scores[in_spec][name], v) for name, v in scores[spec].items()}
+                      for spec in OOD_SETS}}
 
 
 def _snapshots(run_dir: Path) -> list[tuple[int, Path]]:

@@ -1,6 +1,6 @@
 """Where ONNX Runtime spends a graph's time: its own profiler, summed per operator type.
 
-    python -m biva_bench.ort_profile --ckpt models/default28.pt --repo triton_models --graph biva_encoder --batch 64
+    python -m biva_bench.ort_profile --ckpt models/default28.pt --repo triton_models --graph biva_graph_encoder --batch 64
 
 Runs the served model.onnx in process (the optimisation level the server uses, `threads` intra-op threads)
 on the bench's inputs, a few times after one warm-up, and prints each operator type's share of the kernel
@@ -16,14 +16,14 @@ from pathlib import Path
 import click
 import numpy as np
 
-from biva_export.contract import ENCODER
+from biva_core.contract import ENCODER
 
 
 def op_times(path: Path, feeds: dict[str, np.ndarray], threads: int, runs: int) -> tuple[dict[str, float], dict[str, int]]:
     """{op type: kernel microseconds per run}, {op type: nodes run per run}, from ONNX Runtime's profiler."""
     import onnxruntime as ort
 
-    from biva_export.contract import ORT_LEVELS
+    from biva_core.contract import ORT_LEVELS
 
     with tempfile.TemporaryDirectory(prefix="biva-ortprof-") as tmp:
         opts = ort.SessionOptions()

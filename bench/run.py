@@ -19,16 +19,17 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from biva_export.contract import ENCODER, IW_CALL_ROWS, KS, PACKAGE_FILE, REPORT, SAMPLES, T, ort_session
-from biva_export.repository import read_meta, sha256_file
+from biva_core.checkpoint import sha256_file
+from biva_core.contract import (ENCODER, IW_CALL_ROWS, KS, PACKAGE_FILE, REPORT, SAMPLES, OrtOptions, T, ort_session,
+                                read_meta, score_plan)
 
-from .backends import AotiRunner, Case, CompiledRunner, OrtRunner, TorchRunner, async_call, inprocess_call, iw_plan, \
+from .backends import AotiRunner, Case, CompiledRunner, OrtRunner, TorchRunner, async_call, inprocess_call, \
     make_cases, request_feeds, sync_call, triton_inputs
 from .config import BenchConfig
 from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
@@ -64,7 +65,10 @@ def _check_repo(repo: Path, ckpt: Path) -> None:
     report = repo / REPORT
     if not report.is_file():
         raise BenchError(f"{repo}: no export_report.json; write the repository with biva-export")
-    want = json.loads(report.read_text()).get("checkpoint_sha256")
+    try:
+        want = read_meta(repo).checkpoint_sha256
+    except (ValueError, KeyError, TypeError) as e:
+        raise BenchError(f"{repo}: {report} holds no model metadata ({e}); export it again") from None
     if want != sha256_file(ckpt):
         raise BenchError(f"{repo} was exported from another checkpoint than {ckpt} (sha256 differs)")
 
@@ -75,11 +79,11 @@ def _ort_session(path: Path, cfg: BenchConfig, work: Path):
     t = time.perf_counter()
     if cfg.ort_saved_graph:
         saved = work / f"{path.parent.parent.name}.{path.stem}.opt.onnx"  # unique per graph file
-        ort_session(str(path), cfg.threads, cfg.ort_level, saved_graph=str(saved))
+        ort_session(str(path), OrtOptions(cfg.threads, cfg.ort_level, saved_graph=str(saved)))
         t = time.perf_counter()
-        sess = ort_session(str(saved), cfg.threads, "disable")
+        sess = ort_session(str(saved), OrtOptions(cfg.threads, "disable"))
     else:
-        sess = ort_session(str(path), cfg.threads, cfg.ort_level)
+        sess = ort_session(str(path), OrtOptions(cfg.threads, cfg.ort_level))
     return sess, time.perf_counter() - t
 
 
@@ -102,11 +106,11 @@ def _graph_files(repo: Path, specs: dict) -> dict[str, Path]:
 
 
 def _batches(cfg: BenchConfig, case: Case) -> tuple[int, ...]:
-    return cfg.iw_batches if case.rows_per_image > 1 else cfg.batches
+    return cfg.iw_batches if case.name == "scorer_iw" else (cfg.ood_batches if case.score else cfg.batches)
 
 
 def _mcfg(cfg: BenchConfig, case: Case) -> MeasureConfig:
-    return cfg.iw_measure if case.rows_per_image > 1 else cfg.measure
+    return cfg.iw_measure if case.name == "scorer_iw" else cfg.measure
 
 
 def _line(case: str, backend: str, batch: int, m: dict) -> str:
@@ -152,8 +156,7 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
             runners["ort_elu_native"] = OrtRunner(_ort_session(native, cfg, work)[0])
         for backend, runner in runners.items():
             for b in _batches(cfg, case):
-                call = inprocess_call(runner, case, make, b, graph_max, cfg.seed + b,
-                                      spec.output_names.index(T.log_w) if case.rows_per_image > 1 else 0)
+                call = inprocess_call(runner, case, make, b, graph_max, cfg.seed + b, spec)
                 m, _ = measure_sync(call, b, _mcfg(cfg, case))
                 results[name]["results"].setdefault(backend, {})[str(b)] = m.to_dict()
                 log(_line(name, backend, b, m.to_dict()))
@@ -195,10 +198,11 @@ def bench_triton_sync(cfg: BenchConfig, cases: dict[str, Case], server, repo: Pa
             for name, case in cases.items():
                 spec = specs[case.graph]
                 make = lambda rows, seed, spec=spec: example_inputs(spec, plain, rows, seed)  # noqa: E731
-                outputs = (spec.output_names if case.rows_per_image == 1 else [T.iw_bound])
+                outputs = spec.output_names if case.score is None else \
+                    ([T.iw_bound] if case.score.want_iw else [T.elbo, T.l_gt_k])
                 limit = read_meta(repo).graph_max_batch
                 for b in _batches(cfg, case):
-                    if case.rows_per_image == 1 and b > limit:
+                    if case.score is None and b > limit:
                         entry = {"skipped": f"batch {b} > the graph model's max_batch_size {limit}"}
                     else:
                         bodies = triton_inputs(mod, case, make, b, cfg.seed + b)
@@ -348,8 +352,9 @@ def _flops(cases: dict[str, Case], graphs: dict[str, Path], plain, specs, graph_
 
     out = {}
     for name, c in cases.items():
-        calls = [count(c.graph)] if c.rows_per_image == 1 else \
-            [count(c.graph, smp.stop - smp.start, ks) for _, smp, ks in iw_plan(c.rows_per_image, 1, graph_max)]
+        calls = [count(c.graph)] if c.score is None else \
+            [count(c.graph, drw.stop - drw.start, len(c.score.ks) if block.with_ks else 0)
+             for block, plan in score_plan(c.score, 1, graph_max) for _, drw in plan]
         onnx_total, torch_total = sum(f["onnx"]["total"] for f in calls), sum(f["torch"] for f in calls)
         complete = all(f["onnx"]["complete"] for f in calls)
         by_op: dict[str, int] = {}
@@ -361,7 +366,7 @@ def _flops(cases: dict[str, Case], graphs: dict[str, Path], plain, specs, graph_
                      "onnx_count_complete": complete, "flops_per_row_torch": torch_total / c.rows_per_image,
                      "flops_per_image": onnx_total if complete else torch_total,
                      "source": "onnx" if complete else "torch"}
-        if c.rows_per_image > 1:
+        if c.name == "scorer_iw":
             enc = count(ENCODER)
             out[name]["flops_per_image_encoder_rows"] = c.rows_per_image * (
                 enc["onnx"]["total"] if enc["onnx"]["complete"] else enc["torch"])
@@ -424,7 +429,7 @@ def run_bench(ckpt: Path, out_dir: Path, cfg: BenchConfig, repo: Path | None = N
     model, _ = load_model(ckpt)
     plain = inference_copy(model)
     specs = graph_specs(plain)
-    cases = {n: c for n, c in make_cases(cfg.iw).items() if n in cfg.cases}
+    cases = {n: c for n, c in make_cases(cfg.iw, model.cfg.n_layers).items() if n in cfg.cases}
     with tempfile.TemporaryDirectory(prefix="biva-bench-") as tmp:
         work = Path(tmp)
         if repo is None:
@@ -474,10 +479,10 @@ def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: P
 
     specs = graph_specs(plain)
     # each instance gets the bench's threads shared out between the graph's instances, as exported
-    instances = cfg.variant.instances or exported_instances(repo / make_cases(cfg.iw)[cfg.sweep_case].graph)
+    instances = cfg.variant.instances or exported_instances(repo)
     variant = cfg.variant if cfg.variant.threads else Variant(
         **{**asdict(cfg.variant), "threads": max(1, cfg.threads // instances)})
-    sweep_case = make_cases(cfg.iw)[cfg.sweep_case]
+    sweep_case = make_cases(cfg.iw, read_meta(repo).n_layers)[cfg.sweep_case]
     models = sorted({c.triton_model for c in cases.values()} | {sweep_case.triton_model})
     on = write_variant(repo, work / "repo_dynamic", models, variant)
     result["meta"]["triton_variant"] = asdict(variant)
@@ -497,8 +502,8 @@ def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: P
         result["concurrency"]["no_dynamic_batching"] = bench_sweep(cfg, sweep_case, server, plain, specs,
                                                                    "dynamic batching off", log)
     if cfg.layouts:
-        result["concurrency"]["layouts"] = _bench_layouts(cfg, sweep_case, repo, (work, out_dir), variant,
-                                                          plain, specs, log)
+        result["concurrency"]["layouts"] = _bench_layouts(cfg, sweep_case, repo, variant,
+                                                          _Servers(work, out_dir, plain, specs, log))
     load = (("one process per client" if not cfg.client_procs else f"at most {cfg.client_procs} processes, "
              "clients spread over them as coroutines") + " (tritonclient.grpc.aio)" if cfg.load == "processes"
             else "coroutines of the bench process (tritonclient.grpc.aio)")
@@ -515,13 +520,23 @@ def _spin_word(spinning: bool | None) -> str:
     return "as exported" if spinning is None else ("on" if spinning else "off")
 
 
-def _bench_layouts(cfg: BenchConfig, case: Case, repo: Path, dirs: tuple[Path, Path], base: Variant, plain,
-                   specs, log) -> dict:
+@dataclass(frozen=True)
+class _Servers:
+    """What every server of a bench run shares: folders for variants and logs, the model and its specs, the log."""
+
+    work: Path  # variant repositories
+    out_dir: Path  # server logs
+    plain: Any  # the inference copy of the model
+    specs: dict
+    log: Callable[[str], Any]
+
+
+def _bench_layouts(cfg: BenchConfig, case: Case, repo: Path, base: Variant, run: _Servers) -> dict:
     """The dynamic-batching sweep again for each --layouts entry (instances x threads, spinning), one server
     each, everything else as the main variant; with layout_rounds R, the list R times over, interleaved so
     that a change of background load falls on every layout alike. Each layout's `sweep` is its round with
-    the median images/s at the highest level; every round is kept under `rounds`. dirs: (work, out_dir)."""
-    work, out_dir = dirs
+    the median images/s at the highest level; every round is kept under `rounds`."""
+    work, out_dir, plain, specs, log = run.work, run.out_dir, run.plain, run.specs, run.log
     variants = [Variant(**{**asdict(base), "instances": v.instances, "threads": v.threads,
                            "spinning": base.spinning if v.spinning is None else v.spinning}) for v in cfg.layouts]
     rounds: dict[str, list[dict]] = {v.layout: [] for v in variants}

@@ -1,20 +1,21 @@
 """Triton side of the benchmark: repository variants, a server per variant, statistics deltas.
 
-The benchmark never edits the exported repository. It copies the models it needs into a temporary
-repository and rewrites their config.pbtxt for the variant under test (dynamic batching on or off,
-ONNX Runtime threads per instance, instances, preferred batch sizes, queue delay); every rewritten config
-is parsed back into Triton's ModelConfig before the server starts.
+The benchmark never edits the exported repository. It copies the models it needs into a temporary repository
+and writes their config.pbtxt again with the repository writer (biva_export.repository.graph_config), from the
+serving config the export recorded with the variant's settings over it (dynamic batching on or off, ONNX
+Runtime threads per instance, instances, preferred batch sizes, queue delay, spinning).
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from biva_export.contract import FRONT_GRAPHS, REPORT, SPINNING_PARAMETER, THREADS_PARAMETER
-from biva_export.repository import parse_config
+from biva_core.contract import FRONT_GRAPHS, REPORT, ServingConfig, read_meta
+from biva_export.repository import graph_config
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,13 @@ class Variant:
         spin = "" if self.spinning is None else (":spin" if self.spinning else ":nospin")
         return f"{self.instances}x{self.threads}{spin}"
 
+    def over(self, sc: ServingConfig) -> ServingConfig:
+        """The exported serving config with this variant's settings over it."""
+        set_ = {"dynamic_batching": self.dynamic_batching, "threads": self.threads or None,
+                "instances": self.instances or None, "preferred": self.preferred,
+                "queue_delay_us": self.queue_delay_us, "spinning": self.spinning}
+        return replace(sc, **{k: v for k, v in set_.items() if v is not None})
+
 
 def parse_layout(text: str) -> dict[str, Any]:
     """'2x1:nospin' -> {instances: 2, threads: 1, spinning: False} (Variant fields)."""
@@ -42,57 +50,32 @@ def parse_layout(text: str) -> dict[str, Any]:
             "spinning": None if m.group(3) is None else m.group(3) == "spin"}
 
 
-def exported_instances(model_dir: Path) -> int:
-    """The instance count in a model's config.pbtxt (1 where it names none)."""
-    m = re.search(r"instance_group \[ \{ count: (\d+)", (model_dir / "config.pbtxt").read_text())
-    return int(m.group(1)) if m else 1
+def exported_serving(repo: Path) -> ServingConfig:
+    """The serving config biva-export recorded in the repository's report."""
+    d = json.loads((repo / REPORT).read_text())["serving"]
+    known = {f.name for f in fields(ServingConfig)}
+    return ServingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
 
-def rewrite_graph_config(text: str, v: Variant) -> str:
-    """A graph model's config.pbtxt with the variant's settings."""
-    if v.threads:
-        text = re.sub(rf'(key: "{THREADS_PARAMETER}" value: \{{ string_value: )"\d+"', rf'\1"{v.threads}"', text)
-    if v.instances:
-        text = re.sub(r"instance_group \[ \{ count: \d+", f"instance_group [ {{ count: {v.instances}", text)
-    if v.spinning is not None:
-        flag = "1" if v.spinning else "0"
-        line = f'parameters {{ key: "{SPINNING_PARAMETER}" value: {{ string_value: "{flag}" }} }}\n'
-        text, n = re.subn(rf'parameters \{{ key: "{SPINNING_PARAMETER}"[^\n]*\n', line, text)
-        if not n:  # a repository exported before the option existed
-            text += line
-    db = re.search(r"dynamic_batching \{[^\n]*\n(?:  [^\n]*\n)*", text)  # the block and its indented lines
-    if db is not None:
-        if not v.dynamic_batching:
-            text = text.replace(db.group(0), "")
-        else:
-            block = db.group(0)
-            if v.preferred is not None:
-                pref = ", ".join(str(p) for p in v.preferred)
-                block = re.sub(r"preferred_batch_size: \[[^\]]*\] ", f"preferred_batch_size: [ {pref} ] "
-                               if v.preferred else "", block)
-            if v.queue_delay_us is not None:
-                block = re.sub(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: "
-                               f"{v.queue_delay_us}", block)
-            text = text.replace(db.group(0), block)
-    parse_config(text)
-    return text
+def exported_instances(repo: Path) -> int:
+    """The instances per graph model the repository was exported with."""
+    return exported_serving(repo).instances
 
 
 def write_variant(src: Path, dst: Path, models: list[str], v: Variant) -> Path:
-    """Copy `models` (and the graphs the front models call) from repository `src` into `dst`."""
+    """Copy `models` (and the graphs the front models call) from repository `src` into `dst`, the graph models'
+    configs written again for the variant."""
     wanted = set(models) | {g for m in models for g in FRONT_GRAPHS.get(m, ())}
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     shutil.copyfile(src / REPORT, dst / REPORT)  # the model metadata (graph rows) travels with the models
+    meta, sc = read_meta(src), v.over(exported_serving(src))
+    specs = meta.graph_specs()
     for name in sorted(wanted):
         shutil.copytree(src / name, dst / name)
-        if name not in FRONT_GRAPHS:  # a graph model
-            cfg = dst / name / "config.pbtxt"
-            cfg.write_text(rewrite_graph_config(cfg.read_text(), v))
-            if v.spinning is not None and "SPINNING_PARAMETER" not in (dst / name / "1" / "model.py").read_text():
-                raise ValueError(f"{src / name}: its model.py predates the spinning option; export the "
-                                 "repository again (or leave spinning as exported)")
+        if name in specs:  # a graph model
+            (dst / name / "config.pbtxt").write_text(graph_config(specs[name], sc, meta))
     return dst
 
 

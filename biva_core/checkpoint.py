@@ -14,7 +14,9 @@ and never unpickles arbitrary objects:
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,20 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A file that is not a loadable BIVA checkpoint; the message is one line."""
+
+
+def binarization(data: dict[str, Any]) -> str:
+    """How the checkpoint's test set was preprocessed (its "data" entry; checkpoints before the key: threshold)."""
+    return str(data.get("binarize", "threshold"))
+
+
+def sha256_file(path: str | Path) -> str:
+    """The checkpoint's identity: the hex SHA-256 of its bytes (the served metadata and fitted files carry it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_checkpoint(path: str | Path, cfg: BivaConfig, state_dict: dict[str, torch.Tensor], data: dict[str, Any],
@@ -52,6 +68,19 @@ def save_checkpoint(path: str | Path, cfg: BivaConfig, state_dict: dict[str, tor
         raise
 
 
+def _load_reason(e: Exception) -> str:
+    """torch.load's failure in a few words. Its "weights only" refusal advises loading with weights_only=False,
+    which would run whatever code the file holds: this project never does, so the advice is not passed on."""
+    text = str(e).strip()
+    if "weights only load failed" in text.lower():
+        if "Unsupported global" in text or "GLOBAL" in text:
+            return "it holds Python objects other than tensors and plain data, which are never unpickled here"
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        return "not a PyTorch file of tensors and plain data" + (f" ({detail.group(1).strip()[:80]})" if detail else "")
+    first = text.splitlines()[0] if text else type(e).__name__
+    return f"{type(e).__name__}: {first.split('. ')[0][:200]}"
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and check the container; CheckpointError (one line) on a wrong, truncated or foreign file."""
     path = Path(path)
@@ -60,8 +89,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt, truncated or unsafe pickles
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable BIVA checkpoint ({type(e).__name__}: {first[:200]})") from None
+        raise CheckpointError(f"{path}: not a loadable BIVA checkpoint ({_load_reason(e)})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a BIVA checkpoint (expected a dict with format={FORMAT!r})")
     if obj.get("version") != FORMAT_VERSION:

@@ -1,7 +1,7 @@
 """Objectives: L_1 (ELBO), L_K (importance weighted, chunked), L^{>k} (eq. 2), LLR^{>k}, KL per latent.
 
-All bounds are per image in nats; `bits_per_dim` converts. Noise comes from `noise.NoiseStream`, the same
-stream the served models draw from a request's seed, so PyTorch and Triton agree sample for sample.
+All values are per image in nats (`biva_core.stats.bits_per_dim` converts). Noise comes from `noise.NoiseStream`,
+the stream the served models draw from a request's seed, so PyTorch and Triton agree draw for draw.
 """
 from __future__ import annotations
 
@@ -11,17 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from .model import Biva, repeat_rows
+from .contract import DEFAULT_ESTIMATOR, ScoreRequest
 from .noise import NoiseStream
-
-
-def bits_per_dim(nats: torch.Tensor | float, n_dims: int) -> torch.Tensor | float:
-    """-L / (hwc log 2): a bound in nats (a log-likelihood, negative) to bits per dimension (positive)."""
-    return -nats / (n_dims * math.log(2.0))
 
 
 def log_weights(model: Biva, x: torch.Tensor, eps: torch.Tensor, k: int | torch.Tensor = 0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One importance sample per image: (log w for L, log w for L^{>k}, analytic KL per group (B, G)).
+    """One draw per image: (log w for L, log w for L^{>k}, analytic KL per group (B, G)).
 
     Both weights share the bottom-up pass and the noise (common random numbers, so LLR^{>k} has low
     variance). With k = 0 the second equals the first.
@@ -34,79 +30,98 @@ def log_weights(model: Biva, x: torch.Tensor, eps: torch.Tensor, k: int | torch.
     return full.log_w, part.log_w, full.kl
 
 
-def iw_log_weights(model: Biva, x: torch.Tensor, eps: torch.Tensor, k: int | torch.Tensor = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """S importance samples and J values of k per image, eps (B, S, N), k (B, J) (an int: J = 1): the log
-    weight of every sample (B, S), L^{>k}'s of sample 0 for each k (B, J; J may be 0), and sample 0's
-    analytic KL per group (B, G).
+def draw_log_weights(model: Biva, x: torch.Tensor, eps: torch.Tensor, k: int | torch.Tensor = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """S draws and J values of k per image, eps (B, S, N), k (B, J) (an int: J = 1): the log weight of every
+    draw (B, S), of every draw's L^{>k} for each k (B, S, J; J may be 0), and every draw's analytic KL per
+    group (B, S, G). What the scorer graph computes.
 
-    `log_weights` for every sample, where the bottom-up stages that see x alone run once per image
-    (Biva.bottom_up), and only sample 0 gets the second top-down passes, one per k (its bottom-up pass and
-    noise shared), as in `evaluate_bounds`.
+    `log_weights` for every draw, where the bottom-up stages that see x alone run once per image
+    (Biva.bottom_up), and each k's top-down pass reuses the draw's bottom-up pass and noise.
     """
     if isinstance(k, int):
         k = torch.full((x.shape[0], 1), k, dtype=torch.int64, device=x.device)
-    S, J = eps.shape[1], k.shape[1]
+    B, S, J = x.shape[0], eps.shape[1], k.shape[1]
     flat = eps.reshape(-1, eps.shape[2])  # (B * S, N), image-major
     bu = model.bottom_up(x, flat)
-    full = model.top_down(bu, flat, 0, 1.0, x=repeat_rows(x, S))
-    kl = full.kl.reshape(-1, S, full.kl.shape[1])[:, 0]  # (B, G)
-    first = lambda t: t.reshape(-1, S, *t.shape[1:])[:, 0]  # noqa: E731  (B * S, ...) -> sample 0's (B, ...)
-    # (B, ...) -> (J * B, ...), k-major: with J = 0 every reshape below keeps a 0 it can copy (ONNX's Reshape
-    # reads a 0 in the target shape as "the input's size there")
+    xs = repeat_rows(x, S)
+    full = model.top_down(bu, flat, 0, 1.0, x=xs)
+    # (B * S, ...) -> (J * B * S, ...), k-major: with J = 0 every reshape below keeps a 0 it can copy (ONNX's
+    # Reshape reads a 0 in the target shape as "the input's size there")
     per_k = lambda t: t.unsqueeze(0).expand(J, *t.shape).reshape(-1, *t.shape[1:])  # noqa: E731
-    part = model.top_down(bu.map(first).map(per_k), per_k(eps[:, 0]), k.T.reshape(-1), 1.0, x=per_k(x))
-    return full.log_w.reshape(-1, S), part.log_w.reshape(J, x.shape[0]).T, kl
+    k_rows = k.T.unsqueeze(2).expand(J, B, S).reshape(-1)  # (J * B * S,), in per_k's order
+    part = model.top_down(bu.map(per_k), per_k(flat), k_rows, 1.0, x=per_k(xs))
+    return (full.log_w.reshape(B, S), part.log_w.reshape(J, B, S).permute(1, 2, 0),
+            full.kl.reshape(B, S, full.kl.shape[1]))
 
 
 @dataclass
 class Bounds:
-    """Per-image bounds in nats, (B,) each; kl is (B, G)."""
+    """Per-image values in nats, (B,) each, kl (B, G), from the request's estimator (contract.ESTIMATORS):
+    bounds on log p(x) for "sample" and "mean", scores for "mode"; L_K is always the importance-weighted bound."""
 
-    elbo: torch.Tensor  # L_1: the first importance sample's log weight
-    iw: torch.Tensor  # L_K: log mean exp of K log weights (equals elbo when K = 1)
-    l_gt_k: dict[int, torch.Tensor]  # k -> L^{>k}_1 (eq. 2), one sample, same noise as elbo
-    kl: torch.Tensor  # analytic KL per latent group, first sample
+    elbo: torch.Tensor  # L_1 by the estimator
+    iw: torch.Tensor | None  # L_K: log mean exp of K draws' log weights (equals elbo when K = 1, "sample")
+    l_gt_k: dict[int, torch.Tensor]  # k -> L^{>k} (eq. 2) by the estimator, on the same draws as elbo
+    kl: torch.Tensor  # analytic KL per latent group by the estimator
 
     def llr(self, k: int) -> torch.Tensor:
         """LLR^{>k} = L_1 - L^{>k} (Havtorn et al., 2021): large for out-of-distribution inputs."""
         return self.elbo - self.l_gt_k[k]
 
 
+class _Sums:
+    """The estimator's running sums of L_1, each L^{>k} and the KL over its draws."""
+
+    def __init__(self, ks: tuple[int, ...]):
+        self.ks, self.n, self.l1, self.kl = ks, 0, 0.0, 0.0
+        self.lgk = {k: 0.0 for k in ks}
+
+    def add(self, model: Biva, x: torch.Tensor, eps: torch.Tensor, draws: int) -> torch.Tensor:
+        """`draws` draws of every image, eps (draws * B, N) draw-major; returns their log w (draws * B,)."""
+        xr = x.repeat(draws, *([1] * (x.dim() - 1)))  # (draws * B, C, H, W), draw-major as eps
+        bu = model.bottom_up(xr, eps)
+        full = model.top_down(bu, eps, 0, 1.0, x=xr)
+        split = lambda t: t.reshape(draws, x.shape[0], *t.shape[1:]).sum(dim=0)  # noqa: E731
+        self.l1, self.kl, self.n = self.l1 + split(full.log_w), self.kl + split(full.kl), self.n + draws
+        for k in self.ks:
+            lw = full.log_w if k == 0 else model.top_down(bu, eps, k, 1.0, x=xr).log_w
+            self.lgk[k] = self.lgk[k] + split(lw)
+        return full.log_w
+
+
 @torch.no_grad()
 def evaluate_bounds(model: Biva, x: torch.Tensor, stream: NoiseStream, iw_samples: int = 1,
-                    ks: tuple[int, ...] = (), chunk: int = 64) -> Bounds:
-    """L_1, L_K and L^{>k} for a batch, drawing noise from `stream` in chunks of at most `chunk` samples.
+                    ks: tuple[int, ...] = (), chunk: int = 64, estimator: str = DEFAULT_ESTIMATOR,
+                    samples: int = 1, want_iw: bool = True) -> Bounds:
+    """The PyTorch reference of a biva_score request: the estimator's L_1, L^{>k} and KL, and L_K.
 
-    Sample 0 gives L_1 and L^{>k}; samples 0..K-1 give L_K through a running log-sum-exp, so memory is
-    O(chunk * B) whatever K is. The stream is consumed as (K, B, noise_dim) in order, in whatever chunks.
+    Draws come from `stream` as (R, B, noise_dim) in order, in chunks of at most `chunk` draws, R the request's
+    random draws (contract.ScoreRequest: the estimator's S, and K for L_K), so memory is O(chunk * B) whatever K
+    is; L_K runs through a running log-sum-exp. "mode" takes one more pass at zero noise, outside the stream.
     """
-    B = x.shape[0]
+    req = ScoreRequest(estimator, samples, iw_samples, tuple(ks), want_iw)
+    B, N = x.shape[0], model.noise_dim
+    sums = _Sums(req.ks)
+    if estimator == "mode":
+        sums.add(model, x, torch.zeros(B, N, dtype=x.dtype, device=x.device), 1)
     lse = torch.full((B,), -math.inf, dtype=x.dtype, device=x.device)
-    elbo = kl = None
-    l_gt_k: dict[int, torch.Tensor] = {}
     done = 0
-    while done < iw_samples:
-        c = min(chunk, iw_samples - done)
-        eps = stream.take((c, B, model.noise_dim), x.device, x.dtype).reshape(c * B, -1)  # (c*B, N)
-        parts = []
-        if done == 0:  # sample 0: L_1, KL and every L^{>k}, sharing one bottom-up pass
-            e0 = eps[:B]
-            bu = model.bottom_up(x, e0)
-            full = model.top_down(bu, e0, 0, 1.0, x=x)
-            elbo, kl = full.log_w, full.kl
-            for k in ks:
-                l_gt_k[k] = elbo if k == 0 else model.top_down(bu, e0, k, 1.0, x=x).log_w
-            parts.append(elbo.unsqueeze(0))
-            eps, c_rest = eps[B:], c - 1
-        else:
-            c_rest = c
-        if c_rest:
-            xr = x.unsqueeze(0).expand(c_rest, *x.shape).reshape(c_rest * B, *x.shape[1:])  # (c*B, C, H, W)
-            parts.append(model(xr, eps).log_w.reshape(c_rest, B))
-        lse = torch.logaddexp(lse, torch.logsumexp(torch.cat(parts, dim=0), dim=0))
+    while done < req.random_draws:
+        c = min(chunk, req.random_draws - done)
+        eps = stream.take((c, B, N), x.device, x.dtype).reshape(c * B, -1)  # (c*B, N), draw-major
+        n_stat = min(max(req.stat_draws - done, 0), c)  # the estimator's draws in this chunk
+        parts = [sums.add(model, x, eps[:n_stat * B], n_stat)] if n_stat else []
+        if c > n_stat:
+            xr = x.repeat(c - n_stat, *([1] * (x.dim() - 1)))
+            parts.append(model(xr, eps[n_stat * B:]).log_w)
+        n_iw = min(max(iw_samples - done, 0), c) if want_iw else 0
+        if n_iw:
+            lse = torch.logaddexp(lse, torch.logsumexp(torch.cat(parts).reshape(c, B)[:n_iw], dim=0))
         done += c
-    return Bounds(elbo=elbo, iw=lse - math.log(iw_samples), l_gt_k=l_gt_k, kl=kl)
+    n = max(sums.n, 1)
+    return Bounds(elbo=sums.l1 / n, iw=lse - math.log(iw_samples) if want_iw else None,
+                  l_gt_k={k: v / n for k, v in sums.lgk.items()}, kl=sums.kl / n)
 
 
 def training_loss(model: Biva, x: torch.Tensor, eps: torch.Tensor, free_bits: float, beta: float = 1.0

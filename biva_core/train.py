@@ -29,7 +29,8 @@ from .config import PRESETS, BivaConfig, preset
 from .data import DATA_SPEC_HELP, binarize, load_raw, train_val_split
 from .model import Biva
 from .noise import NoiseStream
-from .objectives import bits_per_dim, evaluate_bounds, training_loss
+from .objectives import evaluate_bounds, training_loss
+from .stats import bits_per_dim
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`BivaClient`: one typed call per request of the served API (biva_export.contract: names, caps, checks).
+"""`BivaClient`: one typed call per request of the served API (biva_core.contract: names, caps, checks).
 
     client = BivaClient("127.0.0.1:8000", protocol="http")
     images = client.sample(n=16, seed=0)                       # (16, C, H, W) in [0, 1]
@@ -7,8 +7,10 @@
 
 Each method sends exactly one request; splitting a data set into requests (and giving each its seed) is
 `biva_client.tasks`'s job. Noise is drawn on the server from the request's seed, so the same seed and the
-same inputs give the same numbers. Transient failures (connection refused/reset, gRPC UNAVAILABLE, HTTP
-5xx) are retried with exponential backoff; every failure reaches the caller as a `ClientError` subclass
+same inputs give the same numbers. Transient failures (a reset connection, gRPC UNAVAILABLE, HTTP 5xx) are
+retried with exponential backoff, "busy" answers (HTTP 429, a full queue) after the Retry-After the server
+names, until the request's timeout; a server that refuses the connection from the first try is reported after
+about two seconds, with a hint to start it. Every failure reaches the caller as a `ClientError` subclass
 with a one-line message and the process exit code the CLI uses for it.
 
 Thread safety: every thread gets its own tritonclient instance (the HTTP client is gevent based and not
@@ -16,6 +18,8 @@ safe to share across threads), so the methods can be called from a pool of worke
 """
 from __future__ import annotations
 
+import json
+import re
 import socket
 import threading
 import time
@@ -25,8 +29,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from biva_export import contract
-from biva_export.contract import META_PARAMETER, MODEL_PREFIX, ModelMeta, RequestError, T
+from biva_core import contract
+from biva_core.contract import (BUSY_PREFIX, DEFAULT_ESTIMATOR, DETECTOR_PARAMETER, META_PARAMETER, MODEL_PREFIX,
+                                RENAMED, RETRY_AFTER_S, ModelMeta, RequestError, ScoreRequest, T)
+from biva_core.stats import request_of
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
@@ -66,15 +72,31 @@ class ModelNotReady(ClientError):
 
 
 class ServerBusy(ClientError):
-    """The model's queue is full, or the request waited out its queue timeout (HTTP 429): retried, then raised."""
+    """The model's queue is full, the request waited out its queue timeout, or heavy requests fill their slots
+    (HTTP 429): retried after the server's Retry-After until the request's timeout, then raised."""
 
     exit_code = EXIT_UNAVAILABLE
 
+    def __init__(self, message: str, retry_after: float = RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after = retry_after
+
 
 def _busy(status: str, msg: str) -> bool:
-    """HTTP 429; Triton's full queue or queue timeout (UNAVAILABLE over gRPC); the gRPC front's RPC limit."""
+    """HTTP 429; Triton's full queue or queue timeout (UNAVAILABLE over gRPC); the served models' busy answers;
+    the gRPC front's RPC limit."""
     return (status == "429" or "Exceeds maximum queue size" in msg or "Request timeout expired" in msg
-            or "Concurrent RPC limit exceeded" in msg)
+            or BUSY_PREFIX in msg or "Concurrent RPC limit exceeded" in msg)
+
+
+def _retry_after(msg: str) -> float:
+    """The seconds a busy answer asks the client to wait ("retry after N s" in its message), else RETRY_AFTER_S."""
+    m = re.search(r"retry after (\d+(?:\.\d+)?) s", msg)
+    return float(m.group(1)) if m else float(RETRY_AFTER_S)
+
+
+START_HINT = "is the server running? start it with: tritonserver --model-repository triton_models"
+REFUSED_TRIES = 3  # a connection refused from the first try: three tries over about 1.75 s, then the hint
 
 
 class RequestTimeout(ClientError):
@@ -92,14 +114,17 @@ class ServerError(ClientError):
 
 @dataclass
 class Scores:
-    """Per-image bounds in nats from biva_score: (B,) each, l_gt_k (B, len(ks)), kl (B, G)."""
+    """Per-image values in nats from biva_score: (B,) each, l_gt_k (B, len(ks)), kl (B, G), by the request's
+    estimator (bounds on log p(x) for "sample" and "mean", scores for "mode"; contract.ESTIMATORS)."""
 
     elbo: np.ndarray  # L_1
-    iw_bound: np.ndarray  # L_K (equals elbo when iw = 1)
+    iw_bound: np.ndarray | None  # L_K (equals elbo when iw = 1 with "sample"); None when not asked for
     l_gt_k: np.ndarray  # L^{>k} for each requested k, in the order of `ks`
     kl: np.ndarray  # analytic KL per latent group
     ks: tuple[int, ...]
     seed: int
+    estimator: str = DEFAULT_ESTIMATOR
+    samples: int = 1
 
 
 @dataclass
@@ -169,6 +194,7 @@ class BivaClient:
         self._lock = threading.Lock()
         self._meta: ModelMeta | None = None
         self._ready: set[str] = set()
+        self._reached = False  # a call has succeeded: a refused connection now is a restart, worth waiting for
         self.requests_sent = 0  # inference requests only, for tests and reports
 
     # ---- plumbing -------------------------------------------------------------------------------
@@ -228,7 +254,8 @@ class BivaClient:
             status = str(e.status() or "")
             msg = _first_line(e.message() or str(e))
             if _busy(status, msg):
-                return ServerBusy(f"{what}: the server is busy ({msg}); retry later, or lower --concurrency")
+                return ServerBusy(f"{what}: the server is busy ({msg}); retry later, or lower --concurrency",
+                                  _retry_after(msg))
             if status.endswith("UNAVAILABLE"):
                 return ServerUnavailable(f"cannot reach {self._where()}: {msg}")
             if status.endswith("DEADLINE_EXCEEDED"):
@@ -248,6 +275,8 @@ class BivaClient:
             # geventhttpclient: the server closed the connection mid-request (e.g. it restarted); requests
             # carry their seed, so sending again gives the same answer
             return ServerUnavailable(f"cannot reach {self._where()}: connection closed")
+        if isinstance(e, ConnectionRefusedError):
+            return ServerUnavailable(f"cannot reach {self._where()}: connection refused; {START_HINT}")
         if isinstance(e, (ConnectionError, socket.gaierror)):
             reason = _first_line(getattr(e, "strerror", None) or str(e)) or type(e).__name__
             return ServerUnavailable(f"cannot reach {self._where()}: {reason}")
@@ -256,20 +285,38 @@ class BivaClient:
         return ClientError(f"{what}: {type(e).__name__}: {_first_line(str(e))}")
 
     def _retry(self, fn: Callable[[Any], R], what: str) -> R:
-        """Call fn(tritonclient) with exponential backoff on transient failures."""
-        for attempt in range(self.retries + 1):
+        """Call fn(tritonclient): transient failures again with exponential backoff (`retries` times), busy answers
+        after their Retry-After until `timeout` seconds have passed, a refused connection REFUSED_TRIES times
+        unless this client has reached the server before."""
+        start, attempt = time.monotonic(), 0
+        while True:
             try:
-                return fn(self._client())
+                out = fn(self._client())
+                self._reached = True
+                return out
             except Exception as e:  # noqa: BLE001 - classified below, re-raised as ClientError
                 err = self._classify(e, what)
-                transient = isinstance(err, (ServerUnavailable, ServerBusy)) or getattr(err, "transient", False)
-                if not transient or attempt == self.retries:
-                    if transient and self.retries:
-                        err.args = (f"{err.args[0]} (after {attempt + 1} tries)",)
-                    raise err from e
-                self._drop_client()  # a reset connection is not reused
-                time.sleep(self.backoff * 2**attempt)
-        raise AssertionError("unreachable")
+                err.__cause__ = e
+            attempt += 1
+            wait = self._wait_before_retry(err, attempt, start)
+            if wait is None:
+                if attempt > 1:
+                    err.args = (f"{err.args[0]} (after {attempt} tries)",)
+                raise err
+            self._drop_client()  # a reset connection is not reused
+            time.sleep(wait)
+
+    def _wait_before_retry(self, err: ClientError, attempt: int, start: float) -> float | None:
+        """Seconds to wait before trying again after `err` on try `attempt`, or None to give up."""
+        if isinstance(err, ServerBusy):
+            left = self.timeout - (time.monotonic() - start)
+            return min(err.retry_after, left) if self.retries and left > 0 else None
+        refused = isinstance(err, ServerUnavailable) and "connection refused" in str(err) and not self._reached
+        limit = min(self.retries, REFUSED_TRIES - 1) if refused else self.retries
+        transient = isinstance(err, ServerUnavailable) or getattr(err, "transient", False)
+        if not transient or attempt > limit:
+            return None
+        return self.backoff * 2 ** (attempt - 1)
 
     def _drop_client(self) -> None:
         c = getattr(self._local, "client", None)
@@ -284,10 +331,6 @@ class BivaClient:
                 pass
 
     # ---- health and metadata --------------------------------------------------------------------
-    def is_live(self) -> bool:
-        kw = {} if self.protocol == "http" else {"client_timeout": self.timeout}
-        return bool(self._retry(lambda c: c.is_server_live(**kw), "server health"))
-
     def ensure_ready(self, role: str) -> None:
         """Raise ModelNotReady unless the front model for `role` is loaded and ready (checked once)."""
         name = self.model_name(role)
@@ -295,7 +338,8 @@ class BivaClient:
             return
         kw = {} if self.protocol == "http" else {"client_timeout": self.timeout}
         if not self._retry(lambda c: c.is_model_ready(name, **kw), f"model {name}"):
-            raise ModelNotReady(f"model {name!r} is not ready on {self._where()}; check --model-prefix "
+            renamed = f" ({name} is now {RENAMED[name]})" if name in RENAMED else ""
+            raise ModelNotReady(f"model {name!r} is not ready on {self._where()}{renamed}; check --model-prefix "
                                 "and the server log")
         self._ready.add(name)
 
@@ -331,12 +375,11 @@ class BivaClient:
         """One inference request; inputs are sent with the dtype they have."""
         self.ensure_ready(role)
         name, mod = self.model_name(role), self._module
-        dtypes = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 
         def call(c):
             tensors = []
             for key, arr in inputs.items():
-                t = mod.InferInput(key, list(arr.shape), dtypes[arr.dtype])
+                t = mod.InferInput(key, list(arr.shape), contract.wire_type(arr))
                 t.set_data_from_numpy(np.ascontiguousarray(arr))
                 tensors.append(t)
             if self.protocol == "http":
@@ -385,23 +428,39 @@ class BivaClient:
                           [T.z, T.q_mu, T.q_log_std, T.kl])
         return Encoding(out[T.z], out[T.q_mu], out[T.q_log_std], out[T.kl], int(seed))
 
-    def score(self, images: np.ndarray, seed: int, iw: int = 1, ks: Sequence[int] = ()) -> Scores:
-        """L_1, L_K (K = iw) and L^{>k} for each k, per image, in nats."""
+    def score(self, images: np.ndarray, seed: int, iw: int = 1, ks: Sequence[int] = (),
+              estimator: str = DEFAULT_ESTIMATOR, samples: int = 1, want_iw: bool = True) -> Scores:
+        """L_1, L^{>k} for each k and the KL per group by `estimator` (with `samples` draws for "mean"), and
+        L_K (K = iw) unless want_iw is False, per image, in nats."""
         x = self.check_images(images)
-        check_score_request(self.meta, len(x), iw, ks)
-        ks = tuple(int(k) for k in ks)
-        inputs = {T.images: x, T.iw: np.array([iw], np.int64), T.seed: np.array([check_seed(seed)], np.int64)}
-        if ks:
-            inputs[T.ks] = np.array(ks, np.int64)
-        out = self._infer("score", inputs, [T.elbo, T.iw_bound, T.l_gt_k, T.kl])
-        l_gt_k = out[T.l_gt_k] if ks else np.zeros((len(x), 0), np.float32)
-        return Scores(out[T.elbo], out[T.iw_bound], l_gt_k, out[T.kl], ks, int(seed))
+        req = check_score_request(self.meta, len(x), ScoreRequest(estimator, samples, iw, tuple(ks), want_iw))
+        inputs = {T.images: x, T.iw: np.array([iw], np.int64), T.seed: np.array([check_seed(seed)], np.int64),
+                  T.estimator: np.array([estimator.encode()], object), T.samples: np.array([samples], np.int64)}
+        if req.ks:
+            inputs[T.ks] = np.array(req.ks, np.int64)
+        outs = [T.elbo, T.l_gt_k, T.kl] + ([T.iw_bound] if want_iw else [])
+        out = self._infer("score", inputs, outs)
+        l_gt_k = out[T.l_gt_k] if req.ks else np.zeros((len(x), 0), np.float32)
+        return Scores(out[T.elbo], out.get(T.iw_bound), l_gt_k, out[T.kl], req.ks, int(seed), estimator, samples)
+
+    def detector(self) -> dict:
+        """The served detector's summary (biva_detect's config: stats.Detector.summary)."""
+        cfg = self.model_config("detect")
+        try:
+            return json.loads(cfg["parameters"][DETECTOR_PARAMETER]["string_value"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ServerError(f"model {self.model_name('detect')!r} has no valid {DETECTOR_PARAMETER} ({e})") from None
+
+    def detect(self, images: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The served detector (biva_detect) on each image: (score (B,), flagged (B,) bool)."""
+        x = self.check_images(images)
+        check_score_request(self.meta, len(x), request_of(self.detector()))
+        out = self._infer("detect", {T.images: x, T.seed: np.array([check_seed(seed)], np.int64)},
+                          [T.ood_score, T.ood_flag])
+        return out[T.ood_score], out[T.ood_flag].astype(bool)
 
 
-def check_score_request(meta: ModelMeta, batch: int, iw: int, ks: Sequence[int]) -> None:
+def check_score_request(meta: ModelMeta, batch: int, req: ScoreRequest) -> ScoreRequest:
     """The server's caps on biva_score, checked here so that nothing is sent that would be refused."""
     with _as_input_error():
-        contract.check_iw(iw, meta.caps)
-        contract.check_iw_rows(iw, batch, meta.caps)
-        if ks:
-            contract.check_ks(np.asarray(ks), meta.n_layers)
+        return req.check(batch, meta)

@@ -1,4 +1,5 @@
-"""What the client writes: image grids (PNG), per-image rows (CSV / JSON, incrementally), OOD plots."""
+"""What the client writes: image grids (PNG) and per-image rows (CSV / JSON, incrementally); the figures are
+biva_core.plots'."""
 from __future__ import annotations
 
 import csv
@@ -100,46 +101,3 @@ class RowWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def plot_ood(in_scores: dict[str, np.ndarray], ood_scores: dict[str, np.ndarray], path: str | Path,
-             in_label: str = "in-distribution", ood_label: str = "OOD") -> Path:
-    """Histograms of each score for both sets (the paper's Figure 4), then the ROC curves of all scores."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    names = [n for n in in_scores if n in ood_scores]
-    panels = len(names) + 1
-    cols = min(panels, 4)
-    rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-    flat = axes.ravel()
-    for ax, name in zip(flat, names):
-        a, b = in_scores[name], ood_scores[name]
-        lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
-        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 50)
-        ax.hist(a, bins=bins, alpha=0.6, density=True, label=in_label)
-        ax.hist(b, bins=bins, alpha=0.6, density=True, label=ood_label)
-        ax.set_title(f"score {name} (larger = more anomalous)", fontsize=9)
-        ax.legend(fontsize=7)
-    roc = flat[len(names)]
-    for name in names:
-        y = np.r_[np.zeros(len(in_scores[name])), np.ones(len(ood_scores[name]))]
-        fpr, tpr, _ = roc_curve(y, np.r_[in_scores[name], ood_scores[name]])
-        roc.plot(fpr, tpr, label=name)
-    roc.plot([0, 1], [0, 1], "k:", linewidth=0.8)
-    roc.set_xlabel("false-positive rate (in-distribution flagged)")
-    roc.set_ylabel("true-positive rate (OOD flagged)")
-    roc.set_title("ROC", fontsize=9)
-    roc.legend(fontsize=7)
-    for ax in flat[panels:]:
-        ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -8,7 +8,6 @@ chunks of at most the server's max_n samples (one chunk, seed base_seed, when n 
 """
 from __future__ import annotations
 
-import math
 import queue
 import sys
 import threading
@@ -17,9 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from biva_export.contract import T
+from biva_core.contract import T, ScoreRequest, parse_ks
+from biva_core.stats import bits_per_dim, mean_se, ood_scores, statistics
 
-from .api import BivaClient, Encoding, InputError, ModelMeta, Scores, check_score_request, check_seed
+from .api import BivaClient, Encoding, InputError, ModelMeta, Scores, _as_input_error, check_score_request, check_seed
 
 BatchCallback = Callable[[int, int, Scores], None]  # (batch index, first image index, scores)
 
@@ -44,17 +44,9 @@ def load_inputs(spec: str, meta: ModelMeta, limit: int | None = None) -> np.ndar
 
 
 def parse_k_list(text: str | None, n_layers: int) -> tuple[int, ...]:
-    """'1,2,3' -> (1, 2, 3) (sorted, duplicates dropped); None or '' -> 1..L-1 (the informative k)."""
-    if text is None or not text.strip():
-        return tuple(range(1, n_layers))
-    try:
-        ks = sorted({int(t) for t in text.split(",") if t.strip()})
-    except ValueError:
-        raise InputError(f"k: expected a comma-separated list of integers, got {text!r}") from None
-    bad = [k for k in ks if not 0 <= k <= n_layers]
-    if bad:
-        raise InputError(f"k: {bad} out of range, expected values in 0..{n_layers} (L = {n_layers})")
-    return tuple(ks)
+    """contract.parse_ks for the command line: '1,2,3' -> (1, 2, 3); None or '' -> 1..L-1; InputError if bad."""
+    with _as_input_error():
+        return parse_ks(text, n_layers)
 
 
 def batches(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -128,12 +120,17 @@ def _progress(total: int, desc: str, show: bool | None):
 
 # ---- jobs -----------------------------------------------------------------------------------------
 
+MAX_SAMPLE_REQUESTS = 64  # a sampling job is at most this many requests of the server's max_n samples
+
+
 def sample_images(client: BivaClient, n: int, seed: int, temperature: float = 1.0) -> np.ndarray:
-    """n samples (n, C, H, W). Above the server cap max_n, chunk j of max_n samples uses seed + j."""
-    if n < 1:
-        raise InputError(f"n: expected >= 1, got {n}")
-    check_seed(seed)
+    """n samples (n, C, H, W). Above the server cap max_n, chunk j of max_n samples uses seed + j; at most
+    MAX_SAMPLE_REQUESTS chunks (InputError naming the cap, before anything is sent or allocated)."""
     cap = client.meta.caps.max_n
+    if not 1 <= n <= cap * MAX_SAMPLE_REQUESTS:
+        raise InputError(f"n: got {n}, expected 1..{cap * MAX_SAMPLE_REQUESTS} ({MAX_SAMPLE_REQUESTS} requests of "
+                         f"the server's cap max_n = {cap}); draw more with several commands and other --seed")
+    check_seed(seed)
     parts = [client.sample(stop - start, batch_seed(seed, j), temperature)
              for j, (start, stop) in enumerate(batches(n, cap))]
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -141,15 +138,22 @@ def sample_images(client: BivaClient, n: int, seed: int, temperature: float = 1.
 
 @dataclass
 class ScoreTable:
-    """Per-image bounds in nats over a whole data set, in input order."""
+    """Per-image values in nats over a whole data set, in input order, by the request's estimator."""
 
     elbo: np.ndarray  # (N,) L_1
-    iw_bound: np.ndarray  # (N,) L_K
+    iw_bound: np.ndarray | None  # (N,) L_K, None when not asked for
     l_gt_k: np.ndarray  # (N, len(ks)) L^{>k}
     kl: np.ndarray  # (N, G)
-    ks: tuple[int, ...]
-    iw: int
+    request: ScoreRequest  # estimator, samples, iw, ks
     seeds: np.ndarray  # (N,) the seed of the request each image was scored in
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        return self.request.ks
+
+    @property
+    def iw(self) -> int:
+        return self.request.iw
 
     def l_gt(self, k: int) -> np.ndarray:
         return self.l_gt_k[:, self.ks.index(k)]
@@ -158,13 +162,21 @@ class ScoreTable:
         """LLR^{>k} = L_1 - L^{>k} (Havtorn et al., 2021)."""
         return self.elbo - self.l_gt(k)
 
+    def scores(self) -> dict[str, np.ndarray]:
+        """Every OOD score the table supports (biva_core.stats.ood_scores), larger = more anomalous."""
+        return ood_scores(self.elbo, self.l_gt_k, self.ks, self.iw_bound if self.iw > 1 else None)
 
-def check_batch_size(meta: ModelMeta, batch_size: int, iw: int = 1, ks: Sequence[int] = ()) -> None:
+    def statistics(self) -> np.ndarray:
+        """The detector's per-image statistics (biva_core.stats.statistics)."""
+        return statistics(self.elbo, self.kl, self.l_gt_k)
+
+
+def check_batch_size(meta: ModelMeta, batch_size: int, req: ScoreRequest = ScoreRequest()) -> None:
     """Refuse a job whose requests the server would refuse, before anything is sent."""
     cap = meta.caps.max_images
     if not 1 <= batch_size <= cap:
         raise InputError(f"batch size: expected 1..{cap} (server cap max_images), got {batch_size}")
-    check_score_request(meta, batch_size, iw, ks)
+    check_score_request(meta, batch_size, req)
 
 
 @dataclass(frozen=True)
@@ -177,49 +189,58 @@ class Job:
     progress: bool | None = False  # progress bar: True, False, or None (only on a terminal)
 
 
-def score_images(client: BivaClient, images: np.ndarray, job: Job = Job(), iw: int = 1, ks: Sequence[int] = (),
-                 on_batch: BatchCallback | None = None, desc: str = "score") -> ScoreTable:
-    """Score every image; batch i is one request with seed `job.seed + i`.
-
-    `on_batch(i, start, scores)` is called in batch order (a finished batch waits for the ones before it),
-    so a caller can write rows incrementally and in input order.
-    """
-    seed, batch_size, concurrency, progress = job.seed, job.batch_size, job.concurrency, job.progress
-    ks = tuple(int(k) for k in ks)
-    client.check_images(images[:1])
-    check_batch_size(client.meta, min(batch_size, len(images)), iw, ks)
-    spans = batches(len(images), batch_size)
-    seeds = [batch_seed(seed, i) for i in range(len(spans))]
-    results: list[Scores | None] = [None] * len(spans)
+def _in_order(client: BivaClient, images: np.ndarray, job: Job, call: Callable[[np.ndarray, int], object],
+              on_batch: Callable[[int, int, object], None] | None, desc: str) -> list:
+    """call(images of batch i, seed + i) for every batch, `job.concurrency` at a time; the results in batch order,
+    `on_batch(i, first image index, result)` called in batch order as they complete."""
+    spans = batches(len(images), job.batch_size)
+    seeds = [batch_seed(job.seed, i) for i in range(len(spans))]
+    results: list = [None] * len(spans)
     next_i = 0
-    with _progress(len(images), desc, progress) as bar:
-        for i, res in imap_unordered(lambda i: client.score(images[slice(*spans[i])], seeds[i], iw, ks),
-                                     len(spans), concurrency):
+    with _progress(len(images), desc, job.progress) as bar:
+        for i, res in imap_unordered(lambda i: call(images[slice(*spans[i])], seeds[i]), len(spans),
+                                     job.concurrency):
             results[i] = res
             bar.update(spans[i][1] - spans[i][0])
             while next_i < len(spans) and results[next_i] is not None:
                 if on_batch is not None:
                     on_batch(next_i, spans[next_i][0], results[next_i])
                 next_i += 1
-    cat = lambda name: np.concatenate([getattr(r, name) for r in results])  # noqa: E731
-    return ScoreTable(cat(T.elbo), cat(T.iw_bound), cat(T.l_gt_k), cat(T.kl), ks, iw,
-                      image_seeds(len(images), batch_size, seed))
+    return results
 
 
-def encode_images(client: BivaClient, images: np.ndarray, seed: int = 0, batch_size: int = 100,
-                  concurrency: int = 1, progress: bool | None = False) -> Encoding:
-    """biva_encode over a data set; batch i uses seed `seed + i`. Encoding.seed is the base seed."""
+def score_images(client: BivaClient, images: np.ndarray, job: Job = Job(), req: ScoreRequest = ScoreRequest(),
+                 on_batch: BatchCallback | None = None, desc: str = "score") -> ScoreTable:
+    """Score every image with `req`'s estimator, iw and ks; batch i is one request with seed `job.seed + i`.
+
+    `on_batch(i, start, scores)` is called in batch order (a finished batch waits for the ones before it),
+    so a caller can write rows incrementally and in input order.
+    """
     client.check_images(images[:1])
-    check_batch_size(client.meta, min(batch_size, len(images)))
-    spans = batches(len(images), batch_size)
-    results: list[Encoding | None] = [None] * len(spans)
-    with _progress(len(images), "encode", progress) as bar:
-        for i, res in imap_unordered(lambda i: client.encode(images[slice(*spans[i])], batch_seed(seed, i)),
-                                     len(spans), concurrency):
-            results[i] = res
-            bar.update(spans[i][1] - spans[i][0])
+    check_batch_size(client.meta, min(job.batch_size, len(images)), req)
+    results = _in_order(client, images, job, lambda x, seed: client.score(
+        x, seed, req.iw, req.ks, req.estimator, req.samples, req.want_iw), on_batch, desc)
     cat = lambda name: np.concatenate([getattr(r, name) for r in results])  # noqa: E731
-    return Encoding(cat(T.z), cat(T.q_mu), cat(T.q_log_std), cat(T.kl), seed)
+    return ScoreTable(cat(T.elbo), cat(T.iw_bound) if req.want_iw else None, cat(T.l_gt_k), cat(T.kl), req,
+                      image_seeds(len(images), job.batch_size, job.seed))
+
+
+def detect_images(client: BivaClient, images: np.ndarray, job: Job = Job(), desc: str = "detect"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The served detector (biva_detect) on every image: (scores (N,), flagged (N,)); batch i uses seed + i."""
+    client.check_images(images[:1])
+    check_batch_size(client.meta, min(job.batch_size, len(images)))
+    results = _in_order(client, images, job, client.detect, None, desc)
+    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+
+def encode_images(client: BivaClient, images: np.ndarray, job: Job = Job()) -> Encoding:
+    """biva_encode over a data set; batch i uses seed `job.seed + i`. Encoding.seed is the base seed."""
+    client.check_images(images[:1])
+    check_batch_size(client.meta, min(job.batch_size, len(images)))
+    results = _in_order(client, images, job, client.encode, None, "encode")
+    cat = lambda name: np.concatenate([getattr(r, name) for r in results])  # noqa: E731
+    return Encoding(cat(T.z), cat(T.q_mu), cat(T.q_log_std), cat(T.kl), job.seed)
 
 
 def regenerate_latents(client: BivaClient, z: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
@@ -235,24 +256,12 @@ def reconstruct(client: BivaClient, images: np.ndarray, ks: Iterable[int], seed:
                 temperature: float = 1.0) -> np.ndarray:
     """Figure 12: encode, then redraw the bottom k layers for each k. Returns (N, 1 + len(ks), C, H, W),
     the input first. Encoding batch i and every regeneration of batch i use seed `seed + i`."""
-    enc = encode_images(client, images, seed, batch_size)
+    enc = encode_images(client, images, Job(seed, batch_size))
     cols = [images] + [regenerate_latents(client, enc.z, k, seed, batch_size, temperature) for k in ks]
     return np.stack(cols, axis=1)  # (N, 1 + len(ks), C, H, W)
 
 
 # ---- summaries ------------------------------------------------------------------------------------
-
-def bits_per_dim(nats: np.ndarray | float, n_dims: int) -> np.ndarray | float:
-    """-L / (C H W log 2), as biva_core.objectives.bits_per_dim (kept here so the client needs no torch)."""
-    return -np.asarray(nats, dtype=np.float64) / (n_dims * math.log(2.0))
-
-
-def mean_se(v: np.ndarray) -> dict[str, float]:
-    """Mean, standard error of the mean (ddof 1) and count."""
-    v = np.asarray(v, dtype=np.float64)
-    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
-    return {"mean": float(v.mean()), "se": se, "n": int(len(v))}
-
 
 def likelihood_summary(table: ScoreTable, n_dims: int) -> dict[str, dict[str, float]]:
     """{"L1_nats": {mean, se, n}, "L1_bpd": ..., and "LK_*" with iw > 1, "KL_nats"}."""
@@ -276,7 +285,7 @@ def likelihood_rows(start: int, scores: Scores | ScoreTable, n_dims: int, iw: in
     n = len(scores.elbo)
     seeds = scores.seeds if isinstance(scores, ScoreTable) else np.full(n, scores.seed)
     l1_bpd = bits_per_dim(scores.elbo, n_dims)
-    lk_bpd = bits_per_dim(scores.iw_bound, n_dims)
+    lk_bpd = bits_per_dim(scores.iw_bound, n_dims) if iw > 1 else None
     kl = scores.kl.sum(axis=1)
     rows = []
     for j in range(n):

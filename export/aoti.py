@@ -15,7 +15,7 @@ import torch
 
 from biva_core.model import Biva
 
-from .contract import GraphSpec, aoti_runner
+from biva_core.contract import GraphSpec, aoti_runner
 from .graphs import GRAPH_MODULES
 from .onnx_export import GraphReport, compare_with_torch, dynamic_axes, traced_inputs
 

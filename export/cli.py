@@ -10,8 +10,9 @@ from pathlib import Path
 
 import click
 
+from biva_core.contract import ServingConfig
+
 from .pipeline import ExportConfig, ExportError, run_export
-from .repository import ServingConfig
 
 
 @contextlib.contextmanager
@@ -60,6 +61,9 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
 @click.option("--spinning/--no-spinning", default=False, show_default=True,
               help="Idle ONNX Runtime intra-op threads of the graph models busy-wait for work (ONNX Runtime's "
                    "default; it burns cores other processes could use, and served no faster here) or sleep.")
+@click.option("--detector", default="auto", show_default=True,
+              help="Fitted OOD detector (biva-client ood fit) to serve as biva_detect: a file, 'none', or auto: the "
+                   "checkpoint's own (CKPT with .detector.json for .pt) where it exists.")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Check every graph against PyTorch before writing anything.")
 @click.option("--atol-scale", default=1.0, show_default=True,
@@ -68,7 +72,7 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
 @click.option("--verbose", is_flag=True, help="Show the ONNX exporter's own output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(ckpt, out, backend, runtime, opset, exporter, elu, max_batch_size, instances, queue_delay_us, preferred,
-         front_instances, threads, spinning, validate, atol_scale, force, verbose, debug):
+         front_instances, threads, spinning, detector, validate, atol_scale, force, verbose, debug):
     """Export a BIVA checkpoint to ONNX, validate it, and write the Triton model repository."""
     from biva_core.checkpoint import CheckpointError
 
@@ -76,7 +80,8 @@ def main(ckpt, out, backend, runtime, opset, exporter, elu, max_batch_size, inst
                             front_instances=front_instances, threads=threads, spinning=spinning,
                             preferred=tuple(preferred), queue_delay_us=queue_delay_us)
     cfg = ExportConfig(opset=opset, exporter=exporter, elu=elu, validate=validate, atol_scale=atol_scale, force=force,
-                       quiet=not verbose, serving=serving)
+                       quiet=not verbose, serving=serving,
+                       detector=None if detector.lower() == "none" else ("auto" if detector == "auto" else Path(detector)))
     with one_line_errors(debug, ExportError, CheckpointError, ValueError):
         run_export(ckpt, out, cfg, log=click.echo)
 

@@ -11,10 +11,11 @@ different k or temperature can share one batch.
     encoder  (images, noise)             -> (z, q_mu, q_log_std, kl, log_w)
              log_w = log p(x, z) - log q(z | x) for the z drawn: one importance sample of L_K.
     scorer   (images, noise, k)          -> (log_w, log_w_gt_k, kl)
-             noise (B, S, N): S importance samples per image; k (B, J): J values of k per image (J may
-             be 0). log w of each sample (B, S), sample 0's being L_1's; log w of L^{>k} (eq. 2) of
-             sample 0 for each k (B, J), sharing its noise; sample 0's KL. The bottom-up stages that see x
-             alone run once per image, so biva_score runs L_K here, several samples per image and call.
+             noise (B, S, N): S draws of the latents per image; k (B, J): J values of k per image (J may
+             be 0). For every draw: its log w (B, S), the log w of its L^{>k} (eq. 2) for each k (B, S, J),
+             sharing its noise, and its KL per group (B, S, G). Noise zero is the mode estimator (every
+             latent at its mean). The bottom-up stages that see x alone run once per image, so biva_score
+             runs every estimator and L_K here, several draws per image and call (contract.run_score).
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from biva_core.model import Biva
-from biva_core.objectives import iw_log_weights
+from biva_core.objectives import draw_log_weights
 
-from . import contract
-from .contract import EncoderOut, GraphSpec, SamplerOut, ScorerOut
+from biva_core import contract
+from biva_core.contract import EncoderOut, GraphSpec, SamplerOut, ScorerOut
 
 
 class SamplerGraph(nn.Module):
@@ -55,8 +56,8 @@ class ScorerGraph(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor, k: torch.Tensor):
-        log_w, log_w_gt_k, kl = iw_log_weights(self.model, images, noise, k)
-        return ScorerOut(log_w=log_w, log_w_gt_k=log_w_gt_k, kl=kl)  # (B, S), (B, J), (B, G)
+        log_w, log_w_gt_k, kl = draw_log_weights(self.model, images, noise, k)
+        return ScorerOut(log_w=log_w, log_w_gt_k=log_w_gt_k, kl=kl)  # (B, S), (B, S, J), (B, S, G)
 
 
 GRAPH_MODULES = {contract.SAMPLER: SamplerGraph, contract.ENCODER: EncoderGraph, contract.SCORER: ScorerGraph}

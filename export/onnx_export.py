@@ -10,10 +10,11 @@ import numpy as np
 import onnx
 import torch
 
+from biva_core.contract import (KS, NATS_ATOL, SAMPLES, SCORE, GraphSpec, ModelMeta, ScoreRequest, T, TensorSpec,
+                                noise_rng, ort_session, run_score)
 from biva_core.model import Biva
 from biva_core.noise import NoiseStream
-
-from .contract import KS, SAMPLES, GraphSpec, T, TensorSpec, ort_session
+from biva_core.objectives import evaluate_bounds
 from .graph_passes import apply_elu_form
 from .graphs import GRAPH_MODULES
 
@@ -182,3 +183,43 @@ def _record(rep: GraphReport, name: str, g: np.ndarray, r: np.ndarray, atol_scal
     if atol_scale > 0 and g.size:  # a float32 output is not finer than its spacing at that magnitude
         ulps = 2.0 * float(np.spacing(np.float32(np.max(np.abs(r)))))
         rep.atol[name] = max(rep.atol[name], ulps)
+
+
+DETECTOR_ATOL = 0.05  # the detector's score (a sum of log densities) moves by up to ~30 per nat of its statistics
+
+
+def score_routes(n_layers: int) -> tuple[ScoreRequest, ...]:
+    """The biva_score requests validated at export: every estimator, several ks (k = 0 and L among them), L_K."""
+    return (ScoreRequest("sample", 1, 6, (0, 1, n_layers)), ScoreRequest("mean", 4, 3, (1,)),
+            ScoreRequest("mode", 1, 1, tuple(range(1, n_layers)) or (1,), want_iw=False))
+
+
+def validate_score_routes(model: Biva, path: Path, meta: ModelMeta, detector=None, batch: int = 5,
+                          seed: int = 777) -> list[GraphReport]:
+    """biva_score's served plan (contract.run_score) on the scorer graph in ONNX Runtime, for every estimator (and
+    the detector's request and score), against PyTorch's evaluate_bounds on fresh images drawn from the model; 16
+    graph rows, so requests span several blocks."""
+    sess = ort_session(str(path))
+    names = {True: [T.log_w, T.log_w_gt_k, T.kl], False: [T.log_w]}
+    exec_calls = lambda feeds, ks: [sess.run(names[ks], f) for f in feeds]  # noqa: E731
+    x = _model_images(model, batch, np.random.default_rng(seed))
+    reqs = list(score_routes(meta.n_layers))
+    if detector is not None:
+        reqs.append(detector.request())
+    reports = []
+    for i, req in enumerate(reqs):
+        got = run_score(req, x, noise_rng(seed + i), meta.noise_dim, 16, len(meta.groups), exec_calls)
+        with torch.no_grad():
+            ref = evaluate_bounds(model, torch.from_numpy(x), NoiseStream(seed + i), req.iw, req.ks, 7,
+                                  req.estimator, req.samples, req.want_iw)
+        want = {T.elbo: ref.elbo, T.kl: ref.kl, T.l_gt_k: torch.stack([ref.l_gt_k[k] for k in req.ks], dim=1),
+                **({T.iw_bound: ref.iw} if req.want_iw else {})}
+        rep = GraphReport(f"{SCORE}[{req.estimator}]", atol={n: NATS_ATOL for n in want})
+        for name, r in want.items():
+            _record(rep, name, got[name], r.numpy(), 1.0)
+        if detector is not None and i == len(reqs) - 1:
+            rep.name, rep.atol[T.ood_score] = f"{SCORE}[detector]", DETECTOR_ATOL
+            score = lambda o: detector.scores(o[T.elbo], o[T.kl], o[T.l_gt_k], o.get(T.iw_bound))  # noqa: E731
+            _record(rep, T.ood_score, score(got), score({k: v.numpy() for k, v in want.items()}), 0.0)
+        reports.append(rep)
+    return reports

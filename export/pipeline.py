@@ -15,13 +15,16 @@ import platform
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .contract import REPORT, Caps, ModelMeta
-from .repository import ServingConfig, front_config, graph_config, sha256_file, staging_dir, swap_into_place, \
-    write_model_files
+from biva_core.contract import (DEFAULT_ESTIMATOR, DETECT, DETECTOR_FILE, PACKAGE_FILE, REPORT, Caps, ModelMeta,
+                                ServingConfig)
+
+from biva_core.checkpoint import binarization, sha256_file
+
+from .repository import front_config, graph_config, staging_dir, swap_into_place, write_model_files
 
 
 class ExportError(RuntimeError):
@@ -39,6 +42,9 @@ class ExportConfig:
     quiet: bool = True  # hide the ONNX exporter's own output
     caps: Caps = field(default_factory=Caps)  # request caps written into every served model's metadata
     serving: ServingConfig = field(default_factory=ServingConfig)  # how the graph and front models are served
+    # the fitted OOD detector served as biva_detect (`biva-client ood fit` writes one): a file, None for none, or
+    # "auto": the checkpoint's own, CKPT with .detector.json for .pt, where it exists
+    detector: Path | str | None = "auto"
 
 
 def elu_form(cfg: ExportConfig) -> str:
@@ -78,35 +84,49 @@ def _report_head(ckpt: Path, cfg: ExportConfig, source: str | None) -> dict:
         raise SystemExit("biva-export: ONNX Runtime is not installed; expected one of the extras: "
                          "pip install 'biva-serving[cpu]' (or '[gpu]' on a CUDA machine)") from None
 
-    return {"checkpoint": source or str(ckpt), "checkpoint_sha256": sha256_file(ckpt),
-            "backend": cfg.serving.backend, "runtime": cfg.serving.runtime, "opset": cfg.opset,
-            "exporter": cfg.exporter, "elu": elu_form(cfg),
+    return {"checkpoint": source or str(ckpt),
+            "opset": cfg.opset,
+            "exporter": cfg.exporter, "elu": elu_form(cfg), "serving": asdict(cfg.serving),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
             "validated": cfg.validate, "graphs": {}}
 
 
 def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig, log, out: Path
-                         ) -> tuple[dict, dict, dict]:
-    """Each graph exported into `tmp` and validated; returns (name -> onnx path, name -> package path,
-    name -> report entry); the packages (validated too) only with the aoti runtime."""
+                         ) -> tuple[dict, dict]:
+    """Each graph exported into `tmp` and validated; returns (name -> {file name in the version folder: path},
+    name -> report entry): the ONNX graph, and with the aoti runtime its package (validated too)."""
     from .onnx_export import export_graph, validate_graph
 
-    onnx_files, packages, entries = {}, {}, {}
+    files, entries = {}, {}
     for name, spec in specs.items():
         path = tmp / f"{name}.onnx"
         log(f"exporting {name} ...")
         with _quiet_exporter(cfg.quiet):
             export_graph(spec, plain, path, cfg.opset, cfg.exporter, elu_form(cfg))
-        onnx_files[name] = path
+        files[name] = {"model.onnx": path}
         entry = {"bytes": path.stat().st_size, "inputs": spec.input_names, "outputs": spec.output_names}
         if cfg.validate:
             entry.update(_checked(validate_graph(spec, model, path, atol_scale=cfg.atol_scale), log, out))
         if cfg.serving.runtime == "aoti":
-            packages[name] = path.with_suffix(".pt2")
-            entry["package"] = _package(spec, model, plain, packages[name], cfg, log, out)
+            files[name][PACKAGE_FILE] = path.with_suffix(".pt2")
+            entry["package"] = _package(spec, model, plain, files[name][PACKAGE_FILE], cfg, log, out)
         entries[name] = entry
-    return onnx_files, packages, entries
+    return files, entries
+
+
+def _checked_routes(model, graph_files: dict, meta: ModelMeta, detector, log, out: Path) -> dict:
+    """biva_score's route for every estimator (and biva_detect's), run on the exported scorer in ONNX Runtime with
+    the served plan (contract.run_score), against PyTorch's evaluate_bounds on fresh images; ExportError beyond the
+    graphs' tolerances."""
+    from biva_core.contract import SCORER
+
+    from .onnx_export import validate_score_routes
+
+    reps = validate_score_routes(model, graph_files[SCORER]["model.onnx"], meta, detector)
+    for rep in reps:
+        _checked(rep, log, out)
+    return {rep.name: {"max_abs_diff": rep.max_abs_diff, "atol": rep.atol} for rep in reps}
 
 
 def _checked(rep, log, out: Path) -> dict:
@@ -158,11 +178,35 @@ def fit_to_memory(cfg: ExportConfig, latent_dim: int, noise_dim: int, image_shap
                    caps=replace(cfg.caps, max_images=min(cfg.caps.max_images, images)))
 
 
-def model_meta(model, data_meta: dict, cfg: ExportConfig) -> ModelMeta:
+def model_meta(model, data_meta: dict, cfg: ExportConfig, checkpoint_sha256: str) -> ModelMeta:
     return ModelMeta(image_shape=tuple(model.cfg.image_shape), likelihood=model.cfg.likelihood,
-                     binarize=data_meta.get("binarize", "threshold"), n_layers=model.cfg.n_layers,
+                     binarize=binarization(data_meta), n_layers=model.cfg.n_layers,
                      latent_dim=model.latent_dim, noise_dim=model.noise_dim, groups=tuple(model.group_names()),
-                     graph_max_batch=cfg.serving.max_batch, caps=cfg.caps)
+                     graph_max_batch=cfg.serving.max_batch, checkpoint_sha256=checkpoint_sha256,
+                     estimator=DEFAULT_ESTIMATOR, caps=cfg.caps)
+
+
+def detector_file(ckpt: Path, cfg: ExportConfig, source: str | None) -> Path | None:
+    """The detector to serve: cfg.detector, or with "auto" the checkpoint's own where there is one."""
+    if cfg.detector != "auto":
+        return Path(cfg.detector) if cfg.detector else None
+    own = Path(source or ckpt).with_suffix(".detector.json")
+    return own if own.is_file() else None
+
+
+def load_detector(path: Path, meta: ModelMeta):
+    """The fitted detector at `path`, checked against the exported model (ExportError, one line, otherwise)."""
+    from biva_core.stats import Detector
+
+    try:
+        det = Detector.from_json(path.read_text())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"--detector {path}: {type(e).__name__}: {e}") from None
+    fitted = det.checkpoint()
+    if fitted != meta.checkpoint_sha256:
+        raise ExportError(f"--detector {path} was fitted on the model with checkpoint sha256 {str(fitted)[:12]}..., "
+                          f"this checkpoint's is {meta.checkpoint_sha256[:12]}...; fit it again on this model")
+    return det
 
 
 def run_export(ckpt: Path, out: Path, cfg: ExportConfig = ExportConfig(), log: Callable[[str], object] = print,
@@ -189,16 +233,24 @@ def run_export(ckpt: Path, out: Path, cfg: ExportConfig = ExportConfig(), log: C
     plain = inference_copy(model)
     specs = graph_specs(plain)
     report = _report_head(ckpt, cfg, source)
-    meta = model_meta(model, data_meta, cfg)
+    meta = model_meta(model, data_meta, cfg, sha256_file(ckpt))
+    det_path = detector_file(ckpt, cfg, source)
+    detector = load_detector(det_path, meta) if det_path else None
     with tempfile.TemporaryDirectory(prefix="biva-onnx-") as tmp:
-        onnx_files, packages, report["graphs"] = _export_and_validate(model, plain, specs, Path(tmp), cfg, log, out)
+        graph_files, report["graphs"] = _export_and_validate(model, plain, specs, Path(tmp), cfg, log, out)
+        if cfg.validate:
+            report["routes"] = _checked_routes(model, graph_files, meta, detector, log, out)
         report["meta"] = json.loads(meta.to_json())
         configs = {name: graph_config(spec, cfg.serving, meta) for name, spec in specs.items()}
-        configs.update({name: front_config(spec, meta, cfg.serving)
-                        for name, spec in meta.front_specs().items()})
+        fronts = {n: s for n, s in meta.front_specs().items() if n != DETECT or detector is not None}
+        configs.update({name: front_config(spec, meta, cfg.serving, detector.summary() if name == DETECT else None)
+                        for name, spec in fronts.items()})
+        extra = {DETECT: {DETECTOR_FILE: det_path}} if detector is not None else {}
+        if detector is not None:
+            report["detector"] = {"file": str(det_path), **detector.summary()}
         staged = staging_dir(out)
         try:
-            write_model_files(staged, configs, onnx_files, cfg.serving.backend, packages)
+            write_model_files(staged, configs, graph_files, cfg.serving.backend, extra)
             (staged / REPORT).write_text(json.dumps(report, indent=2) + "\n")
             swap_into_place(staged, out)
         except BaseException:

@@ -1,37 +1,35 @@
 """The Triton model repository: graph models (one per ONNX graph) and the front models of the API.
 
     triton_models/
-      biva_sampler/  config.pbtxt  1/model.onnx  [1/model.py]     graph models: python backend running
-      biva_encoder/  ...                                            ONNX Runtime, or native onnxruntime
-      biva_scorer/   ...
-      biva_sample/   config.pbtxt  1/model.py                      front models (python backend, BLS)
-      biva_regenerate/ biva_encode/ biva_score/
+      biva_graph_sampler/  config.pbtxt  1/model.onnx  [1/model.pt2]  [1/model.py]   graph models: ONNX Runtime
+      biva_graph_encoder/  ...                                                     (or the AOTInductor package)
+      biva_graph_scorer/   ...                                                     in the python backend, or
+                                                                                   native onnxruntime
+      biva_sample/  config.pbtxt  1/model.py                                       front models (python backend,
+      biva_regenerate/ biva_encode/ biva_score/ [biva_detect/ + 1/detector.json]   BLS)
       export_report.json
 
-Every config.pbtxt is generated here from the contract's specs (contract.py: graph_specs, front_specs) and
-parsed back into Triton's ModelConfig protobuf before anything is written. Beside every python-backend
-model.py goes a copy of contract.py (as biva_contract.py), so the server imports the same contract.
+Every config.pbtxt is generated here from the contract's specs (biva_core.contract: graph_specs, front_specs) and
+parsed back into Triton's ModelConfig protobuf before anything is written. Beside every python-backend model.py
+go copies of biva_core's torch-free modules (SERVED_CORE), so the server imports the contract under the name the
+rest of the project does, `biva_core.contract`. The model code itself is export/triton_python/.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import (CONTRACT_COPY, GRAPH_INSTANCES_PARAMETER, META_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_FILE,
-                       REPORT, ROLE_PARAMETER, RUNTIME_PARAMETER, SPINNING_PARAMETER, THREADS_PARAMETER, FrontSpec,
-                       GraphSpec, ModelMeta, TensorSpec)
+from biva_core.contract import (DETECTOR_PARAMETER, DTYPES, GRAPH_INSTANCES_PARAMETER, META_PARAMETER,
+                                ONNX_FILE_PARAMETER, ROLE_PARAMETER, RUNTIME_PARAMETER, SPINNING_PARAMETER,
+                                THREADS_PARAMETER, FrontSpec, GraphSpec, ModelMeta, ServingConfig, TensorSpec)
 
-TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
-# the serving step's python-backend model code, found without importing it (biva_serving is a later step)
-PYTHON_DIR = Path(importlib.util.find_spec("biva_serving").submodule_search_locations[0]) / "triton_python"
-CONTRACT_FILE = Path(__file__).parent / "contract.py"
+PYTHON_DIR = Path(__file__).parent / "triton_python"  # the python-backend model code this step writes
+CORE_DIR = Path(__file__).resolve().parent.parent / "biva_core"
+SERVED_CORE = ("__init__.py", "contract.py", "stats.py")  # numpy only: what the served model code imports
 
 
 def _tensor_block(kind: str, tensors: tuple[TensorSpec, ...], optional: tuple[str, ...] = ()) -> str:
@@ -39,38 +37,13 @@ def _tensor_block(kind: str, tensors: tuple[TensorSpec, ...], optional: tuple[st
     for t in tensors:
         opt = " optional: true" if t.name in optional else ""
         dims = ", ".join(str(d) for d in t.dims)
-        items.append(f'  {{ name: "{t.name}" data_type: {TRITON_TYPES[t.dtype]} dims: [ {dims} ]{opt} }}')
+        items.append(f'  {{ name: "{t.name}" data_type: {DTYPES[t.dtype]} dims: [ {dims} ]{opt} }}')
     return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
 
 
 def _params(params: dict[str, str]) -> str:
     return "".join(f"parameters {{ key: \"{k}\" value: {{ string_value: {json.dumps(v)} }} }}\n"
                    for k, v in params.items())
-
-
-@dataclass(frozen=True)
-class ServingConfig:
-    """How the graph models are served (biva-export's options)."""
-
-    backend: str = "python"  # "python" (ONNX Runtime in the python backend) or "onnxruntime" (native, GPU)
-    max_batch: int = 1024  # rows per graph call: max_batch_size of the graph models
-    # instances per graph model. Two, not one with all threads: Triton 2.51's dynamic batcher with a queue policy
-    # (graph_queue below) misses the wake-up when a lone instance frees up, so requests that arrive then wait
-    # its 500 ms timeout; with two the other instance takes them (README, Speed: batching)
-    instances: int = 2
-    front_instances: int = 2  # instances per front (API) model
-    threads: int = 0  # ONNX Runtime intra-op threads per python-backend graph instance (0: cores / instances)
-    runtime: str = "onnxruntime"  # what runs the python backend's graphs: ONNX Runtime, or "aoti" (export/aoti.py)
-    spinning: bool = False  # idle ONNX Runtime intra-op threads busy-wait for work (ORT's default; no faster
-    #                         served, measured: README, Speed)
-    preferred: tuple[int, ...] = ()  # dynamic batcher preferred batch sizes (none: batch what has arrived)
-    # dynamic batcher: longest a request waits for others to join its batch. 0: an idle instance takes what is
-    # queued at once (under load the queue still forms batches: 16 clients 0.93-0.97 of the ceiling vs 0.94 with
-    # 500 us); a delay merges the calls a front model sends to both instances at once into one instance's batch
-    queue_delay_us: int = 0
-    front_queue: int = 8  # requests waiting per front model beyond those running; more are refused as busy
-    front_queue_timeout_us: int = 1_000_000  # longest a front request waits for an instance, then "busy"
-    graph_queue: int = 256  # requests waiting per graph model (front models' slices and direct callers)
 
 
 def graph_config(spec: GraphSpec, sc: ServingConfig, meta: ModelMeta | None = None) -> str:
@@ -90,26 +63,34 @@ def graph_config(spec: GraphSpec, sc: ServingConfig, meta: ModelMeta | None = No
         extra = ("optimization { execution_accelerators { gpu_execution_accelerator [ { name: \"tensorrt\"\n"
                  "  parameters { key: \"precision_mode\" value: \"FP32\" }\n"
                  "  parameters { key: \"max_workspace_size_bytes\" value: \"1073741824\" } } ] } }\n")
-    pref = ", ".join(str(p) for p in sc.preferred if p <= max_batch)
-    pref = f"preferred_batch_size: [ {pref} ] " if pref else ""
     return (head + f"max_batch_size: {max_batch}\n" + _tensor_block("input", spec.inputs)
-            + _tensor_block("output", spec.outputs)
-            + f"dynamic_batching {{ {pref}max_queue_delay_microseconds: {sc.queue_delay_us}\n"
-            + f"  default_queue_policy {{ max_queue_size: {sc.graph_queue} timeout_action: REJECT }} }}\n"
+            + _tensor_block("output", spec.outputs) + _batching(sc)
             + f"instance_group [ {{ count: {instances} kind: {kind} }} ]\n" + extra)
 
 
-def front_config(spec: FrontSpec, meta: ModelMeta, sc: ServingConfig) -> str:
+def _batching(sc: ServingConfig) -> str:
+    """A graph model's dynamic batcher (none with sc.dynamic_batching False: one call per execution)."""
+    if not sc.dynamic_batching:
+        return ""
+    pref = ", ".join(str(p) for p in sc.preferred if p <= sc.max_batch)
+    pref = f"preferred_batch_size: [ {pref} ] " if pref else ""
+    return (f"dynamic_batching {{ {pref}max_queue_delay_microseconds: {sc.queue_delay_us}\n"
+            f"  default_queue_policy {{ max_queue_size: {sc.graph_queue} timeout_action: REJECT }} }}\n")
+
+
+def front_config(spec: FrontSpec, meta: ModelMeta, sc: ServingConfig, detector: dict | None = None) -> str:
     """A front model: no batching, but a bounded queue with a bounded wait (back-pressure: Triton answers
-    429 / UNAVAILABLE "Exceeds maximum queue size" or "Request timeout expired" instead of queueing)."""
+    UNAVAILABLE "Exceeds maximum queue size" or "Request timeout expired" instead of queueing, which the HTTP
+    front turns into 429). `detector`: biva_detect's summary (stats.Detector.summary)."""
     policy = (f"default_queue_policy {{ max_queue_size: {sc.front_queue} timeout_action: REJECT "
               f"default_timeout_microseconds: {sc.front_queue_timeout_us} }}")
+    params = {ROLE_PARAMETER: spec.role, META_PARAMETER: meta.to_json(), GRAPH_INSTANCES_PARAMETER: str(sc.instances)}
+    if detector is not None:
+        params[DETECTOR_PARAMETER] = json.dumps(detector, sort_keys=True)
     return (f'name: "{spec.name}"\nbackend: "python"\nmax_batch_size: 0\n'
             + _tensor_block("input", spec.inputs, spec.optional) + _tensor_block("output", spec.outputs)
             + f"dynamic_batching {{ {policy} }}\n"
-            + f"instance_group [ {{ count: {sc.front_instances} kind: KIND_CPU }} ]\n"
-            + _params({ROLE_PARAMETER: spec.role, META_PARAMETER: meta.to_json(),
-                       GRAPH_INSTANCES_PARAMETER: str(sc.instances)}))
+            + f"instance_group [ {{ count: {sc.front_instances} kind: KIND_CPU }} ]\n" + _params(params))
 
 
 def parse_config(text: str):
@@ -120,23 +101,28 @@ def parse_config(text: str):
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
-def write_model_files(root: Path, configs: dict[str, str], onnx_files: dict[str, Path], backend: str,
-                      packages: dict[str, Path] | None = None) -> None:
-    """Lay out one folder per model under `root` (a fresh directory); `packages`: the graphs' AOTInductor
-    packages, beside their ONNX files, for the aoti runtime."""
+def _served_code(version: Path, graph: bool) -> None:
+    """model.py and the biva_core modules it imports, into a model's version folder."""
+    shutil.copyfile(PYTHON_DIR / ("graph_model.py" if graph else "front_model.py"), version / "model.py")
+    (version / "biva_core").mkdir()
+    for name in SERVED_CORE:
+        shutil.copyfile(CORE_DIR / name, version / "biva_core" / name)
+
+
+def write_model_files(root: Path, configs: dict[str, str], graph_files: dict[str, dict[str, Path]], backend: str,
+                      extra_files: dict[str, dict[str, Path]] | None = None) -> None:
+    """Lay out one folder per model under `root` (a fresh directory). `graph_files`: graph model -> its files by
+    name in the version folder (model.onnx, and with the aoti runtime model.pt2); `extra_files`: the same for
+    front models (biva_detect's detector.json)."""
     for name, text in configs.items():
         parse_config(text)
         version = root / name / "1"
         version.mkdir(parents=True)
         (root / name / "config.pbtxt").write_text(text)
-        source = PYTHON_DIR / ("graph_model.py" if name in onnx_files else "front_model.py")
-        if name in onnx_files:
-            shutil.copyfile(onnx_files[name], version / "model.onnx")
-        if packages and name in packages:
-            shutil.copyfile(packages[name], version / PACKAGE_FILE)
-        if name not in onnx_files or backend == "python":
-            shutil.copyfile(source, version / "model.py")
-            shutil.copyfile(CONTRACT_FILE, version / CONTRACT_COPY)  # the server imports the same contract
+        for file_name, src in {**graph_files.get(name, {}), **(extra_files or {}).get(name, {})}.items():
+            shutil.copyfile(src, version / file_name)
+        if name not in graph_files or backend == "python":
+            _served_code(version, graph=name in graph_files)
 
 
 def generated_copies(root: Path) -> dict[Path, Path]:
@@ -145,21 +131,8 @@ def generated_copies(root: Path) -> dict[Path, Path]:
     for model_py in sorted(root.glob("*/1/model.py")):
         graph = ONNX_FILE_PARAMETER in (model_py.parent.parent / "config.pbtxt").read_text()
         out[model_py] = PYTHON_DIR / ("graph_model.py" if graph else "front_model.py")
-        out[model_py.parent / CONTRACT_COPY] = CONTRACT_FILE
+        out.update({model_py.parent / "biva_core" / n: CORE_DIR / n for n in SERVED_CORE})
     return out
-
-
-def read_meta(repo: Path) -> ModelMeta:
-    """The model metadata of a repository written by biva-export (from its report)."""
-    return ModelMeta.from_json(json.dumps(json.loads((repo / REPORT).read_text())["meta"]))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _exchange(a: Path, b: Path) -> bool:

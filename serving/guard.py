@@ -104,7 +104,7 @@ def _finish(sup: Supervisor) -> None:
 def _model_bytes(args: list[str]) -> dict[str, int] | None:
     """Per-model request sizes from the repository's export report; None for a repository biva-export did not
     write (the front's body limit still applies)."""
-    from biva_export.repository import read_meta
+    from biva_core.contract import read_meta
 
     repo, _ = take_flag(list(args), "--model-repository", "")
     try:

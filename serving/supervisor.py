@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from biva_export.contract import FRONT_GRAPHS
+from biva_core.contract import FRONT_GRAPHS
 
 STUB_NAME = b"triton_python_backend_stub"
 SHM_DIR = Path("/dev/shm")

@@ -12,9 +12,10 @@ from biva_core.checkpoint import load_model
 from biva_core.data import load_for_model
 from biva_core.noise import NoiseStream
 from biva_core.objectives import evaluate_bounds
-from biva_export.contract import PACKAGE_FILE, REPORT
+from biva_core.contract import PACKAGE_FILE, REPORT
 from biva_export.pipeline import ExportConfig, ExportError, run_export
-from biva_export.repository import ServingConfig, parse_config
+from biva_core.contract import ServingConfig
+from biva_export.repository import parse_config
 from serving_helpers import i64, infer, serve
 
 torch.set_num_threads(1)
@@ -37,8 +38,8 @@ def aoti_server(aoti_repo, tmp_path_factory):
 @pytest.mark.slow
 def test_packages_are_validated_and_written_beside_the_graphs(aoti_repo):
     report = json.loads((aoti_repo / REPORT).read_text())
-    assert report["runtime"] == "aoti"
-    for name in ("biva_sampler", "biva_encoder", "biva_scorer"):
+    assert report["serving"]["runtime"] == "aoti"
+    for name in ("biva_graph_sampler", "biva_graph_encoder", "biva_graph_scorer"):
         pkg = report["graphs"][name]["package"]
         assert pkg["ok"] and all(pkg["max_abs_diff"][k] <= pkg["atol"][k] for k in pkg["atol"]), name
         assert (aoti_repo / name / "1" / PACKAGE_FILE).stat().st_size == pkg["bytes"] > 0

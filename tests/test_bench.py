@@ -9,26 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from biva_export.contract import iw_chunks
 from biva_bench.measure import MeasureConfig, Window, is_stable, measure_sync
-from biva_bench.triton import Variant, parse_layout, rewrite_graph_config, stats_delta
-
-CONFIG = """\
-name: "biva_scorer"
-backend: "python"
-max_batch_size: 64
-input [
-  { name: "images" data_type: TYPE_FP32 dims: [ 1, 28, 28 ] }
-]
-output [
-  { name: "log_w" data_type: TYPE_FP32 dims: [ 1 ] }
-]
-dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 2000
-  default_queue_policy { max_queue_size: 256 timeout_action: REJECT } }
-instance_group [ { count: 1 kind: KIND_CPU } ]
-parameters { key: "onnx_file" value: { string_value: "model.onnx" } }
-parameters { key: "intra_op_threads" value: { string_value: "1" } }
-"""
+from biva_bench.triton import Variant, parse_layout, stats_delta
+from biva_core.contract import ServingConfig
 
 
 def _window(ips: float, p50: float) -> Window:
@@ -73,24 +56,35 @@ def test_measure_async_counts_every_client() -> None:
     assert m.load["generator"] == "asyncio" and m.load["client_cpu_us_per_call"] > 0
 
 
-def test_iw_chunks_cover_k_like_the_front_model() -> None:
-    assert iw_chunks(1000, 8, 1024) == [128] * 7 + [104]
-    assert sum(iw_chunks(1000, 1, 1024)) == 1000
-    assert iw_chunks(5, 300, 256) == [1] * 5  # more images than rows per call: one sample per call
+def test_variants_override_only_what_they_set() -> None:
+    sc = ServingConfig(max_batch=64, instances=2, threads=1, preferred=(64,), queue_delay_us=2000)
+    off = Variant(dynamic_batching=False, threads=2, instances=3).over(sc)
+    assert (off.dynamic_batching, off.threads, off.instances, off.preferred, off.max_batch) == (False, 2, 3, (64,), 64)
+    tuned = Variant(preferred=(), queue_delay_us=100).over(sc)
+    assert tuned.preferred == () and tuned.queue_delay_us == 100 and tuned.graph_queue == sc.graph_queue
+    assert Variant().over(sc) == sc
+    assert Variant(spinning=True).over(sc).spinning is True and Variant(spinning=False).over(sc).spinning is False
 
 
-def test_rewrite_graph_config_variants() -> None:
-    off = rewrite_graph_config(CONFIG, Variant(dynamic_batching=False, threads=2, instances=3))
-    assert "dynamic_batching" not in off and "default_queue_policy" not in off
-    assert 'string_value: "2"' in off and "count: 3" in off
-    tuned = rewrite_graph_config(CONFIG, Variant(preferred=(), queue_delay_us=100))
-    assert "preferred_batch_size" not in tuned and "max_queue_delay_microseconds: 100" in tuned
-    assert "max_queue_size: 256" in tuned
-    assert rewrite_graph_config(CONFIG, Variant()) == CONFIG
-    off = rewrite_graph_config(CONFIG, Variant(spinning=False))  # added where the export predates the option
-    assert off.count('key: "intra_op_spinning" value: { string_value: "0" }') == 1
-    on = rewrite_graph_config(off, Variant(spinning=True))  # replaced, not added twice
-    assert on.count("intra_op_spinning") == 1 and 'key: "intra_op_spinning" value: { string_value: "1" }' in on
+def test_variant_repositories_are_written_by_the_repository_writer(tmp_path: Path, tiny_repo) -> None:
+    """A variant's graph configs come from biva_export.repository.graph_config with the exported serving config
+    under the variant's settings: parsed by Triton's protobuf, the settings where Triton reads them."""
+    from biva_bench.triton import exported_serving, write_variant
+    from biva_export.repository import parse_config
+
+    out = write_variant(tiny_repo, tmp_path / "v", ["biva_score"], Variant(dynamic_batching=False, threads=2,
+                                                                           instances=3, spinning=True))
+    cfg = parse_config((out / "biva_graph_scorer" / "config.pbtxt").read_text())
+    assert not cfg.HasField("dynamic_batching") and cfg.instance_group[0].count == 3
+    assert cfg.parameters["intra_op_threads"].string_value == "2"
+    assert cfg.parameters["intra_op_spinning"].string_value == "1"
+    on = write_variant(tiny_repo, tmp_path / "w", ["biva_score"], Variant(queue_delay_us=100))
+    cfg = parse_config((on / "biva_graph_scorer" / "config.pbtxt").read_text())
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 100
+    assert cfg.instance_group[0].count == exported_serving(tiny_repo).instances
+    same = write_variant(tiny_repo, tmp_path / "x", ["biva_score"], Variant())
+    assert (same / "biva_graph_scorer" / "config.pbtxt").read_text() == \
+        (tiny_repo / "biva_graph_scorer" / "config.pbtxt").read_text()
 
 
 def test_layouts_parse_and_name_themselves() -> None:
@@ -130,11 +124,11 @@ def test_batching_ratios_against_the_ceiling() -> None:
 
 
 def test_ort_session_spinning_option(tiny_repo) -> None:
-    from biva_export.contract import ort_session
+    from biva_core.contract import OrtOptions, ort_session
 
-    path = str(tiny_repo / "biva_scorer" / "1" / "model.onnx")
+    path = str(tiny_repo / "biva_graph_scorer" / "1" / "model.onnx")
     for spinning, flag in ((False, "0"), (True, "1")):
-        opts = ort_session(path, 1, spinning=spinning).get_session_options()
+        opts = ort_session(path, OrtOptions(threads=1, spinning=spinning)).get_session_options()
         assert opts.get_session_config_entry("session.intra_op.allow_spinning") == flag
 
 
@@ -144,10 +138,10 @@ def test_variant_repository_holds_every_graph_a_front_model_calls(tmp_path: Path
     import re
 
     from biva_bench.triton import write_variant
-    from biva_export import contract
+    from biva_core import contract
 
     out = write_variant(tiny_repo, tmp_path / "v", ["biva_score"], Variant())
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["biva_score", "biva_scorer"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["biva_graph_scorer", "biva_score"]
     source = (tiny_repo / "biva_score" / "1" / "model.py").read_text()
     called = {getattr(contract, c) for c in re.findall(r"self\._(?:call|exec_all)\((SAMPLER|ENCODER|SCORER)\b", source)}
     assert called == {g for gs in contract.FRONT_GRAPHS.values() for g in gs}
@@ -175,7 +169,7 @@ def test_onnx_flops_match_pytorch_where_nothing_was_pruned(tiny_ckpt, tiny_repo)
 
     plain = inference_copy(load_model(tiny_ckpt)[0])
     specs = graph_specs(plain)
-    for graph in ("biva_sampler", "biva_encoder", "biva_scorer"):
+    for graph in ("biva_graph_sampler", "biva_graph_encoder", "biva_graph_scorer"):
         onnx_count = onnx_flops_per_row(tiny_repo / graph / "1" / "model.onnx")
         ex = example_inputs(specs[graph], plain, 3, seed=5)
         ref = torch_flops_per_row(GRAPH_MODULES[graph](plain), tuple(torch.from_numpy(ex[n])
@@ -190,7 +184,10 @@ def test_cli_refuses_a_repository_from_another_checkpoint(tmp_path: Path, tiny_c
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    (repo / "export_report.json").write_text(json.dumps({"checkpoint_sha256": "0" * 64}))
+    from biva_core.contract import Caps, ModelMeta
+
+    meta = ModelMeta((1, 28, 28), "bernoulli", "threshold", 3, 5, 7, ("z1",), 16, "0" * 64, "sample", Caps())
+    (repo / "export_report.json").write_text(json.dumps({"meta": meta.to_dict()}))
     res = CliRunner().invoke(main, ["--ckpt", str(tiny_ckpt), "--repo", str(repo), "--quick",
                                     "--out-dir", str(tmp_path / "out")])
     assert res.exit_code == 1 and "another checkpoint" in res.output
@@ -201,15 +198,14 @@ def test_cli_refuses_a_repository_from_another_checkpoint(tmp_path: Path, tiny_c
 def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -> None:
     import numpy as np
 
-    from biva_bench.backends import iw_plan, rows_key
-    from biva_bench.config import BACKENDS, QUICK
+    from biva_bench.config import QUICK
     from biva_bench.run import run_bench
-    from biva_export.repository import read_meta
 
     # the sweeps' clients run in 2 processes (1, 2 and 8 coroutine clients each at levels 1, 4, 16; the default
     # asyncio load has its own test), with a neighbour process beside the server, plus one layout with
-    # spinning off, twice
-    backends = BACKENDS + ("ort_elu_native",)  # the aoti backend needs packages: tests/test_aoti.py
+    # spinning off, twice; torch.compile has its own test (test_compiled_runner_matches_eager), the aoti backend
+    # needs packages (tests/test_aoti.py)
+    backends = QUICK.backends + ("ort_elu_native",)
     cfg = replace(QUICK, threads=1, measure=replace(QUICK.measure, window_s=0.05, max_windows=3),
                   backends=backends, load="processes", client_procs=2, neighbour=True,
                   layouts=(Variant(instances=2, threads=1, spinning=False),), layout_rounds=2)
@@ -226,8 +222,9 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
     assert {"torch", "onnxruntime", "tritonclient", "tritonserver"} <= set(sysinfo["versions"])
     assert on_disk["gemm"]["gflops_per_s"] > 0
 
-    assert set(on_disk["graphs"]) == {"sampler", "encoder", "scorer_k1", "scorer_iw"}
+    assert set(on_disk["graphs"]) == set(QUICK.cases)
     assert on_disk["graphs"]["scorer_iw"]["rows_per_image"] == QUICK.iw
+    assert on_disk["graphs"]["ood_mode"]["rows_per_image"] == 1 + 2  # the mode pass and one per k of 1..L-1
     for case, entry in on_disk["graphs"].items():
         assert on_disk["flops"][case]["flops_per_image"] > 0
         assert set(entry["results"]) == set(backends), case
@@ -261,17 +258,9 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
     mean_rows = [m["server"]["mean_batch_rows"] for m in conc["no_dynamic_batching"].values()]
     assert all(0.95 <= r <= 1.05 for r in mean_rows), mean_rows
 
-    for case, entry in on_disk["graphs"].items():  # torch.compile: one compile per call shape, reported
-        rows = {str(b) for b in entry["batches"]} if entry["rows_per_image"] == 1 else \
-            {rows_key({"noise": np.zeros((i.stop - i.start, s.stop - s.start, 1))}) for i, s, _ in iw_plan(
-                entry["rows_per_image"], 1, read_meta(tiny_repo).graph_max_batch)}
-        assert rows <= set(entry["compile_s"]) and all(s > 0 for s in entry["compile_s"].values()), case
-    assert "torch.compile: compiling took" in (out / "bench.md").read_text()
-
     r = on_disk["ratios"]
     for case in ("sampler", "encoder", "scorer_k1"):
         assert r["ort_over_torch"][case]["1"]["value"] > 0 and r["ort_over_torch"][case]["64"]["value"] > 0
-        assert r["ort_over_compile"][case]["1"]["value"] > 0 and r["ort_over_compile"][case]["64"]["value"] > 0
         assert r["ort_over_elu_native"][case]["64"]["value"] > 0  # the served ELU form against the Elu node
         assert r["triton_grpc_over_ort"][case]["64"]["value"] > 0
     assert r["dynamic_batching_scaling"]["value"] > 0

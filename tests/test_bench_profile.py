@@ -17,8 +17,8 @@ def test_op_times_cover_the_graphs_operators(tiny_ckpt, tiny_repo: Path) -> None
     from biva_export.onnx_export import example_inputs
 
     plain = inference_copy(load_model(tiny_ckpt)[0])
-    spec = graph_specs(plain)["biva_encoder"]
-    path = tiny_repo / "biva_encoder" / "1" / "model.onnx"
+    spec = graph_specs(plain)["biva_graph_encoder"]
+    path = tiny_repo / "biva_graph_encoder" / "1" / "model.onnx"
     feeds = example_inputs(spec, plain, 4, seed=int(np.random.default_rng().integers(2**31)))
     micros, nodes = op_times(path, feeds, threads=1, runs=2)
     exported = sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)
@@ -32,4 +32,4 @@ def test_cli_names_the_graphs_when_one_is_unknown(tiny_ckpt, tiny_repo: Path) ->
     from biva_bench.ort_profile import main
 
     r = CliRunner().invoke(main, ["--ckpt", str(tiny_ckpt), "--repo", str(tiny_repo), "--graph", "nope"])
-    assert r.exit_code == 2 and "biva_encoder" in r.output, r.output
+    assert r.exit_code == 2 and "biva_graph_encoder" in r.output, r.output

@@ -1,4 +1,4 @@
-"""The serving contract (biva_export.contract): importable without torch, one source for names, caps and
+"""The serving contract (biva_core.contract): importable without torch, one source for names, caps and
 checks, the same L_K estimator as biva_core.objectives, and generated repository copies equal to sources."""
 from __future__ import annotations
 
@@ -11,23 +11,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biva_export import contract
-from biva_export.contract import Caps, LogMeanExp, ModelMeta, RequestError, iw_chunks
+from biva_core import contract
+from biva_core.contract import Caps, LogMeanExp, ModelMeta, RequestError, ScoreRequest, score_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [p for d in ("export", "client", "bench", "serving", "demo") for p in (ROOT / d).rglob("*.py")]
+SOURCES = [p for d in ("biva_core", "export", "client", "bench", "serving", "demo") for p in (ROOT / d).rglob("*.py")]
 
 
 def _meta(**kw) -> ModelMeta:
     base = dict(image_shape=(1, 4, 4), likelihood="bernoulli", binarize="threshold", n_layers=3, latent_dim=5,
-                noise_dim=7, groups=("z1_bu", "z1_td", "z3"), graph_max_batch=16, caps=Caps())
+                noise_dim=7, groups=("z1_bu", "z1_td", "z3"), graph_max_batch=16, checkpoint_sha256="ab" * 32,
+                estimator="sample", caps=Caps())
     return ModelMeta(**{**base, **kw})
 
 
 def test_contract_imports_without_torch() -> None:
-    code = "import sys; import biva_export.contract; print('torch' in sys.modules, 'tritonclient' in sys.modules)"
+    code = ("import sys; import biva_core.contract, biva_core.stats; "
+            "print('torch' in sys.modules, 'tritonclient' in sys.modules, 'sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+    assert out.split() == ["False", "False", "False"]
+
+
+def test_the_served_modules_import_nothing_of_the_project() -> None:
+    """contract.py and stats.py are copied into the model repository as biva_core/: beside each other only."""
+    for name in ("contract.py", "stats.py"):
+        text = (ROOT / "biva_core" / name).read_text()
+        found = re.findall(r"^\s*(?:from|import) (\.\w*|biva_\w+)", text, re.M)
+        assert set(found) <= {".stats", ".contract"} - {f".{name[:-3]}"}, (name, found)
 
 
 def test_meta_round_trips_and_rejects_foreign_keys() -> None:
@@ -42,18 +52,50 @@ def test_meta_round_trips_and_rejects_foreign_keys() -> None:
 
 
 @pytest.mark.parametrize("batch,graph_rows,iw", [(3, 16, 1), (3, 16, 40), (20, 16, 7), (1, 4, 9)])
-def test_log_mean_exp_matches_objectives(batch, graph_rows, iw) -> None:
+def test_log_mean_exp_over_the_plans_blocks_matches_torch(batch, graph_rows, iw) -> None:
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(batch * 100 + iw)
     log_w = rng.normal(-100, 30, (iw, batch))  # (K, B), spread so the max matters
-    chunks = iw_chunks(iw, batch, graph_rows)
-    assert sum(chunks) == iw and all(c * batch <= max(graph_rows, batch) for c in chunks)
-    lme, done = LogMeanExp(batch), 0
-    for c in chunks:
-        lme.add(log_w[done:done + c])
-        done += c
+    blocks = score_blocks(ScoreRequest(iw=iw), batch, graph_rows)
+    assert sum(b.count for b in blocks) == iw and all(b.count * batch <= max(graph_rows, batch) for b in blocks)
+    lme = LogMeanExp(batch)
+    for b in blocks:
+        lme.add(log_w[b.start:b.start + b.count])
     ref = (torch.logsumexp(torch.from_numpy(log_w), dim=0) - math.log(iw)).numpy()
     assert np.abs(lme.value() - ref).max() <= 1e-9
+
+
+@pytest.mark.parametrize("req,batch,rows", [
+    (ScoreRequest("mode", 1, 1, (1, 2), False), 4, 16),
+    (ScoreRequest("mode", 1, 9, (1,)), 4, 16),
+    (ScoreRequest("mean", 6, 3, (1, 2)), 5, 16),
+    (ScoreRequest("sample", 1, 40, (0,)), 3, 16),
+    (ScoreRequest("mean", 4, 1, ()), 300, 64),
+])
+def test_score_blocks_cover_each_draw_once_in_stream_order(req, batch, rows) -> None:
+    """The mode pass first (zero noise, with ks), then the estimator's draws with ks, then L_K's without: every
+    random draw once, in order, at most max(1, rows // batch) draws a block; rows() counts the top-down passes."""
+    blocks = score_blocks(req, batch, rows)
+    assert [b.mode for b in blocks] == [req.estimator == "mode"] + [False] * (len(blocks) - 1)
+    random = [b for b in blocks if not b.mode]
+    starts = [b.start for b in random]
+    assert starts == sorted(starts) and sum(b.count for b in random) == req.random_draws
+    assert all(b.count <= max(1, rows // batch) for b in random)
+    assert all(b.with_ks == (b.start < req.stat_draws) for b in random)
+    passes = sum(b.count * (1 + (len(req.ks) if b.with_ks else 0)) for b in blocks)
+    assert passes * batch == req.rows(batch)
+
+
+def test_score_requests_are_checked_before_anything_runs() -> None:
+    meta = _meta(caps=Caps(max_rows=100, max_samples=8))
+    for req, match in ((ScoreRequest("bogus"), "estimator"), (ScoreRequest("mode", samples=4), "samples"),
+                       (ScoreRequest("sample", samples=2), "samples"), (ScoreRequest("mean", samples=9), "max_samples"),
+                       (ScoreRequest("sample", iw=0), "iw"), (ScoreRequest(ks=(4,)), "ks"),
+                       (ScoreRequest("mean", 8, 10, (1, 2)), "max_rows")):
+        with pytest.raises(RequestError, match=match):
+            req.check(4, meta)
+    # K = 10 draws, the first S = 8 with one more pass per k: 26 rows an image, 104 for 4 images (over 100)
+    assert ScoreRequest("mean", 8, 10, (1, 2)).check(3, meta).rows(1) == 10 + 8 * 2
 
 
 def test_graph_and_front_specs_follow_the_output_tuples() -> None:
@@ -113,56 +155,72 @@ def test_scorer_spec_names_its_free_axes_and_bounds_its_bytes() -> None:
     spec = meta.graph_specs()[contract.SCORER]
     free = {t.name: t.free for t in spec.inputs + spec.outputs}
     assert free == {"images": (), "noise": (contract.SAMPLES,), "k": (contract.KS,), "log_w": (contract.SAMPLES,),
-                    "log_w_gt_k": (contract.KS,), "kl": ()}
+                    "log_w_gt_k": (contract.SAMPLES, contract.KS), "kl": (contract.SAMPLES,)}
     assert all(t.dims.count(-1) == len(t.free) for t in spec.inputs + spec.outputs)
     # rows x samples within the max batch; up to L + 1 values of k per row
     assert meta.max_request_bytes()[contract.SCORER] == 16 * (4 * 16 + 4 * 7 + 8 * 4)
 
 
+def _non_test_sources() -> dict[Path, str]:
+    return {p: p.read_text() for p in SOURCES}
+
+
 def test_names_and_caps_are_written_once() -> None:
-    """Each graph / front model name, parameter name and cap is a literal in exactly one non-test source."""
-    texts = {p: p.read_text() for p in SOURCES if "triton_models" not in p.parts}
-    literals = [*contract.GRAPHS, contract.MODEL_PREFIX, contract.META_PARAMETER,
-                *(f.name for f in __import__("dataclasses").fields(Caps))]
-    for lit in literals:
-        where = [p.relative_to(ROOT) for p, t in texts.items() if re.search(rf"[\"']{lit}[\"']|\b{lit}: ", t)]
+    """Each graph / front model name, parameter name, metadata key and cap is a literal in exactly one non-test
+    source (the contract, or stats for the fitted file's keys)."""
+    texts = _non_test_sources()
+    quoted = [*contract.GRAPHS, contract.MODEL_PREFIX, contract.META_PARAMETER, contract.DETECTOR_PARAMETER,
+              contract.ROLE_PARAMETER, contract.GRAPH_INSTANCES_PARAMETER, contract.ONNX_FILE_PARAMETER,
+              contract.THREADS_PARAMETER, contract.SPINNING_PARAMETER, contract.RUNTIME_PARAMETER,
+              contract.CANCEL_DIR_ENV, contract.TOKEN_PARAMETER, *contract.RENAMED]
+    caps = [f.name for f in __import__("dataclasses").fields(Caps)]
+    for lit in quoted + caps:  # a quoted literal, or (caps) a field declaration such as "max_rows: int"
+        pattern = rf"[\"']{lit}[\"']" + (rf"|\b{lit}: " if lit in caps else "")
+        where = [p.relative_to(ROOT) for p, t in texts.items() if re.search(pattern, t)]
         assert len(where) == 1, f"{lit!r} is written in {where}"
-    for front in (contract.SAMPLE, contract.REGENERATE, contract.ENCODE, contract.SCORE):  # prefix + role
+    # the served metadata's keys: only the contract looks them up (d["key"], d.get("key")); the steps after it
+    # read ModelMeta's attributes (the checkpoint format in biva_core, an earlier contract, has keys of its own
+    # such as "image_shape", and the CLIs' JSON outputs name their own fields)
+    served = {p: t for p, t in texts.items() if p.parent.name != "biva_core" or p.name == "contract.py"}
+    for lit in (f.name for f in __import__("dataclasses").fields(ModelMeta)):
+        pattern = rf"\[\s*[\"']{lit}[\"']\s*\]|\.get\(\s*[\"']{lit}[\"']"
+        where = [str(p.relative_to(ROOT)) for p, t in served.items() if re.search(pattern, t)]
+        assert where in ([], ["biva_core/contract.py"]), f"{lit!r} is looked up in {where}"
+    for front in (contract.SAMPLE, contract.REGENERATE, contract.ENCODE, contract.SCORE, contract.DETECT):
         assert not [p for p, t in texts.items() if f'"{front}"' in t], front
 
 
 def test_tensor_names_are_written_once() -> None:
     """Every file that builds or reads a served tensor takes its name from contract.T (JSON / CSV column names
     of the client's outputs and click parameter names are other things and may match)."""
-    wire = [ROOT / "client" / "api.py", *(ROOT / "export").glob("*.py"),
+    wire = [ROOT / "client" / "api.py", *(ROOT / "export").rglob("*.py"),
             *(ROOT / "serving").rglob("*.py"), *(ROOT / "bench" / n for n in ("backends.py", "iw_rows.py",
                                                                             "front_latency.py", "run.py"))]
     names = [v for k, v in vars(contract.T).items() if not k.startswith("_")]
-    assert len(names) == 18
+    assert len(names) == 22
     for p in wire:
-        if p.name == "contract.py":
-            continue
         text = p.read_text()
         found = [n for n in names if re.search(rf'(?<![\w{{])"{n}"(?!:\s*\{{)', text)]
         assert not found, f"{p.relative_to(ROOT)} writes tensor names {found}; use contract.T"
 
 
 def test_generated_copies_equal_their_sources(tiny_repo) -> None:
-    from biva_export.repository import generated_copies
+    """The repository's model code and biva_core modules, in the repository this test run exported."""
+    from biva_export.repository import SERVED_CORE, generated_copies
 
     copies = generated_copies(tiny_repo)
-    assert len(copies) == 2 * 7
+    assert len(copies) == 7 * (1 + len(SERVED_CORE))  # 4 front models and 3 graph models
     for copy, source in copies.items():
         assert copy.read_bytes() == source.read_bytes(), f"{copy} differs from {source}"
 
 
-def test_shipped_repository_copies_equal_their_sources() -> None:
-    from biva_export.repository import generated_copies
-
-    copies = generated_copies(ROOT / "triton_models")
-    assert copies, "triton_models/ has no python-backend models"
-    stale = [str(c.relative_to(ROOT)) for c, s in copies.items() if not c.exists() or c.read_bytes() != s.read_bytes()]
-    assert not stale, f"regenerate with biva-export: {stale} differ from their sources"
+def test_git_keeps_only_the_repositorys_readme() -> None:
+    """triton_models/ is generated by biva-export: only its README is tracked."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "triton_models"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["triton_models/README.md"]
 
 
 STEPS = ["biva_core", "biva_export", "biva_serving", "biva_client", "biva_bench", "biva_demo"]  # data-flow order

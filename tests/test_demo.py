@@ -13,7 +13,20 @@ import pytest
 from PIL import Image
 
 from biva_demo.demo import DemoConfig, run_demo
-from biva_export.repository import sha256_file
+from biva_core.checkpoint import sha256_file
+
+
+def _mode_l1(ckpt, npy, n: int) -> np.ndarray:
+    import torch
+
+    from biva_core.checkpoint import load_model
+    from biva_core.data import load_for_model
+    from biva_core.noise import NoiseStream
+    from biva_core.objectives import evaluate_bounds
+
+    model, meta = load_model(ckpt)
+    x = torch.from_numpy(load_for_model(f"npy:{npy}", meta, n))
+    return evaluate_bounds(model, x, NoiseStream(0), estimator="mode", want_iw=False).elbo.numpy()
 
 
 @pytest.mark.slow
@@ -36,7 +49,7 @@ def test_demo_end_to_end(tiny_ckpt, digits_npy, tmp_path, monkeypatch):
     report = json.loads((repo / "export_report.json").read_text())
     # the report names the user's checkpoint, not the private snapshot the demo exported from
     assert report["checkpoint"] == str(tiny_ckpt)
-    assert report["checkpoint_sha256"] == sha256_file(tiny_ckpt) and report["validated"]
+    assert report["meta"]["checkpoint_sha256"] == sha256_file(tiny_ckpt) and report["validated"]
 
     with Image.open(out / "samples.png") as im:
         w, h = im.size
@@ -52,14 +65,15 @@ def test_demo_end_to_end(tiny_ckpt, digits_npy, tmp_path, monkeypatch):
     assert abs(summary["L1_nats"]["mean"] - l1.mean()) < 1e-3
 
     ood = json.loads((out / "ood_metrics.json").read_text())
-    assert list(ood["sets"]) == [f"npy:{inverted}", "mnist"]
+    assert list(ood["sets"]) == [f"npy:{inverted}", "mnist"] and ood["estimator"] == "mode"
     inv = ood["sets"][f"npy:{inverted}"]
-    assert set(inv) == set(ood["sets"]["mnist"]) == {"L1", "L>1", "L>2", "LLR>1", "LLR>2"}
-    # in-distribution images scored by the demo are the same ones the likelihood step scored, same seed
-    assert abs(inv["L1"]["mean_in"] + l1.mean()) < 1e-3
+    assert set(inv) == set(ood["sets"]["mnist"]) == {"L1", "L>1", "L>2", "LLR>1", "LLR>2"}  # no served detector
+    # the in-distribution images are the likelihood step's, scored by the mode estimator: PyTorch's values
+    ref = _mode_l1(tiny_ckpt, digits_npy, 40)
+    assert abs(inv["L1"]["mean_in"] + ref.mean()) < 1e-3 and abs(ref.mean() - l1.mean()) > 1e-3  # not L_1's draws
     assert abs(ood["sets"]["mnist"]["L1"]["mean_in"] - inv["L1"]["mean_in"]) < 1e-9  # scored once
     assert inv["L1"]["auroc"] > 0.9  # inverted digits are obvious outliers for this model
-    assert (out / "ood.png").exists() and (out / "ood_1.png").exists()
+    assert (out / "ood_mnist.png").exists() and len(list(out.glob("ood_npy_*inverted.npy.png"))) == 1
     assert "OOD: mnist (40)" in (out / "ood_table.txt").read_text()
 
     with Image.open(out / "reconstructions.png") as im:

@@ -16,10 +16,11 @@ from biva_core.config import preset
 from biva_core.model import Biva
 from biva_core.noise import NoiseStream
 from biva_core.objectives import evaluate_bounds
-from biva_export.contract import REPORT, Caps, ModelMeta, front_specs
+from biva_core.contract import REPORT, Caps, ModelMeta, front_specs
 from biva_export.pipeline import ExportConfig, ExportError, run_export
 from biva_export.graphs import graph_specs
-from biva_export.repository import ServingConfig, front_config, graph_config, parse_config
+from biva_core.contract import ServingConfig
+from biva_export.repository import front_config, graph_config, parse_config
 from serving_helpers import i64, infer
 
 torch.set_num_threads(1)
@@ -51,16 +52,16 @@ def test_every_generated_config_parses_into_model_config(backend):
             assert cfg.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
         else:
             assert cfg.backend == "python" and cfg.instance_group[0].count == 2
-    no_pref = parse_config(graph_config(graph_specs(model)["biva_scorer"], ServingConfig(max_batch=64, threads=1)))
+    no_pref = parse_config(graph_config(graph_specs(model)["biva_graph_scorer"], ServingConfig(max_batch=64, threads=1)))
     assert list(no_pref.dynamic_batching.preferred_batch_size) == []
     assert no_pref.dynamic_batching.max_queue_delay_microseconds == 0  # a front's calls reach both instances
     assert no_pref.parameters["intra_op_spinning"].string_value == "0"  # served threads sleep when idle (issue 12)
     # two instances by default (Triton 2.51's batcher stalls a lone instance with a queue policy for 0.5 s)
     assert no_pref.instance_group[0].count == 2 and no_pref.dynamic_batching.default_queue_policy.max_queue_size > 0
-    spin = parse_config(graph_config(graph_specs(model)["biva_scorer"], ServingConfig(spinning=True)))
+    spin = parse_config(graph_config(graph_specs(model)["biva_graph_scorer"], ServingConfig(spinning=True)))
     assert spin.parameters["intra_op_spinning"].string_value == "1"
     meta = ModelMeta((1, 28, 28), "bernoulli", "threshold", model.cfg.n_layers, model.latent_dim, model.noise_dim,
-                     tuple(model.group_names()), 64, Caps(max_n=7))
+                     tuple(model.group_names()), 64, "cd" * 32, "sample", Caps(max_n=7))
     for spec in front_specs((1, 28, 28), model.latent_dim, len(model.groups)).values():
         cfg = parse_config(front_config(spec, meta, ServingConfig(front_instances=2, instances=3)))
         assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 8
@@ -77,7 +78,7 @@ def test_export_report_and_layout(tiny_repo):
     assert report["validated"] and report["opset"] == 18
     assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}
     assert report["elu"] == "decomposed"  # the python backend's default (ONNX Runtime's CPU provider)
-    for name in ("biva_sampler", "biva_encoder", "biva_scorer"):
+    for name in ("biva_graph_sampler", "biva_graph_encoder", "biva_graph_scorer"):
         g = report["graphs"][name]
         assert g["ok"] and all(g["max_abs_diff"][k] <= g["atol"][k] for k in g["atol"])
         path = tiny_repo / name / "1" / "model.onnx"
@@ -99,7 +100,7 @@ def test_failed_validation_leaves_previous_repository_intact(tiny_ckpt, tiny_rep
     with pytest.raises(ExportError) as e:
         run_export(tiny_ckpt, repo, ExportConfig(atol_scale=0.0), log=lambda *_: None)
     msg = str(e.value)
-    assert "validation failed" in msg and "left untouched" in msg and "biva_sampler: max |ORT - torch|" in msg
+    assert "validation failed" in msg and "left untouched" in msg and "biva_graph_sampler: max |ORT - torch|" in msg
     assert " > 0" in msg
     assert _tree_digest(repo) == before
     assert not list(tmp_path.glob(".triton_models.*"))
@@ -120,7 +121,7 @@ def test_dynamo_exporter_gives_the_same_graph_numbers(tiny_ckpt, tmp_path):
     from biva_export.onnx_export import export_graph, validate_graph
 
     model, _ = load_model(tiny_ckpt)
-    spec = graph_specs(model)["biva_sampler"]
+    spec = graph_specs(model)["biva_graph_sampler"]
     export_graph(spec, inference_copy(model), tmp_path / "s.onnx", exporter="dynamo")
     rep = validate_graph(spec, model, tmp_path / "s.onnx")
     assert rep.ok, rep.summary()
@@ -256,7 +257,7 @@ BAD_REQUESTS = [
     ("biva_sample", {"n": i64(10**6)}, "n: got 1000000"),
     ("biva_sample", {"n": i64(2), "temperature": np.array([0.0], np.float32)}, "temperature: got 0"),
     ("biva_sample", {"n": i64(2), "temperature": np.array([np.nan], np.float32)}, "temperature: got nan"),
-    ("biva_sample", {"n": i64(2), "seed": i64(-3)}, "seed: expected one integer >= 0"),
+    ("biva_sample", {"n": i64(2), "seed": i64(-3)}, "seed: expected an integer in 0..2^63-1, got -3"),
     ("biva_score", {"images": np.full((2, 1, 28, 28), 0.5, np.float32)}, "images: this model is binary"),
     ("biva_score", {"images": np.full((2, 1, 28, 28), 2.0, np.float32)}, "images: values in [2, 2]"),
     ("biva_score", {"images": np.full((2, 1, 28, 28), np.inf, np.float32)}, "images: contains NaN or Inf"),
@@ -265,7 +266,7 @@ BAD_REQUESTS = [
     ("biva_score", {"images": np.zeros((2, 28, 28), np.float32)}, "images"),
     ("biva_score", {"images": np.zeros((2, 1, 28, 28), np.float32), "ks": i64([0, 99])}, "ks: got [0, 99]"),
     ("biva_score", {"images": np.zeros((2, 1, 28, 28), np.float32), "iw": i64(0)}, "iw: got 0"),
-    ("biva_score", {"images": np.zeros((300, 1, 28, 28), np.float32), "iw": i64(5000)}, "exceeds the cap"),
+    ("biva_score", {"images": np.zeros((300, 1, 28, 28), np.float32), "iw": i64(5000)}, "over the cap max_rows"),
     ("biva_regenerate", {"z": np.zeros((2, 3), np.float32), "k": i64(1)}, "Expected [-1,22]"),
     ("biva_regenerate", {"z": np.zeros((2, 22), np.float32), "k": i64(7)}, "k: got 7"),
 ]
@@ -278,7 +279,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(tiny_server,
     assert model.latent_dim == 22  # the regenerate case above uses the tiny model's D
     for name, inputs, expected in BAD_REQUESTS:
         with pytest.raises(InferenceServerException) as e:
-            infer(tiny_server, protocol, name, inputs, ["seed"])
+            infer(tiny_server, protocol, name, inputs, ["seed", "iw_bound"] if name == "biva_score" else ["seed"])
         assert expected in e.value.message(), (name, e.value.message())
         good, _ = infer(tiny_server, protocol, "biva_sample", {"n": i64(2), "seed": i64(4)}, ["images", "seed"])
         assert good.shape == (2, 1, 28, 28) and np.isfinite(good).all()

@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper
 
 from biva_core.checkpoint import load_model
-from biva_export.contract import ort_session
+from biva_core.contract import OrtOptions, ort_session
 from biva_export.graph_passes import ELU_FORMS, apply_elu_form, compose_elu, decompose_elu
 from biva_export.graphs import graph_specs, inference_copy
 from biva_export.onnx_export import example_inputs, export_graph, validate_graph
@@ -54,7 +54,7 @@ def test_an_elu_with_another_alpha_is_left_alone():
         apply_elu_form(proto, "fast")
 
 
-@pytest.mark.parametrize("graph", ["biva_sampler", "biva_scorer"])
+@pytest.mark.parametrize("graph", ["biva_graph_sampler", "biva_graph_scorer"])
 def test_both_forms_of_an_exported_graph_validate_and_compose_back(tiny_ckpt, tmp_path, graph):
     """Each ELU form of a real graph passes the exporter's validation against PyTorch; composing the decomposed
     graph gives back the native graph's operators, and both run to the same numbers within the spec's tolerance
@@ -76,7 +76,7 @@ def test_both_forms_of_an_exported_graph_validate_and_compose_back(tiny_ckpt, tm
     recomposed = tmp_path / "recomposed.onnx"
     onnx.save(decomposed, str(recomposed))
     feeds = example_inputs(spec, plain, 9, seed=int(np.random.default_rng().integers(2**31)))
-    a = ort_session(str(paths["decomposed"]), 1).run(spec.output_names, feeds)
-    b = ort_session(str(recomposed), 1).run(spec.output_names, feeds)
+    a = ort_session(str(paths["decomposed"]), OrtOptions(threads=1)).run(spec.output_names, feeds)
+    b = ort_session(str(recomposed), OrtOptions(threads=1)).run(spec.output_names, feeds)
     for name, x, y in zip(spec.output_names, a, b):
         assert np.max(np.abs(x - y)) <= max(spec.atol[name], 2 * np.spacing(np.float32(np.max(np.abs(y))))), name

@@ -80,7 +80,7 @@ def test_declared_shapes_that_lie_are_refused_over_http(tiny_server, shape, para
     head = _infer_json([inp])
     body = head + (b"\0" * params["binary_data_size"] if params.get("binary_data_size") else b"")
     headers = {"Inference-Header-Content-Length": str(len(head))} if params else {}
-    for model in ("biva_score", "biva_encode", "biva_encoder"):
+    for model in ("biva_score", "biva_encode", "biva_graph_encoder"):
         status, answer = _raw(tiny_server, "POST", f"/v2/models/{model}/infer", body, headers)
         assert status == 400 and b"images" in answer, (model, status, answer)
     _good(tiny_server)
@@ -143,14 +143,14 @@ OVERFLOW = {  # model -> a request whose first input declares 2^62 rows and carr
     "biva_score": [("images", "FP32", [2**62, 1, 28, 28], b""), SEED],
     "biva_encode": [("images", "FP32", [2**62, 1, 28, 28], b""), SEED],
     "biva_regenerate": [("z", "FP32", [2**62, 22], b""), ("k", "INT64", [1], i64(1).tobytes()), SEED],
-    "biva_encoder": [("images", "FP32", [2**62, 1, 28, 28], b""), ("noise", "FP32", [2**62, 32], b"")],
+    "biva_graph_encoder": [("images", "FP32", [2**62, 1, 28, 28], b""), ("noise", "FP32", [2**62, 32], b"")],
 }
 IMAGE = (np.random.default_rng(0).random((1, 1, 28, 28)) > 0.5).astype(np.float32)
 GOOD = {  # model -> a good request's inputs and outputs
     "biva_score": ({"images": IMAGE, "seed": i64(1)}, ["elbo"]),
     "biva_encode": ({"images": IMAGE, "seed": i64(1)}, ["z"]),
     "biva_regenerate": ({"z": np.zeros((2, 22), np.float32), "k": i64(1), "seed": i64(1)}, ["images"]),
-    "biva_encoder": ({"images": IMAGE, "noise": np.ones((1, 32), np.float32)}, ["z"]),
+    "biva_graph_encoder": ({"images": IMAGE, "noise": np.ones((1, 32), np.float32)}, ["z"]),
 }
 
 
@@ -253,28 +253,28 @@ def test_grpc_messages_over_the_body_limit_are_refused(tiny_server) -> None:
 
 
 BAD_GRAPH_INPUTS = [  # graph model, inputs, expected words; the tiny model has L = 3, D = 22
-    ("biva_sampler", {"temperature": np.array([[np.nan]], np.float32)}, "temperature"),
-    ("biva_sampler", {"temperature": np.array([[1e30]], np.float32)}, "temperature"),
-    ("biva_sampler", {"temperature": np.array([[0.0]], np.float32)}, "temperature"),
-    ("biva_sampler", {"k": np.array([[-1]], np.int64)}, "k: got -1"),
-    ("biva_sampler", {"k": np.array([[99]], np.int64)}, "k: got 99"),
-    ("biva_sampler", {"z": np.full((1, 22), 3e38, np.float32)}, "z: |value|"),
-    ("biva_sampler", {"noise": np.full((1, 22), np.nan, np.float32)}, "noise: contains NaN"),
-    ("biva_encoder", {"images": np.full((1, 1, 28, 28), 0.5, np.float32)}, "binary"),
-    ("biva_scorer", {"images": np.full((1, 1, 28, 28), -3.0, np.float32)}, "[0, 1]"),
-    ("biva_scorer", {"k": np.array([[6]], np.int64)}, "k: got 6"),
+    ("biva_graph_sampler", {"temperature": np.array([[np.nan]], np.float32)}, "temperature"),
+    ("biva_graph_sampler", {"temperature": np.array([[1e30]], np.float32)}, "temperature"),
+    ("biva_graph_sampler", {"temperature": np.array([[0.0]], np.float32)}, "temperature"),
+    ("biva_graph_sampler", {"k": np.array([[-1]], np.int64)}, "k: got -1"),
+    ("biva_graph_sampler", {"k": np.array([[99]], np.int64)}, "k: got 99"),
+    ("biva_graph_sampler", {"z": np.full((1, 22), 3e38, np.float32)}, "z: |value|"),
+    ("biva_graph_sampler", {"noise": np.full((1, 22), np.nan, np.float32)}, "noise: contains NaN"),
+    ("biva_graph_encoder", {"images": np.full((1, 1, 28, 28), 0.5, np.float32)}, "binary"),
+    ("biva_graph_scorer", {"images": np.full((1, 1, 28, 28), -3.0, np.float32)}, "[0, 1]"),
+    ("biva_graph_scorer", {"k": np.array([[6]], np.int64)}, "k: got 6"),
 ]
 
 
 def _graph_inputs(model: str, over: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    base = {"biva_sampler": {"z": np.zeros((1, 22), np.float32), "k": np.array([[3]], np.int64),
+    base = {"biva_graph_sampler": {"z": np.zeros((1, 22), np.float32), "k": np.array([[3]], np.int64),
                              "temperature": np.ones((1, 1), np.float32),
                              "noise": rng.standard_normal((1, 22)).astype(np.float32)}}
     images = (rng.random((1, 1, 28, 28)) > 0.5).astype(np.float32)
     noise = rng.standard_normal((1, 32)).astype(np.float32)
-    base["biva_encoder"] = {"images": images, "noise": noise}
-    base["biva_scorer"] = {"images": images, "noise": noise[:, None], "k": np.array([[1]], np.int64)}  # (B, S, N)
+    base["biva_graph_encoder"] = {"images": images, "noise": noise}
+    base["biva_graph_scorer"] = {"images": images, "noise": noise[:, None], "k": np.array([[1]], np.int64)}  # (B, S, N)
     return {**base[model], **over}
 
 
@@ -396,7 +396,7 @@ def _grpc_ready_while_reloading(server) -> dict[str, bool]:
 @pytest.mark.slow
 def test_a_killed_stub_is_noticed_within_seconds_and_reloaded(own_server) -> None:
     before = _score_one(own_server)
-    pids = _stub_pids(own_server, "biva_scorer")
+    pids = _stub_pids(own_server, "biva_graph_scorer")
     assert pids
     for pid in pids:
         os.kill(pid, signal.SIGKILL)

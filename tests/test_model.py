@@ -138,12 +138,12 @@ def _nats_close(a: torch.Tensor, ref: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("name,kw", [("tiny", {}), ("tiny", {"variant": "lvae+"}), ("tiny", {"variant": "lvae"}),
                                      ("tiny32", {})])
-def test_iw_log_weights_share_the_x_only_stages_and_keep_l_k(name, kw):
-    """iw_log_weights (what the scorer graph runs: the bottom-up stages that see x alone once per image, S samples
+def test_draw_log_weights_share_the_x_only_stages_and_keep_l_k(name, kw):
+    """draw_log_weights (what the scorer graph runs: the bottom-up stages that see x alone once per image, S draws
     and J values of k per image) against the reference on fresh random inputs: L_K of evaluate_bounds within
-    1e-3 nats, every sample's log w, L^{>k} and KL as log_weights gives them on the images repeated."""
+    1e-3 nats, every draw's log w, L^{>k} and KL as log_weights gives them on the images repeated."""
     from biva_core.model import repeat_rows
-    from biva_core.objectives import iw_log_weights
+    from biva_core.objectives import draw_log_weights
 
     cfg = preset(name, **kw)
     torch.manual_seed(int(np.random.default_rng().integers(2**31)))
@@ -153,15 +153,17 @@ def test_iw_log_weights_share_the_x_only_stages_and_keep_l_k(name, kw):
     eps = NoiseStream(11).take((K, B, model.noise_dim)).transpose(0, 1)  # (B, K, N): the stream's (K, B, N)
     ks = torch.tensor([[0, cfg.n_layers - 1], [1, 2], [cfg.n_layers, 0]])  # (B, J)
     with torch.no_grad():
-        log_w, gt_k, kl = iw_log_weights(model, x, eps, ks)
+        log_w, gt_k, kl = draw_log_weights(model, x, eps, ks)
         ref = evaluate_bounds(model, x, NoiseStream(11), K)
         assert _nats_close(torch.logsumexp(log_w, dim=1) - math.log(K), ref.iw)
         tiled, _, tiled_kl = log_weights(model, repeat_rows(x, K), eps.reshape(B * K, -1), 0)
-        assert _nats_close(log_w, tiled.reshape(B, K)) and _nats_close(kl, tiled_kl.reshape(B, K, -1)[:, 0])
-        for j in range(ks.shape[1]):
-            assert _nats_close(gt_k[:, j], log_weights(model, x, eps[:, 0], ks[:, j])[1])
-        none = iw_log_weights(model, x, eps, torch.zeros((B, 0), dtype=torch.int64))  # J = 0: no L^{>k} pass
-        assert none[1].shape == (B, 0) and torch.equal(none[0], log_w)
+        assert _nats_close(log_w, tiled.reshape(B, K)) and _nats_close(kl, tiled_kl.reshape(B, K, -1))
+        assert gt_k.shape == (B, K, ks.shape[1])
+        for s_ in range(K):  # every draw's own L^{>k}, on its own noise
+            for j in range(ks.shape[1]):
+                assert _nats_close(gt_k[:, s_, j], log_weights(model, x, eps[:, s_], ks[:, j])[1])
+        none = draw_log_weights(model, x, eps, torch.zeros((B, 0), dtype=torch.int64))  # J = 0: no L^{>k} pass
+        assert none[1].shape == (B, K, 0) and torch.equal(none[0], log_w)
 
 
 def test_l_gt_L_is_prior_sampling_estimate():

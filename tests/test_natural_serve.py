@@ -12,7 +12,7 @@ from biva_core.checkpoint import load_model
 from biva_core.config import preset
 from biva_core.noise import NoiseStream
 from biva_core.objectives import evaluate_bounds
-from biva_export.contract import ENCODE, IMAGE_ATOL, NATS_ATOL, REPORT, SAMPLE, SCORE, ModelMeta
+from biva_core.contract import ENCODE, IMAGE_ATOL, NATS_ATOL, REPORT, SAMPLE, SCORE, ModelMeta
 from serving_helpers import export_repo, i64, infer, serve
 
 torch.set_num_threads(1)
@@ -75,14 +75,14 @@ def test_export_sizes_graph_batches_and_caps_to_memory(name, rows, images):
     rows per call (128 with one instance) and requests 64 images (binary models keep the defaults); an
     explicit smaller setting is kept."""
     from biva_core.model import Biva
-    from biva_export.contract import Caps
+    from biva_core.contract import Caps
     from biva_export.pipeline import ExportConfig, fit_to_memory
-    from biva_export.repository import ServingConfig
+    from biva_core.contract import ServingConfig
 
     m = Biva(preset(name))
     got = fit_to_memory(ExportConfig(), m.latent_dim, m.noise_dim, m.cfg.image_shape)
     assert (got.serving.max_batch, got.caps.max_images) == (rows, images)
-    assert got.caps.max_n == Caps().max_n and got.caps.max_iw_rows == Caps().max_iw_rows
+    assert got.caps.max_n == Caps().max_n and got.caps.max_rows == Caps().max_rows
     one = fit_to_memory(ExportConfig(serving=ServingConfig(instances=1)), m.latent_dim, m.noise_dim, m.cfg.image_shape)
     assert one.serving.max_batch == min(2 * rows, 1024)  # one instance: the whole row budget
     small = ExportConfig(serving=ServingConfig(max_batch=8), caps=Caps(max_images=4))

@@ -7,7 +7,8 @@ import torch
 from click.testing import CliRunner
 
 from biva_core.config import preset
-from biva_core.evaluate import active_units, main as eval_main, ood_aurocs
+from biva_core.evaluate import active_units, main as eval_main
+from biva_core.stats import detection_table, ood_scores
 from biva_core.model import Biva
 from biva_core.objectives import training_loss
 from biva_core.train import TrainConfig, kl_weight, train
@@ -73,7 +74,9 @@ def test_ood_aurocs_equal_the_pairwise_definition():
     rng = np.random.default_rng(0)
     a = {"elbo": rng.normal(-100, 5, 60), "l_gt_1": rng.normal(-120, 5, 60)}
     b = {"elbo": rng.normal(-110, 5, 40), "l_gt_1": rng.normal(-125, 5, 40)}
-    got = ood_aurocs(a, b, (1,))
+    table = detection_table(ood_scores(a["elbo"], a["l_gt_1"][:, None], (1,)),
+                            ood_scores(b["elbo"], b["l_gt_1"][:, None], (1,)))
+    got = {name: m["auroc"] for name, m in table.items()}
 
     def pairwise(s_in, s_ood):  # P(score_ood > score_in) + 0.5 P(tie)
         d = s_ood[:, None] - s_in[None, :]
@@ -113,7 +116,7 @@ def test_biva_eval_ood_reports_auroc_kl_and_histograms(tiny_trained, tmp_path):
     assert set(out["active_units"]) == set(out["kl_per_layer"])
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = CliRunner().invoke(eval_main, ["--ckpt", str(tiny_trained / "m.pt"), "--data", "digits", "--hist", "x.png"])
-    assert bad.exit_code != 0 and "--hist needs at least one --ood" in bad.output
+    assert bad.exit_code != 0 and "--hist and --detector need at least one --ood" in bad.output
 
 
 def test_study_scores_every_snapshot_of_a_run(tiny_trained):

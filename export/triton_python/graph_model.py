@@ -1,8 +1,8 @@
 """Triton python-backend model serving one exported graph: the ONNX graph in ONNX Runtime, or (config
 parameter runtime "aoti") the AOTInductor package compiled from the same graph, with torch.
 
-Copied into the model repository by biva-export with the contract (biva_contract.py, export/contract.py);
-depends only on numpy, onnxruntime (and torch for "aoti") and Triton's triton_python_backend_utils. The
+biva-export writes this file into the model repository with biva_core/contract.py beside it; it depends only on
+numpy, onnxruntime (and torch for "aoti") and Triton's triton_python_backend_utils. The
 dynamic batcher hands over a list of requests: each is checked as the API models check theirs (finite values
 in range, binary pixels for a binary model, k in 0..L, 0 < temperature <= cap), the good ones are stacked,
 run once, and the outputs split back by row counts; a row whose output is not finite is answered with an
@@ -14,10 +14,9 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-# export/contract.py, copied beside this file by biva-export
-from biva_contract import (AOTI_MIN_ROWS, META_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_FILE, RUNTIME_PARAMETER,
-                           SPINNING_PARAMETER, THREADS_PARAMETER, ModelMeta, RequestError, aoti_runner,
-                           check_graph_inputs, ort_session)
+from biva_core.contract import (AOTI_MIN_ROWS, META_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_FILE, RUNTIME_PARAMETER,
+                                SPINNING_PARAMETER, THREADS_PARAMETER, ModelMeta, OrtOptions, RequestError,
+                                aoti_runner, check_graph_inputs, ort_session)
 
 
 def _param(config, key, default):
@@ -45,9 +44,9 @@ class TritonPythonModel:
             count = sum(g.get("count", 1) for g in config.get("instance_group", [])) or 1
             threads = max(1, len(os.sched_getaffinity(0)) // count)
         self.runtime = _param(config, RUNTIME_PARAMETER, "onnxruntime")
-        session = ort_session(os.path.join(here, _param(config, ONNX_FILE_PARAMETER, "model.onnx")), threads,
-                              gpu_device=int(args["model_instance_device_id"]) if gpu else None,
-                              spinning=None if spinning == "" else spinning == "1")
+        options = OrtOptions(threads=threads, gpu_device=int(args["model_instance_device_id"]) if gpu else None,
+                             spinning=None if spinning == "" else spinning == "1")
+        session = ort_session(os.path.join(here, _param(config, ONNX_FILE_PARAMETER, "model.onnx")), options)
         self.run = lambda feeds: session.run(self.outputs, feeds)
         if self.runtime == "aoti":  # the AOTInductor package of the same graph (export/aoti.py) from AOTI_MIN_ROWS
             package = aoti_runner(os.path.join(here, PACKAGE_FILE), threads)
