@@ -59,7 +59,8 @@ def measure(repo: Path, reps: int, log_dir: Path, protocols: tuple[str, ...] = (
             ) -> dict[str, dict[str, list[float]]]:
     """{kind: {"direct": seconds, "front": seconds}}; both servers up, requests alternating between them, so a
     busy machine slows both alike."""
-    from biva_serving.launcher import DIRECT_FLAG, start_server
+    from biva_serving.net import DIRECT_FLAG
+    from biva_serving.process import start_server
 
     with start_server(repo, extra_args=[DIRECT_FLAG], log_path=log_dir / "direct.log") as direct, \
             start_server(repo, log_path=log_dir / "front.log") as front:

@@ -167,7 +167,8 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
 
 @contextlib.contextmanager
 def _server(repo: Path, log_path: Path):
-    from biva_serving.launcher import DIRECT_FLAG, start_server
+    from biva_serving.net import DIRECT_FLAG
+    from biva_serving.process import start_server
 
     # Triton's own endpoints, as measured before the HTTP front existed (bench/front_latency.py measures the front)
     handle = start_server(repo, log_path=log_path, extra_args=[DIRECT_FLAG])

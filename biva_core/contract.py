@@ -463,6 +463,11 @@ OOD_ESTIMATOR = "mode"  # the OOD commands' default: the best AUROC measured, an
 # per core; 16 to 64 rows within 10% of the best). Each call runs the stages that see x alone once per image and
 # costs a fixed few ms of per-node overhead, so much smaller calls lose more than the caches give.
 IW_CALL_ROWS = 32
+# Rows per graph call of the other front models (sample, regenerate, encode): small calls for the same reason, and
+# each graph instance's memory arena grows only to what its largest call needs. A graph model runs a call of more
+# than ARENA_KEEP_ROWS rows (a direct caller's, or calls the batcher merged) with ONNX Runtime's arena shrinkage,
+# so its memory goes back after it (docs/serving.md: memory)
+CALL_ROWS, ARENA_KEEP_ROWS = 64, 64
 HEAVY_ROWS = 4096  # a score request costing more rows is heavy: at most instances - 1 of them run at once
 
 
@@ -683,7 +688,6 @@ class OrtOptions:
     gpu_device: int | None = None  # the CUDA provider on this device, where onnxruntime-gpu has it
     saved_graph: str | None = None  # also write the optimised graph here
     spinning: bool | None = None  # idle intra-op threads busy-wait for work (None: ONNX Runtime's default, on)
-    arena: bool = True  # the CPU memory arena (False: memory goes back to the system after each run)
 
 
 def ort_session(path: str, options: OrtOptions = OrtOptions()):
@@ -697,7 +701,6 @@ def ort_session(path: str, options: OrtOptions = OrtOptions()):
     if options.spinning is not None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
     opts.inter_op_num_threads = 1
-    opts.enable_cpu_mem_arena = options.arena
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[options.level])
     if options.saved_graph:
         opts.optimized_model_filepath = str(options.saved_graph)
@@ -705,6 +708,15 @@ def ort_session(path: str, options: OrtOptions = OrtOptions()):
     if options.gpu_device is not None and "CUDAExecutionProvider" in ort.get_available_providers():
         providers = [("CUDAExecutionProvider", {"device_id": options.gpu_device}), "CPUExecutionProvider"]
     return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def ort_shrinking_run():
+    """ONNX Runtime RunOptions that give the CPU arena's unused memory back at the end of the run."""
+    import onnxruntime as ort
+
+    ro = ort.RunOptions()
+    ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return ro
 
 
 def aoti_runner(path: str, threads: int = 0):

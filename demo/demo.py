@@ -133,7 +133,7 @@ def run_demo(ckpt: Path, out_dir: Path, repo: Path, cfg: DemoConfig = DemoConfig
     from biva_client.output import image_grid, save_png
     from biva_client.tasks import reconstruct, sample_images
     from biva_core.plots import plot_grid
-    from biva_serving.launcher import start_server
+    from biva_serving.process import start_server
 
     t0 = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)

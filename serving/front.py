@@ -12,9 +12,17 @@ send a per-start secret header, and serves the public HTTP port from this front,
   input's declared shape against its data: element counts computed exactly (no overflow), byte sizes within
   the body limit, `binary_data_size` equal to shape x element size, the binary parts adding up to the body,
   JSON `data` holding exactly the declared number of elements (400 naming the input otherwise);
-- answers not-ready (503) on the ready endpoints while the supervisor reloads a model whose stub died;
-- answers 429 (busy, retry later) where Triton answers 503 for a request that waited out the queue timeout
-  (Triton's own answer to a full queue is already 429).
+- refuses a header block with a bare LF or CR, or two Content-Length headers (400): Triton would drop the
+  connection, or read another length than this front;
+- checks the values of JSON `data`: integers within their type's range, finite floats (400 naming the input;
+  Triton's parser would answer 500);
+- answers not-ready (503) on the ready endpoints while the supervisor reloads a model whose stub died, and 503
+  with Retry-After (not Triton's 500) for a request that reached a dead stub;
+- answers 429 with Retry-After (busy, retry later) wherever Triton or a served model says busy: a full queue, a
+  request that waited out the queue timeout, heavy requests filling their slots;
+- names every infer request with a token (the request parameter contract.TOKEN_PARAMETER) and, when the client
+  hangs up before the answer, writes the token into the cancel folder, where the front models see it and stop;
+- answers 404 naming the new name for a model the project renamed (contract.RENAMED).
 
 Everything else is relayed unchanged over one keep-alive upstream connection per client connection.
 """
@@ -22,11 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
+import secrets
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from biva_core.contract import BUSY_PREFIX, RENAMED, RETRY_AFTER_S, TOKEN_PARAMETER
 
 DTYPE_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2, "UINT32": 4,
                "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
@@ -36,7 +50,7 @@ READY_PATH = re.compile(rb"^/v2(/health/ready|/models/([A-Za-z0-9_.-]+)(/version
 HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"upgrade",
                b"proxy-connection", b"te", b"trailer", b"expect"}
 STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
-REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 408: "Request Timeout",
+REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
            411: "Length Required",
            413: "Payload Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
            502: "Bad Gateway", 503: "Service Unavailable"}
@@ -53,6 +67,31 @@ class FrontConfig:
     body_timeout_s: float = 60.0  # to send the body
     max_connections: int = 512
     model_bytes: dict[str, int] | None = None  # model -> largest request its caps allow (ModelMeta)
+    cancel_dir: str | None = None  # where abandoned requests' tokens go (contract.CANCEL_DIR_ENV); None: no tokens
+    max_open_streams: int = 64  # gRPC: ModelStreamInfer streams open at once (the rest of the RPC limit stays free)
+    stream_idle_s: float = 30.0  # gRPC: a stream that sends nothing for this long is ended
+
+
+INT_RANGES = {"INT8": 8, "INT16": 16, "INT32": 32, "INT64": 64, "UINT8": -8, "UINT16": -16, "UINT32": -32,
+              "UINT64": -64}  # bits; negative: unsigned
+BUSY_MARKS = (b"Exceeds maximum queue size", b"Request timeout expired", BUSY_PREFIX.encode())
+
+
+def mark_abandoned(cancel_dir: str | None, token: str | None) -> None:
+    """Write an abandoned request's token into the cancel folder (the front models stop it); tokens older than a
+    few minutes are removed on the way."""
+    if not cancel_dir or not token:
+        return
+    folder = Path(cancel_dir)
+    (folder / token).touch()
+    old = time.time() - 300
+    for p in folder.iterdir():
+        if p.name.isalnum() and len(p.name) == 16 and p.stat().st_mtime < old:
+            p.unlink(missing_ok=True)
+
+
+def new_token() -> str:
+    return secrets.token_hex(8)
 
 
 class Refused(Exception):
@@ -70,15 +109,30 @@ def json_depth(text: bytes) -> int:
     return int(np.cumsum(step).max())
 
 
-def _count_leaves(data) -> int:
-    n, stack = 0, [data]
+def _leaves(data) -> list:
+    out, stack = [], [data]
     while stack:
         d = stack.pop()
         if isinstance(d, list):
             stack.extend(d)
         else:
-            n += 1
-    return n
+            out.append(d)
+    return out
+
+
+def check_values(name: str, dtype: str, values: list) -> None:
+    """Refused(400) unless JSON values fit their type: integers within its range, finite floats (Triton's JSON
+    parser answers 500 "Unable to parse 'data'" otherwise)."""
+    bits = INT_RANGES.get(dtype)
+    for v in values:
+        if bits is not None:
+            lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if bits > 0 else (0, 2 ** -bits - 1)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise Refused(400, f"input {name}: value {str(v)[:40]} is not an integer in {dtype}'s range "
+                                   f"{lo}..{hi}")
+        elif dtype in ("FP16", "FP32", "FP64", "BF16"):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise Refused(400, f"input {name}: value {str(v)[:40]} is not a finite number")
 
 
 def check_tensor(name: str, shape, dtype: str, limit: int, source: str, *, nbytes: int | None = None,
@@ -126,12 +180,16 @@ def _check_input(inp, limit: int) -> tuple[str, int, int]:
         return name, check_tensor(name, shape, dtype, limit, "binary_data_size", nbytes=binary), binary
     if "data" not in inp:
         raise Refused(400, f"input {name}: no data and no binary_data_size")
-    return name, check_tensor(name, shape, dtype, limit, "data", values=_count_leaves(inp["data"])), 0
+    values = _leaves(inp["data"])
+    size = check_tensor(name, shape, dtype, limit, "data", values=len(values))
+    check_values(name, str(dtype), values)
+    return name, size, 0
 
 
-def check_infer(body: bytes, header_length: bytes | None, cfg: FrontConfig, model: str = "") -> None:
+def check_infer(body: bytes, header_length: bytes | None, cfg: FrontConfig, model: str = "") -> tuple[dict, int]:
     """Refused(400) unless the infer body's JSON part is shallow, every declared shape matches its data, and the
-    declared tensors fit in what the model's caps allow (nothing that large reaches the stub's memory)."""
+    declared tensors fit in what the model's caps allow (nothing that large reaches the stub's memory). Returns
+    the JSON part, parsed, and its length."""
     try:
         n = int(header_length) if header_length is not None else len(body)
     except ValueError:
@@ -155,6 +213,21 @@ def check_infer(body: bytes, header_length: bytes | None, cfg: FrontConfig, mode
     if n + binary != len(body):
         raise Refused(400, f"body is {len(body)} bytes, the JSON part and binary_data_size values add up to "
                            f"{n + binary}")
+    return req, n
+
+
+def with_token(req: dict, n: int, body: bytes, raw: list[bytes], token: str) -> tuple[bytes, list[bytes]]:
+    """The infer body with the token among its request parameters, and the header lines with the JSON part's new
+    length (unchanged when the request's parameters are not an object: such a request gets no token)."""
+    params = req.setdefault("parameters", {})
+    if not isinstance(params, dict):
+        return body, raw
+    params[TOKEN_PARAMETER] = token
+    head = json.dumps(req, separators=(",", ":")).encode()
+    raw = [ln for ln in raw if ln.partition(b":")[0].strip().lower() != b"inference-header-content-length"]
+    if n < len(body):  # binary parts follow the JSON part
+        raw.append(b"Inference-Header-Content-Length: " + str(len(head)).encode())
+    return head + body[n:], raw
 
 
 # ---- HTTP plumbing --------------------------------------------------------------------------------
@@ -190,7 +263,12 @@ def _parse_head(head: bytes) -> tuple[bytes, bytes, dict[bytes, bytes], list[byt
         name, sep, value = line.partition(b":")
         if not sep or not name.strip():
             raise Refused(400, "malformed header line", close=True)
+        if b"\n" in line or b"\r" in line:
+            raise Refused(400, f"header {name.strip()[:40].decode(errors='replace')}: a bare LF or CR; lines end "
+                               "with CRLF", close=True)
         key = name.strip().lower()
+        if key in headers and key in (b"content-length", b"inference-header-content-length", b"transfer-encoding"):
+            raise Refused(400, f"header {key.decode()} given twice; send it once", close=True)
         headers[key] = value.strip()
         if key not in HOP_HEADERS:
             raw.append(line)
@@ -228,11 +306,15 @@ async def _read_upstream(up: asyncio.StreamReader) -> tuple[bytes, bytes]:
 
 
 def _relay_head(head: bytes, body: bytes, close: bool) -> bytes:
+    """Triton's response head for the client: busy answers as 429 with Retry-After, a dead stub's 500 as 503."""
     lines = head[:-4].split(b"\r\n")
-    status = lines[0]
-    if b" 503 " in status + b" " and b"timeout expired" in body.lower():
-        status = b"HTTP/1.1 429 Too Many Requests"  # waited the front model's queue timeout: busy, retry later
-    keep = [ln for ln in lines[1:] if ln.partition(b":")[0].strip().lower() not in HOP_HEADERS]
+    status, extra = lines[0], []
+    code = status.split(b" ")[1] if len(status.split(b" ")) > 1 else b""
+    if code in (b"503", b"500") and any(m in body for m in BUSY_MARKS):
+        status, extra = b"HTTP/1.1 429 Too Many Requests", [b"Retry-After: %d" % RETRY_AFTER_S]
+    elif code == b"500" and b"is not healthy" in body:  # a stub died: the supervisor is reloading it
+        status, extra = b"HTTP/1.1 503 Service Unavailable", [b"Retry-After: 2"]
+    keep = [ln for ln in lines[1:] if ln.partition(b":")[0].strip().lower() not in HOP_HEADERS] + extra
     keep += [b"Content-Length: " + str(len(body)).encode(), b"Connection: " + (b"close" if close else b"keep-alive")]
     return b"\r\n".join([status, *keep]) + b"\r\n\r\n"
 
@@ -282,13 +364,31 @@ class Front:
         close = headers.get(b"connection", b"").lower() == b"close"
         path = target.split(b"?", 1)[0]
         try:
-            self._admit(method, path, body, headers)
+            infer = self._admit(method, path, body, headers)
         except Refused as e:
             writer.write(_response(e.status, str(e), close or e.close))
             await writer.drain()
             return close or e.close, up
+        token = new_token() if infer is not None and self.cfg.cancel_dir else None
+        if token:
+            body, raw = with_token(*infer, body, raw, token)
         request = b"\r\n".join([method + b" " + target + b" HTTP/1.1", *raw, b"Host: 127.0.0.1", self.cfg.secret_header,
                                 b"Content-Length: " + str(len(body)).encode()]) + b"\r\n\r\n" + body
+        up, answer = await self._forward(reader, up, request, token)
+        if answer is None:  # the client hung up (its request is marked abandoned), or Triton closed the connection
+            if not reader.at_eof():
+                writer.write(_response(502, "the server closed the connection", True))
+            return True, up
+        rhead, rbody = answer
+        if b" 500 " in rhead.split(b"\r\n", 1)[0] + b" " and b"is not healthy" in rbody:
+            self.not_ready(None)  # the supervisor looks at the stubs now, not at its next poll
+        writer.write(_relay_head(rhead, rbody, close) + rbody)
+        await writer.drain()
+        return close, up
+
+    async def _forward(self, reader, up, request: bytes, token: str | None):
+        """(upstream connection, Triton's (head, body)); the answer is None when the client hung up first (then its
+        token is marked abandoned and the upstream connection dropped) or Triton closed the connection twice."""
         for attempt in (0, 1):  # a kept-alive upstream connection Triton has since closed: once more, fresh
             reused = up is not None
             if up is None:
@@ -296,25 +396,33 @@ class Front:
             try:
                 up[1].write(request)
                 await up[1].drain()
-                rhead, rbody = await _read_upstream(up[0])
-                break
+                answer = asyncio.ensure_future(_read_upstream(up[0]))
+                while not (await asyncio.wait({answer}, timeout=0.2))[0]:
+                    if reader.at_eof() or reader.exception() is not None:  # the client has gone
+                        answer.cancel()
+                        mark_abandoned(self.cfg.cancel_dir, token)
+                        up[1].close()
+                        return None, None
+                return up, answer.result()
             except (asyncio.IncompleteReadError, ConnectionError, ValueError):
                 up[1].close()
                 up = None
                 if not reused or attempt:
-                    writer.write(_response(502, "the server closed the connection", True))
-                    return True, up
-        writer.write(_relay_head(rhead, rbody, close) + rbody)
-        await writer.drain()
-        return close, up
+                    return None, None
+        return None, None
 
-    def _admit(self, method: bytes, path: bytes, body: bytes, headers: dict[bytes, bytes]) -> None:
+    def _admit(self, method: bytes, path: bytes, body: bytes, headers: dict[bytes, bytes]) -> tuple[dict, int] | None:
+        """Refused unless the request may pass; for an infer request its JSON part and that part's length."""
         if not ALLOWED_PATH.match(path):
             raise Refused(403, f"{path.decode(errors='replace')[:80]} is not allowed on this port (the shared-memory, "
                                "repository, logging and trace APIs are closed)")
+        parts = path.split(b"/")  # /v2/models/NAME/...
+        model = parts[3].decode(errors="replace") if len(parts) > 3 and parts[2] == b"models" else None
+        if model in RENAMED:
+            raise Refused(404, f"model {model} is now {RENAMED[model]}")
         ready = READY_PATH.match(path)
         if ready and self.not_ready(ready.group(2).decode() if ready.group(2) else None):
             raise Refused(503, "not ready: a model is being reloaded after its backend process died")
         if method == b"POST" and path.endswith(b"/infer"):
-            model = path.split(b"/")[3].decode(errors="replace")  # /v2/models/NAME/[versions/V/]infer
-            check_infer(body, headers.get(b"inference-header-content-length"), self.cfg, model)
+            return check_infer(body, headers.get(b"inference-header-content-length"), self.cfg, model or "")
+        return None

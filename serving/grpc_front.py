@@ -17,6 +17,14 @@ loop beside the HTTP front), which
   the model's caps (front.check_tensor and check_caps, the HTTP front's checks); INVALID_ARGUMENT naming the
   input otherwise (a bad message ends its stream).
 
+- bounds the ModelStreamInfer streams open at once (FrontConfig.max_open_streams: RESOURCE_EXHAUSTED beyond, so
+  the rest of the RPC limit stays free for unary calls and health) and ends a stream whose client sends nothing for
+  FrontConfig.stream_idle_s (DEADLINE_EXCEEDED); its upstream stream opens only with its first message;
+- names every infer request with a token (the request parameter contract.TOKEN_PARAMETER) and writes the token
+  into the cancel folder when the client cancels or its deadline passes before the answer (Triton also marks the
+  request cancelled: the front models see either);
+- answers NOT_FOUND naming the new name for a model the project renamed (contract.RENAMED).
+
 Forwarded calls keep Triton's status codes and messages (a full queue stays UNAVAILABLE "Exceeds maximum
 queue size", which clients read as busy), the client's deadline and metadata; a client that goes away cancels
 its upstream call.
@@ -30,7 +38,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
-from .front import FrontConfig, Refused, check_caps, check_tensor
+from biva_core.contract import RENAMED, TOKEN_PARAMETER
+
+from .front import FrontConfig, Refused, check_caps, check_tensor, check_values, mark_abandoned, new_token
 
 SERVICE = "/inference.GRPCInferenceService/"
 RELAYED = ("ServerLive", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelStatistics")
@@ -45,6 +55,8 @@ RESTRICTED_PREFIX = "triton-grpc-protocol-"  # Triton reads --grpc-restricted-pr
 def check_request(req: pb.ModelInferRequest, cfg: FrontConfig) -> None:
     """Refused(400) unless every input's declared shape matches its raw or typed contents and the inputs'
     declared bytes fit within the body limit and the model's caps (the HTTP front's checks, on gRPC's fields)."""
+    if req.model_name in RENAMED:
+        raise Refused(404, f"model {req.model_name} is now {RENAMED[req.model_name]}")
     raw = req.raw_input_contents
     if raw and len(raw) != len(req.inputs):
         raise Refused(400, f"raw_input_contents holds {len(raw)} tensors for {len(req.inputs)} inputs")
@@ -58,8 +70,17 @@ def check_request(req: pb.ModelInferRequest, cfg: FrontConfig) -> None:
         else:
             size = check_tensor(inp.name, list(inp.shape), inp.datatype, cfg.max_body_bytes, "contents",
                                 values=sum(len(getattr(inp.contents, f)) for f in TYPED))
+            if inp.datatype.startswith(("FP", "BF")):  # typed ints come in their proto's range already
+                check_values(inp.name, inp.datatype, [v for f in ("fp32_contents", "fp64_contents")
+                                                      for v in getattr(inp.contents, f)])
         declared.append((inp.name, size))
     check_caps(req.model_name, declared, cfg)
+
+
+def with_token(req: pb.ModelInferRequest, token: str) -> bytes:
+    """The request, serialised, with the token among its parameters."""
+    req.parameters[TOKEN_PARAMETER].string_param = token
+    return req.SerializeToString()
 
 
 def _parse(message_type, raw: bytes):
@@ -80,6 +101,7 @@ class GrpcFront:
         self.upstream = f"127.0.0.1:{upstream_port}"
         self._channel: grpc.aio.Channel | None = None
         self._calls: dict[str, Callable] = {}
+        self.open_streams = 0
 
     async def serve(self, host: str, port: int) -> grpc.aio.Server:
         """Listen on host:port (OSError when it cannot) and relay to Triton's private port."""
@@ -129,48 +151,100 @@ class GrpcFront:
             name = _parse(pb.ModelReadyRequest, raw).name
         except Refused as e:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if name in RENAMED:
+            await ctx.abort(grpc.StatusCode.NOT_FOUND, f"model {name} is now {RENAMED[name]}")
         if self.not_ready(name):
             return pb.ModelReadyResponse(ready=False).SerializeToString()
         return await self.relay("ModelReady", raw, ctx)
 
     async def infer(self, raw: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         try:
-            check_request(_parse(pb.ModelInferRequest, raw), self.cfg)
+            req = _parse(pb.ModelInferRequest, raw)
+            check_request(req, self.cfg)
         except Refused as e:
-            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return await self.relay("ModelInfer", raw, ctx)
+            await ctx.abort(_code(e), str(e))
+        token = new_token() if self.cfg.cancel_dir else None
+        answered = False
+        try:
+            out = await self.relay("ModelInfer", with_token(req, token) if token else raw, ctx)
+            answered = True
+            return out
+        finally:
+            if not answered and (ctx.cancelled() or (ctx.time_remaining() or 1) <= 0):
+                mark_abandoned(self.cfg.cancel_dir, token)
 
     async def stream_infer(self, requests, ctx: grpc.aio.ServicerContext):
-        """ModelStreamInfer: each message checked before it is written upstream; the first bad one cancels the
-        upstream stream and ends this one with INVALID_ARGUMENT."""
-        call = self._channel.stream_stream(SERVICE + "ModelStreamInfer")(metadata=self._metadata(ctx),
-                                                                          timeout=ctx.time_remaining())
-        refused: list[Refused] = []
-        pump = asyncio.ensure_future(self._pump(requests, call, refused))
+        """ModelStreamInfer: at most max_open_streams at once; each message checked (and given a token) before it is
+        written upstream; the first bad or late one ends the stream (INVALID_ARGUMENT / DEADLINE_EXCEEDED)."""
+        if self.open_streams >= self.cfg.max_open_streams:
+            await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.open_streams} streams are open, the limit "
+                                                                "is " + str(self.cfg.max_open_streams))
+        self.open_streams += 1
+        tokens: list[str] = []
         try:
-            async for response in call:
-                yield response
-        except grpc.aio.AioRpcError as e:
-            await ctx.abort(e.code(), e.details() or "")
-        except asyncio.CancelledError:  # grpc.aio raises this for an upstream call we cancelled
-            if not refused:
-                raise
+            first = await self._next(requests, ctx)
+            if first is None:
+                return
+            call = self._channel.stream_stream(SERVICE + "ModelStreamInfer")(metadata=self._metadata(ctx),
+                                                                              timeout=ctx.time_remaining())
+            ended: list[Refused] = []
+            pump = asyncio.ensure_future(self._pump(first, requests, ctx, call, ended, tokens))
+            try:
+                async for response in call:
+                    yield response
+            except grpc.aio.AioRpcError as e:
+                await ctx.abort(e.code(), e.details() or "")
+            except asyncio.CancelledError:  # grpc.aio raises this for an upstream call we cancelled
+                if not ended:
+                    raise
+            finally:
+                pump.cancel()
+            if ended:
+                await ctx.abort(_code(ended[0]), str(ended[0]))
         finally:
-            pump.cancel()
-        if refused:
-            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(refused[0]))
+            self.open_streams -= 1
+            if ctx.cancelled():
+                for t in tokens:
+                    mark_abandoned(self.cfg.cancel_dir, t)
 
-    async def _pump(self, requests, call, refused: list[Refused]) -> None:
+    async def _next(self, requests, ctx) -> bytes | None:
+        """The stream's next message within stream_idle_s; None at its end; DEADLINE_EXCEEDED when it is late."""
         try:
-            async for raw in requests:
-                check_request(_parse(pb.ModelInferRequest, raw), self.cfg)
+            return await asyncio.wait_for(requests.__anext__(), self.cfg.stream_idle_s)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            await ctx.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the stream sent nothing for "
+                                                              f"{self.cfg.stream_idle_s:g} s")
+
+    async def _pump(self, raw: bytes, requests, ctx, call, ended: list[Refused], tokens: list[str]) -> None:
+        try:
+            while raw is not None:
+                req = _parse(pb.ModelInferRequest, raw)
+                check_request(req, self.cfg)
+                if self.cfg.cancel_dir:
+                    tokens.append(new_token())
+                    raw = with_token(req, tokens[-1])
                 await call.write(raw)
+                try:
+                    raw = await asyncio.wait_for(requests.__anext__(), self.cfg.stream_idle_s)
+                except StopAsyncIteration:
+                    raw = None
             await call.done_writing()
         except Refused as e:
-            refused.append(e)
+            ended.append(e)
+            call.cancel()
+        except asyncio.TimeoutError:
+            ended.append(Refused(408, f"the stream sent nothing for {self.cfg.stream_idle_s:g} s"))
             call.cancel()
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             pass  # the upstream call ended: its status reaches the client through the responses
+
+
+def _code(e: Refused) -> grpc.StatusCode:
+    """The gRPC status of a refusal by its HTTP status."""
+    return {404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED}.get(
+        e.status, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 class _Routes(grpc.GenericRpcHandler):

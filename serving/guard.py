@@ -1,7 +1,7 @@
 """`tritonserver` as the project runs it by default: Triton behind the HTTP and gRPC fronts, watched by the
 supervisor.
 
-    tritonserver --model-repository triton_models        # the whole service, hardened (issue 10)
+    tritonserver --model-repository triton_models        # the whole service, hardened
 
 The user's HTTP address and port (default 127.0.0.1:8000) are served by the HTTP front (front.py), the gRPC
 address and port (default 127.0.0.1:8001) by the gRPC front (grpc_front.py); both run in this process's event
@@ -9,49 +9,47 @@ loop. Triton's own endpoints move to free private loopback ports where every API
 only this process knows (`--http-restricted-api`, `--grpc-restricted-protocol`), so nothing reaches Triton's
 parsers except through a front. Models load with explicit model control (`--load-model=*`), which only the
 supervisor can use, so a model whose stub died is reloaded (supervisor.py). User flags still come last and
-win; `--allow-grpc=false` leaves gRPC off; `--biva-direct` skips all of this.
+win; `--allow-grpc=false` leaves gRPC off; `--biva-direct` (launcher.py) skips all of this.
+
+Abandoned work: this process makes a cancel folder, named to the stubs in contract.CANCEL_DIR_ENV. The fronts name
+every infer request with a token and write it there when its client goes away; on SIGINT / SIGTERM the shutdown
+mark goes there first, so running requests stop at their next scorer call and Triton exits at once.
+
+What the user reads: Triton's log without the lines a CPU machine always prints (CUDA, NVML, pinned memory) and
+without the private ports; the whole log goes to a file named at start.
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import IO, Callable, Sequence
+
+from biva_core.contract import CANCEL_DIR_ENV, SHUTDOWN_MARK, read_meta
 
 from .front import Front, FrontConfig
 from .grpc_front import GrpcFront
+from .net import LOOPBACK, free_ports, take_flag
 from .supervisor import Supervisor, become_subreaper, list_stubs, reap_children
 
 SECRET_HEADER = "biva-admin-key"
+MEMORY_SLACK_ENV = "BIVA_MEMORY_SLACK_MB"  # the supervisor's memory slack per stub (serving/supervisor.py)
+# glibc's allocator in Triton and its stubs: blocks of 1 MiB and more mapped on their own (its threshold fixed: it
+# otherwise rises after the first large free), so memory freed after a large request goes back to the system
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
 ALL_APIS = "health,metadata,inference,shared-memory,model-config,model-repository,statistics,trace,logging"
-LOOPBACK = "127.0.0.1"
-
-
-def take_flag(args: list[str], name: str, default: str) -> tuple[str, list[str]]:
-    """The value of `name` (`--name=v` or `--name v`, the last one wins) and the arguments without it."""
-    value, rest, i = default, [], 0
-    while i < len(args):
-        a = args[i]
-        if a == name and i + 1 < len(args):
-            value, i = args[i + 1], i + 2
-            continue
-        if a.startswith(name + "="):
-            value = a.split("=", 1)[1]
-        else:
-            rest.append(a)
-        i += 1
-    return value, rest
-
-
-def _free_ports(n: int) -> list[int]:
-    from .launcher import free_ports
-
-    return free_ports(n)
+# Triton's lines that say nothing on a CPU machine, or name the private ports behind the fronts
+NOISE = re.compile(r"CUDA|cuda|NVML|nvml|DCGM|pinned memory|GPU metrics|Started (HTTPService|GRPCInferenceService)"
+                   r"|Collecting CPU metrics|libcuda|GPU device|cudaGetDevice")
 
 
 def triton_args(args: Sequence[str], http_port: int, grpc_port: int, secret: str) -> tuple[list[str], bool]:
@@ -67,14 +65,15 @@ def triton_args(args: Sequence[str], http_port: int, grpc_port: int, secret: str
     return [*ours, *args], mode in ("", "explicit")
 
 
-async def _run(proc: subprocess.Popen, sup: Supervisor, fronts: _Fronts) -> int:
-    """Forward SIGINT / SIGTERM to Triton and reap every child until Triton has exited (we reap it ourselves,
-    as the subreaper, so Popen is never asked)."""
+async def _run(proc: subprocess.Popen, sup: Supervisor, fronts: _Fronts, cancel_dir: Path) -> int:
+    """Forward SIGINT / SIGTERM to Triton (after the shutdown mark) and reap every child until Triton has exited
+    (we reap it ourselves, as the subreaper, so Popen is never asked)."""
     loop = asyncio.get_running_loop()
     codes: dict[int, int] = {}
 
     def forward(sig: int) -> None:
         sup.stop()  # stubs exit with the server: not deaths to recover from
+        (cancel_dir / SHUTDOWN_MARK).touch()  # running requests stop at their next scorer call
         if proc.pid not in codes:
             os.kill(proc.pid, sig)
 
@@ -90,13 +89,14 @@ async def _run(proc: subprocess.Popen, sup: Supervisor, fronts: _Fronts) -> int:
     return proc.returncode
 
 
-def _finish(sup: Supervisor) -> None:
+def _finish(sup: Supervisor, cancel_dir: Path) -> None:
     """After Triton exited: kill the stubs it left behind (orphans reparented to us), reap them, free /dev/shm."""
     for pid, stub in list_stubs(os.getpid()).items():
         os.kill(pid, signal.SIGKILL)
         sup.regions.add(stub.shm_region)
     reap_children()
     removed = sup.cleanup()
+    shutil.rmtree(cancel_dir, ignore_errors=True)
     if removed:
         print(f"biva supervisor: removed {len(removed)} python-backend shared-memory regions", file=sys.stderr)
 
@@ -104,8 +104,6 @@ def _finish(sup: Supervisor) -> None:
 def _model_bytes(args: list[str]) -> dict[str, int] | None:
     """Per-model request sizes from the repository's export report; None for a repository biva-export did not
     write (the front's body limit still applies)."""
-    from biva_core.contract import read_meta
-
     repo, _ = take_flag(list(args), "--model-repository", "")
     try:
         return read_meta(Path(repo)).max_request_bytes() if repo else None
@@ -144,10 +142,10 @@ class _Fronts:
                 front.not_ready = not_ready
 
     def describe(self) -> str:
-        text = f"HTTP on {':'.join(self.http_at)} -> Triton on {LOOPBACK}:{self.http.cfg.upstream_port}"
+        text = f"HTTP on {':'.join(self.http_at)}"
         if self.grpc is not None:
-            text += f", gRPC on {':'.join(self.grpc_at)} -> Triton on {self.grpc.upstream}"
-        return text + " (restricted)"
+            text += f", gRPC on {':'.join(self.grpc_at)}"
+        return text
 
     async def close(self) -> None:
         if self.servers:
@@ -157,7 +155,7 @@ class _Fronts:
         self.servers = []
 
 
-def _behind_fronts(args: list[str]) -> tuple[_Fronts, list[str], bool, str]:
+def _behind_fronts(args: list[str], cancel_dir: Path) -> tuple[_Fronts, list[str], bool, str]:
     """The fronts on the user's addresses, Triton's arguments behind them (the public address flags taken out),
     whether the supervisor can reload models, and the per-start secret."""
     host, rest = take_flag(args, "--http-address", LOOPBACK)
@@ -165,9 +163,10 @@ def _behind_fronts(args: list[str]) -> tuple[_Fronts, list[str], bool, str]:
     grpc_host, rest = take_flag(rest, "--grpc-address", LOOPBACK)
     grpc_port, rest = take_flag(rest, "--grpc-port", "8001")
     allow_grpc, _ = take_flag(rest, "--allow-grpc", "true")  # stays in Triton's arguments too
-    internal, internal_grpc = _free_ports(2)
+    internal, internal_grpc = free_ports(2)
     secret = secrets.token_hex(16)
-    cfg = FrontConfig(internal, f"{SECRET_HEADER}: {secret}".encode(), model_bytes=_model_bytes(rest))
+    cfg = FrontConfig(internal, f"{SECRET_HEADER}: {secret}".encode(), model_bytes=_model_bytes(rest),
+                      cancel_dir=str(cancel_dir))
     grpc_front = None
     if allow_grpc.lower() not in ("false", "0", "no", "off"):
         grpc_front = GrpcFront(cfg, internal_grpc, (SECRET_HEADER, secret), lambda m: False)
@@ -176,28 +175,51 @@ def _behind_fronts(args: list[str]) -> tuple[_Fronts, list[str], bool, str]:
     return fronts, targs, can_reload, secret
 
 
+def _relay_log(stream: IO[bytes], full: IO[bytes]) -> threading.Thread:
+    """Copy Triton's output to the full log, and to our stderr all but the NOISE lines."""
+    def pump() -> None:
+        for line in iter(stream.readline, b""):
+            full.write(line)
+            full.flush()
+            if not NOISE.search(line.decode(errors="replace")):
+                sys.stderr.buffer.write(line)
+                sys.stderr.flush()
+    t = threading.Thread(target=pump, name="biva-triton-log", daemon=True)
+    t.start()
+    return t
+
+
 def serve(binary: Path, args: Sequence[str], env: dict[str, str]) -> int:
     """Run Triton behind the fronts until it exits; returns its exit code."""
-    fronts, targs, can_reload, secret = _behind_fronts(list(args))
+    shm = Path("/dev/shm")
+    cancel_dir = Path(tempfile.mkdtemp(prefix="biva-serving-", dir=shm if shm.is_dir() else None))
+    fronts, targs, can_reload, secret = _behind_fronts(list(args), cancel_dir)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)  # grpc.aio looks the loop up
     try:
         loop.run_until_complete(fronts.listen())
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
+        shutil.rmtree(cancel_dir, ignore_errors=True)
         return 1
     become_subreaper()
-    proc = subprocess.Popen([str(binary), *targs], env=env)
-    sup = Supervisor(proc.pid, f"http://{LOOPBACK}:{fronts.http.cfg.upstream_port}", (SECRET_HEADER, secret),
-                     reload=can_reload, log=lambda m: print(m, file=sys.stderr, flush=True))
-    fronts.watch(sup.not_ready)
-    print(f"biva front: {fronts.describe()}", file=sys.stderr, flush=True)
-    try:
-        code = loop.run_until_complete(_run(proc, sup, fronts))
-    finally:
-        if proc.returncode is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            reap_children()
-        _finish(sup)
-        loop.close()
+    full_log = Path(tempfile.gettempdir()) / f"biva-tritonserver-{os.getpid()}.log"
+    with full_log.open("wb") as log:
+        proc = subprocess.Popen([str(binary), *targs], env={**MALLOC, **env, CANCEL_DIR_ENV: str(cancel_dir)},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        relay = _relay_log(proc.stdout, log)
+        sup = Supervisor(proc.pid, f"http://{LOOPBACK}:{fronts.http.cfg.upstream_port}", (SECRET_HEADER, secret),
+                         reload=can_reload, log=lambda m: print(m, file=sys.stderr, flush=True),
+                         memory_slack_mb=float(os.environ.get(MEMORY_SLACK_ENV, Supervisor.memory_slack_mb)))
+        fronts.watch(sup.not_ready)
+        print(f"biva front: {fronts.describe()}; Triton's whole log: {full_log}", file=sys.stderr, flush=True)
+        try:
+            code = loop.run_until_complete(_run(proc, sup, fronts, cancel_dir))
+        finally:
+            if proc.returncode is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                reap_children()
+            _finish(sup, cancel_dir)
+            relay.join(timeout=5)
+            loop.close()
     return code

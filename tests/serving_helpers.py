@@ -25,7 +25,7 @@ def export_repo(tmp_path_factory, ckpt: Path, name: str, max_batch: int, front_i
 
 def serve(repo: Path, tmp_path_factory, name: str) -> Iterator:
     """A real tritonserver on free loopback ports for the duration of a fixture (yield from this)."""
-    from biva_serving.launcher import start_server
+    from biva_serving.process import start_server
 
     handle = start_server(repo, log_path=tmp_path_factory.mktemp(name) / "server.log")
     yield handle

@@ -31,7 +31,7 @@ def _mode_l1(ckpt, npy, n: int) -> np.ndarray:
 
 @pytest.mark.slow
 def test_demo_end_to_end(tiny_ckpt, digits_npy, tmp_path, monkeypatch):
-    import biva_serving.launcher as launcher
+    import biva_serving.process as launcher
 
     servers = []
     start = launcher.start_server

@@ -295,7 +295,7 @@ DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "models" / "default28.pt"
 @pytest.mark.skipif(not DEFAULT_CKPT.exists(), reason="models/default28.pt not present")
 def test_default_model_exports_and_serves(tmp_path):
     from biva_core.data import load_for_model
-    from biva_serving.launcher import start_server
+    from biva_serving.process import start_server
 
     repo = tmp_path / "triton_models"
     report = run_export(DEFAULT_CKPT, repo, ExportConfig(serving=ServingConfig(threads=1)), log=lambda *_: None)
@@ -326,7 +326,7 @@ def test_export_killed_mid_write_leaves_previous_repository_served(tiny_ckpt, ti
     import sys
     import time
 
-    from biva_serving.launcher import start_server
+    from biva_serving.process import start_server
 
     repo = tmp_path / "triton_models"
     shutil.copytree(tiny_repo, repo)

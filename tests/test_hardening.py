@@ -364,7 +364,7 @@ def _ppid(pid: str) -> int:
 @pytest.fixture
 def own_server(tiny_repo, tmp_path):
     """A server of this test's own: these tests kill stubs."""
-    from biva_serving.launcher import start_server
+    from biva_serving.process import start_server
 
     from biva_serving.supervisor import list_stubs
 
@@ -443,10 +443,13 @@ def test_expect_continue_and_other_methods(tiny_server) -> None:
 
 
 def test_tritons_own_grpc_endpoint_needs_the_fronts_secret(tiny_server) -> None:
-    """Triton's gRPC endpoint (a private loopback port, named in the launcher's first log line) answers no one
-    but the front: not even health or inference without the per-start secret."""
-    line = tiny_server.log_path.read_text(errors="replace").splitlines()[0]
-    private = line.split("gRPC on ")[1].split(" -> Triton on ")[1].split()[0].rstrip(",")
+    """Triton's gRPC endpoint (a private loopback port, kept out of what the user reads and named in Triton's own
+    log, whose path the launcher's first line gives) answers no one but the front: not even health or inference
+    without the per-start secret."""
+    text = tiny_server.log_path.read_text(errors="replace")
+    assert "GRPCInferenceService" not in text  # the private ports stay out of the user's log
+    full = Path(text.split("Triton's whole log: ")[1].split()[0]).read_text(errors="replace")
+    private = full.split("Started GRPCInferenceService at ")[1].split()[0].strip('"')
     assert private != tiny_server.grpc_url
     client = tgrpc.InferenceServerClient(private)
     try:

@@ -10,8 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import biva_serving.binary as binaries
 import biva_serving.launcher as launcher
-from biva_serving.launcher import ADDRESS_FLAGS, build_argv, find_system_tritonserver, start_server
+import biva_serving.net as net
+import biva_serving.process as process
+from biva_serving.binary import ADDRESS_FLAGS, build_argv, find_system_tritonserver
+from biva_serving.process import start_server
 
 MODEL = "double"
 
@@ -117,7 +121,7 @@ def test_main_execs_system_binary_with_args_unchanged(tmp_path: Path, monkeypatc
     calls = _capture_exec(monkeypatch, "execve")
     args = ["--model-repository", "triton_models", "--http-port=1"]
     with pytest.raises(_Exec):
-        launcher.main([*args, launcher.DIRECT_FLAG])
+        launcher.main([*args, net.DIRECT_FLAG])
     assert [c[:2] for c in calls] == [(real, [str(real), *args])]
 
 
@@ -140,7 +144,8 @@ def test_main_serves_behind_the_front_by_default(tmp_path: Path, monkeypatch: py
 
 
 def test_triton_args_behind_the_front_restrict_and_reload() -> None:
-    from biva_serving.guard import take_flag, triton_args
+    from biva_serving.guard import triton_args
+    from biva_serving.net import take_flag
 
     port, rest = take_flag(["--model-repository", "r", "--http-port", "9", "--http-port=10"], "--http-port", "8000")
     assert port == "10" and rest == ["--model-repository", "r"]
@@ -160,9 +165,9 @@ def test_main_runs_bundled_binary_with_backend_and_env(tmp_path: Path, monkeypat
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     calls = _capture_exec(monkeypatch, "execve")
     with pytest.raises(_Exec):
-        launcher.main(["--model-repository", "triton_models", launcher.DIRECT_FLAG])
+        launcher.main(["--model-repository", "triton_models", net.DIRECT_FLAG])
     [(binary, argv, env)] = calls
-    dist = launcher.pytriton_dist()
+    dist = binaries.pytriton_dist()
     assert binary == dist / "bin" / "tritonserver" and argv[0] == str(binary)
     assert argv[-2:] == ["--model-repository", "triton_models"]
     [backends] = _values(argv, "--backend-directory")
@@ -173,7 +178,7 @@ def test_main_runs_bundled_binary_with_backend_and_env(tmp_path: Path, monkeypat
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     assert str(dist.parent.parent / "nvidia_pytriton.libs") in env["LD_LIBRARY_PATH"].split(os.pathsep)
     # Cached: a second preparation reuses the same directory.
-    assert launcher.prepare_backend_directory(dist) == Path(backends)
+    assert binaries.prepare_backend_directory(dist) == Path(backends)
 
 
 # ---------------------------------------------------------------------------
@@ -291,7 +296,7 @@ def test_start_server_reports_a_broken_model(model_repo: Path, tmp_path: Path) -
 def test_start_server_retries_when_a_port_is_taken(
     model_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_free_ports = launcher.free_ports
+    real_free_ports = process.free_ports
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -303,11 +308,11 @@ def test_start_server_retries_when_a_port_is_taken(
         calls.append(ports)
         return [taken, *ports[1:]] if len(calls) == 1 else ports
 
-    monkeypatch.setattr(launcher, "free_ports", first_call_clashes)
+    monkeypatch.setattr(process, "free_ports", first_call_clashes)
     try:
         with start_server(write_double_model(model_repo), log_path=tmp_path / "log.txt") as handle:
             assert len(calls) == 2 and handle.http_port != taken
-            launcher.wait_ready(handle.http_url, timeout=5)
+            process.wait_ready(handle.http_url, timeout=5)
     finally:
         busy.close()
 
@@ -321,16 +326,16 @@ def test_console_script_serves_from_another_directory(model_repo: Path, tmp_path
     script = Path(sys.executable).parent / "tritonserver"
     if not script.exists():
         pytest.skip("console script not installed (pip install -e .)")
-    http, grpc, metrics = launcher.free_ports(3)
+    http, grpc, metrics = net.free_ports(3)
     log = (tmp_path / "log.txt").open("wb")
     proc = subprocess.Popen(
         [str(script), "--model-repository", model_repo.name,
          f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"],
         cwd=model_repo.parent, stdout=log, stderr=subprocess.STDOUT,
     )
-    handle = launcher.ServerHandle(proc, http, grpc, metrics, tmp_path / "log.txt", log)
+    handle = process.ServerHandle(proc, http, grpc, metrics, tmp_path / "log.txt", log)
     try:
-        launcher.wait_ready(handle.http_url, timeout=120)
+        process.wait_ready(handle.http_url, timeout=120)
         assert listening_addresses(http) == {"127.0.0.1"}
     finally:
         code = handle.stop()

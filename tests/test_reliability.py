@@ -177,7 +177,8 @@ def test_server_restart_during_likelihood_run_scores_every_image_once(tiny_repo,
     import subprocess
     import sys
 
-    from biva_serving.launcher import free_ports, start_server
+    from biva_serving.net import free_ports
+    from biva_serving.process import start_server
 
     ports = free_ports(3)
     out = tmp_path / "ll.csv"

@@ -31,7 +31,7 @@ import tempfile
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from biva_core.contract import (BUSY_PREFIX, CANCEL_DIR_ENV, DETECTOR_FILE, ENCODER, GRAPH_INSTANCES_PARAMETER,
+from biva_core.contract import (BUSY_PREFIX, CALL_ROWS, CANCEL_DIR_ENV, DETECTOR_FILE, ENCODER, GRAPH_INSTANCES_PARAMETER,
                                 HEAVY_ROWS, META_PARAMETER, ROLE_PARAMETER, SAMPLER, SCORER, SHUTDOWN_MARK,
                                 TOKEN_PARAMETER, Busy, Cancelled, ModelMeta, RequestError, ScoreRequest, T,
                                 check_images, check_k, check_ks, check_n, check_seed, check_temperature,
@@ -60,8 +60,8 @@ class _Gate:
 
     def __init__(self, req, cancel_dir: str | None):
         self.req, self.marks = req, []
+        self.shutdown = os.path.join(cancel_dir, SHUTDOWN_MARK) if cancel_dir else None
         if cancel_dir:
-            self.marks.append(os.path.join(cancel_dir, SHUTDOWN_MARK))
             try:
                 token = json.loads(req.parameters() or "{}").get(TOKEN_PARAMETER)
             except (ValueError, AttributeError):
@@ -72,9 +72,10 @@ class _Gate:
     def __call__(self) -> None:
         if self.req.is_cancelled():
             raise Cancelled("the request was cancelled by its client")
-        for mark in self.marks:
-            if os.path.exists(mark):
-                raise Cancelled("the request was abandoned by its client, or the server is shutting down")
+        if self.marks and os.path.exists(self.marks[0]):
+            raise Cancelled("the request was abandoned by its client")
+        if self.shutdown and os.path.exists(self.shutdown):  # busy: the client tries again once the server is back
+            raise Busy("the server is shutting down")
 
 
 class TritonPythonModel:
@@ -141,9 +142,9 @@ class TritonPythonModel:
 
     # ---- graph calls --------------------------------------------------------------------------
     def _call(self, graph, inputs, outputs):
-        """BLS calls in one slice per graph instance, of at most graph_rows rows each; outputs concatenated."""
+        """BLS calls of at most CALL_ROWS rows each, spread over the graph model's instances; outputs concatenated."""
         rows = next(iter(inputs.values())).shape[0]
-        step = max(1, min(self.graph_rows, -(-rows // self.instances)))
+        step = max(1, min(self.graph_rows, CALL_ROWS, -(-rows // self.instances)))
         sliced = [{n: a[s:s + step] for n, a in inputs.items()} for s in range(0, rows, step)]
         parts = list(zip(*self._exec_all(graph, sliced, outputs)))  # per output, its slices
         return [np.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in parts]
