@@ -19,7 +19,8 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 import torch
 
-from biva_core.contract import ENCODER, SAMPLER, SCORE, SCORER, GraphSpec, ScoreRequest, T, noise_rng, run_score
+from biva_core.contract import (ENCODER, SAMPLER, SCORE, SCORER, GraphSpec, ScoreRequest, T, call_rows, noise_rng,
+                                run_in_slices, run_score, served_runtime)
 
 from .loadgen import infer_inputs
 
@@ -101,6 +102,22 @@ class AotiRunner:
 
     def __call__(self, prepared: tuple[np.ndarray, ...]) -> list[np.ndarray]:
         return self.run(*prepared)
+
+
+class ServedRunner:
+    """The route the served graph models take (contract.served_runtime): the AOTInductor package from
+    AOTI_MIN_ROWS rows (in slices of AOTI_SLICE_ROWS), ONNX Runtime below, in process: numpy in, numpy out."""
+
+    def __init__(self, ort: "OrtRunner", aoti: AotiRunner):
+        self.ort, self.aoti = ort, aoti
+
+    def prepare(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return feeds
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if served_runtime("aoti", call_rows(feeds)) == "aoti":
+            return run_in_slices(lambda f: self.aoti(self.aoti.prepare(f)), feeds)
+        return self.ort(feeds)
 
 
 class OrtRunner:

@@ -10,7 +10,8 @@ from biva_core.contract import ORT_LEVELS as _ORT_LEVELS
 from .measure import MeasureConfig
 from .triton import Variant
 
-BACKENDS = ("torch", "compile", "ort", "triton_http", "triton_grpc")  # the default run
+BACKENDS = ("torch", "compile", "ort", "served", "triton_http", "triton_grpc")  # the default run; "served": the
+#                                                                  route the graph models take, in process
 # on request: ONNX Runtime on the served graph with its ELUs as single Elu nodes (export/graph_passes.py), so the
 # decomposition the exporter writes is measured against the operator it replaces, in the same run
 # and "aoti": the repository's AOTInductor packages (biva-export --runtime aoti) in process

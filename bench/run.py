@@ -29,7 +29,7 @@ from biva_core.checkpoint import sha256_file
 from biva_core.contract import (ENCODER, IW_CALL_ROWS, KS, PACKAGE_FILE, REPORT, SAMPLES, OrtOptions, T, ort_session,
                                 read_meta, score_plan)
 
-from .backends import AotiRunner, Case, CompiledRunner, OrtRunner, TorchRunner, async_call, inprocess_call, \
+from .backends import AotiRunner, Case, CompiledRunner, OrtRunner, ServedRunner, TorchRunner, async_call, inprocess_call, \
     make_cases, request_feeds, sync_call, triton_inputs
 from .config import BenchConfig
 from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
@@ -146,11 +146,15 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
         if "ort" in cfg.backends:
             sess, load_s[case.graph] = _ort_session(graphs[case.graph], cfg, work)
             runners["ort"] = OrtRunner(sess)
+        package = graphs[case.graph].parent / PACKAGE_FILE
         if "aoti" in cfg.backends:
-            package = graphs[case.graph].parent / PACKAGE_FILE
             if not package.is_file():
                 raise BenchError(f"{package}: no AOTInductor package; export with biva-export --runtime aoti")
             runners["aoti"] = AotiRunner(package, spec, cfg.threads)
+        if "served" in cfg.backends:  # an ONNX-only repository serves ONNX Runtime alone
+            ort = OrtRunner(_ort_session(graphs[case.graph], cfg, work)[0])
+            runners["served"] = ServedRunner(ort, runners.get("aoti") or AotiRunner(package, spec, cfg.threads)) \
+                if package.is_file() else ort
         if "ort_elu_native" in cfg.backends:
             native = _elu_native_copy(graphs[case.graph], work)
             runners["ort_elu_native"] = OrtRunner(_ort_session(native, cfg, work)[0])

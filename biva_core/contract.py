@@ -44,7 +44,10 @@ GRAPH_INSTANCES_PARAMETER = "graph_instances"  # a front model's parameter: inst
 ONNX_FILE_PARAMETER, THREADS_PARAMETER, SPINNING_PARAMETER = "onnx_file", "intra_op_threads", "intra_op_spinning"
 # and the runtime that runs it: ONNX Runtime on model.onnx, or the AOTInductor package PACKAGE_FILE (export/aoti.py)
 RUNTIME_PARAMETER, RUNTIMES, PACKAGE_FILE = "runtime", ("onnxruntime", "aoti"), "model.pt2"
-# the aoti runtime keeps ONNX Runtime for calls of fewer rows: measured ahead of inductor at 1 row, behind at 8
+AOTI_THREADS_PARAMETER = "aoti_threads"  # intra-op threads of a graph model's package (0: as ONNX Runtime's)
+PACKAGE_ISA_PARAMETER = "aoti_isa"  # the CPU the package was compiled on: {"cpu": name, "flags": [cpuinfo flags]}
+# the aoti runtime keeps ONNX Runtime for calls of fewer rows, where it leads (docs/speed.md: the row threshold,
+# measured on an AMD EPYC and an Intel Xeon)
 AOTI_MIN_ROWS = 8
 DETECTOR_FILE = "detector.json"  # beside biva_detect's model.py: the fitted detector (biva_core.stats.Detector)
 REPORT = "export_report.json"  # written by biva-export at the repository's root
@@ -407,6 +410,41 @@ def check_seed(seed: int, what: str = T.seed) -> int:
     return int(seed)
 
 
+def call_rows(feeds: dict[str, np.ndarray]) -> int:
+    """Rows of one graph call: images x draws for the scorer (noise (B, S, N)), else its batch."""
+    noise = feeds.get(T.noise)
+    if noise is not None and noise.ndim == 3:
+        return int(noise.shape[0] * noise.shape[1])
+    return int(len(next(iter(feeds.values()))))
+
+
+# The package runs a call of more rows in slices of at most AOTI_SLICE_ROWS rows: on the project machine (Xeon, 2
+# threads) its 64-row calls ran at 0.75-0.87 of two 32-row calls, as small calls keep the activations in the caches
+AOTI_SLICE_ROWS = 32
+
+
+def row_slices(feeds: dict[str, np.ndarray], rows: int = AOTI_SLICE_ROWS) -> list[dict[str, np.ndarray]]:
+    """A graph call's inputs in slices of whole images holding at most `rows` rows each (call_rows; at least one
+    image a slice)."""
+    per_image = max(1, call_rows(feeds) // max(1, len(next(iter(feeds.values())))))
+    step = max(1, rows // per_image)
+    n = len(next(iter(feeds.values())))
+    return [{k: v[s:s + step] for k, v in feeds.items()} for s in range(0, n, step)]
+
+
+def run_in_slices(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], feeds: dict[str, np.ndarray],
+                  rows: int = AOTI_SLICE_ROWS) -> list[np.ndarray]:
+    """run(feeds) over row_slices, the outputs concatenated along the batch."""
+    parts = [run(f) for f in row_slices(feeds, rows)]
+    return parts[0] if len(parts) == 1 else [np.concatenate(p, axis=0) for p in zip(*parts)]
+
+
+def served_runtime(runtime: str, rows: int) -> str:
+    """What a graph model runs a call of `rows` rows on: the package from AOTI_MIN_ROWS rows with the aoti runtime,
+    ONNX Runtime otherwise."""
+    return "aoti" if runtime == "aoti" and rows >= AOTI_MIN_ROWS else "onnxruntime"
+
+
 def check_graph_inputs(graph: str, feeds: dict[str, np.ndarray], meta: ModelMeta) -> None:
     """The inputs of one graph request (rows already within max_batch_size, shapes checked by Triton)."""
     caps, rows = meta.caps, meta.graph_max_batch
@@ -659,7 +697,13 @@ class ServingConfig:
     instances: int = 2
     front_instances: int = 2  # instances per front (API) model
     threads: int = 0  # ONNX Runtime intra-op threads per python-backend graph instance (0: cores / instances)
-    runtime: str = "onnxruntime"  # what runs the python backend's graphs: ONNX Runtime, or "aoti" (export/aoti.py)
+    # the package's threads per instance (0: as ONNX Runtime's). Every core per instance ran a direct 64-row call
+    # 1.5x faster through Triton but let 16 batch-1 clients fall from 296 to 129 images/s (p99 1 s: both instances'
+    # OpenMP threads on two cores), so the default shares the cores out (docs/speed.md)
+    aoti_threads: int = 0
+    # what runs the python backend's graphs: "aoti", the AOTInductor packages from AOTI_MIN_ROWS rows and ONNX Runtime
+    # below (the fastest measured: docs/speed.md), or "onnxruntime" alone (export in seconds instead of minutes)
+    runtime: str = "aoti"
     spinning: bool = False  # idle ONNX Runtime intra-op threads busy-wait for work (ORT's default; no faster
     #                         served, measured: docs/speed.md)
     dynamic_batching: bool = True  # the graph models batch concurrent calls (False: one call per execution)
@@ -708,6 +752,33 @@ def ort_session(path: str, options: OrtOptions = OrtOptions()):
     if options.gpu_device is not None and "CUDAExecutionProvider" in ort.get_available_providers():
         providers = [("CUDAExecutionProvider", {"device_id": options.gpu_device}), "CPUExecutionProvider"]
     return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def cpu_info() -> tuple[str, set[str]]:
+    """This machine's processor name and its instruction-set flags, from /proc/cpuinfo ("", {} elsewhere)."""
+    name, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not name:
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return name, flags
+
+
+def check_package_isa(model: str, isa: dict) -> None:
+    """RuntimeError (one line, naming both processors) when this machine lacks an instruction set a model's
+    AOTInductor package was compiled for (isa: PACKAGE_ISA_PARAMETER's value)."""
+    name, flags = cpu_info()
+    missing = sorted(set(isa.get("flags", ())) - flags)
+    if missing:
+        raise RuntimeError(f"{model}: its AOTInductor package was compiled on {isa.get('cpu') or 'another processor'} "
+                           f"for {', '.join(isa['flags'])}; this machine's processor ({name or 'unknown'}) lacks "
+                           f"{', '.join(missing)}: export the repository again on this machine (biva-export), or "
+                           "with --runtime onnxruntime")
 
 
 def ort_shrinking_run():

@@ -49,17 +49,20 @@ class DemoConfig:
     batch_size: int = 100  # images per request
     concurrency: int = 2  # requests in flight
     progress: bool | None = None  # progress bars (None: only on a terminal)
+    runtime: str = "aoti"  # the graphs' runtime (biva-export --runtime): the default route, or "onnxruntime"
 
 
-def _export(ckpt: Path, repo: Path, t0: float) -> None:
-    from biva_export.pipeline import run_export
+def _export(ckpt: Path, repo: Path, runtime: str, t0: float) -> None:
+    from biva_core.contract import ServingConfig
+    from biva_export.pipeline import ExportConfig, run_export
 
     with tempfile.TemporaryDirectory(prefix="biva-demo-") as tmp:
         # a snapshot: the checkpoint may be rewritten by a training run while this runs
         snapshot = Path(tmp) / ckpt.name
         shutil.copyfile(ckpt, snapshot)
         _step(f"exporting {ckpt} to {repo} (ONNX graphs validated against PyTorch)", t0)
-        run_export(snapshot, repo, log=lambda msg: click.echo(f"    {msg}"), source=str(ckpt))
+        run_export(snapshot, repo, ExportConfig(serving=ServingConfig(runtime=runtime)),
+                   log=lambda msg: click.echo(f"    {msg}"), source=str(ckpt))
 
 
 def _likelihood(client: BivaClient, cfg: DemoConfig, out_dir: Path, outputs: dict, t0: float):
@@ -137,7 +140,7 @@ def run_demo(ckpt: Path, out_dir: Path, repo: Path, cfg: DemoConfig = DemoConfig
 
     t0 = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
-    _export(ckpt, repo, t0)
+    _export(ckpt, repo, cfg.runtime, t0)
     outputs: dict[str, Path] = {"model repository": repo}
     _step("starting tritonserver", t0)
     server = start_server(repo, log_path=out_dir / "server.log")
@@ -175,12 +178,16 @@ def run_demo(ckpt: Path, out_dir: Path, repo: Path, cfg: DemoConfig = DemoConfig
 @click.option("--ood-limit", default=1000, show_default=True, type=click.IntRange(1),
               help="Images per OOD set (the in-distribution set, MNIST with ood-limit/10 per class, digits).")
 @click.option("--k", "k_list", default=None, help="k list of the OOD scores L>k, LLR>k [default: 1..L-1].")
+@click.option("--runtime", type=click.Choice(["aoti", "onnxruntime"]), default="aoti", show_default=True,
+              help="The graphs' runtime (biva-export --runtime): the default route, or ONNX Runtime alone (faster "
+                   "to export).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt, out_dir, repo, ll_limit, ood_limit, k_list, debug):
+def main(ckpt, out_dir, repo, ll_limit, ood_limit, k_list, runtime, debug):
     """Export a checkpoint, serve it with Triton, and run samples, likelihoods, OOD scores and reconstructions."""
     t0 = time.monotonic()
     try:
-        outputs = run_demo(ckpt, out_dir, repo, DemoConfig(ll_limit=ll_limit, ood_limit=ood_limit, k_list=k_list))
+        outputs = run_demo(ckpt, out_dir, repo, DemoConfig(ll_limit=ll_limit, ood_limit=ood_limit, k_list=k_list,
+                                                           runtime=runtime))
     except KeyboardInterrupt:
         click.echo("interrupted (server stopped)", err=True)
         sys.exit(EXIT_INTERRUPTED)

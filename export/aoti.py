@@ -3,19 +3,34 @@ ONNX graph, compiled ahead of time by inductor), served by the python backend in
 
 Why: inductor fuses BIVA's elementwise work (the ELU before every convolution, the gates, the residual adds)
 into the loops around its convolutions, which ONNX Runtime's CPU provider cannot; at batch 64 it is the
-faster runtime here (README, Speed). One package per graph holds every batch size (a dynamic batch axis, as
+faster runtime here (docs/speed.md). One package per graph holds every batch size (a dynamic batch axis, as
 the ONNX graph), so a server compiles nothing. Packages are validated against PyTorch at the same
 tolerances as the ONNX graphs (onnx_export.compare_with_torch) before anything is written.
+
+A package is machine code for the exporting processor's instruction sets (`package_isa`, recorded in the graph
+model's config, checked when the model loads: contract.check_package_isa). The three packages compile in worker
+processes beside the ONNX export, and land in a cache keyed by everything they are made from (the checkpoint's
+hash, the graph, torch's version, the instruction sets, the model code), so exporting the same checkpoint again on
+the same kind of machine reuses them (validated again), and another processor compiles its own.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
+from biva_core.checkpoint import sha256_file
+from biva_core.contract import GraphSpec, aoti_runner
 from biva_core.model import Biva
 
-from biva_core.contract import GraphSpec, aoti_runner
 from .graphs import GRAPH_MODULES
 from .onnx_export import GraphReport, compare_with_torch, dynamic_axes, traced_inputs
 
@@ -49,3 +64,88 @@ def validate_package(spec: GraphSpec, model: Biva, path: Path, atol_scale: float
                              atol_scale=atol_scale)
     rep.runtime = "AOTI"
     return rep
+
+
+# inductor's -m flags -> the names /proc/cpuinfo gives the same instruction sets
+_CPUINFO = {"avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
+            "amx-tile": "amx_tile", "amx-bf16": "amx_bf16", "amx-int8": "amx_int8", "amx-fp16": "amx_fp16"}
+SOURCES = ("biva_core/model.py", "biva_core/layers.py", "biva_core/distributions.py", "biva_core/objectives.py",
+           "export/graphs.py", "export/aoti.py")  # what a package is compiled from, besides the weights
+
+
+def package_isa() -> dict:
+    """The processor a package compiled here is for: its name and the instruction sets inductor builds with."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    from biva_core.contract import cpu_info
+
+    flags = [f[2:] for f in pick_vec_isa().build_arch_flags().split() if f.startswith("-m")]
+    return {"cpu": cpu_info()[0], "flags": sorted({_CPUINFO.get(f, f.replace("-", "_")) for f in flags})}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "biva-serving" / "aoti"
+
+
+def cache_key(ckpt_sha: str, graph: str, isa: dict) -> str:
+    root = Path(__file__).resolve().parent.parent
+    code = hashlib.sha256(b"".join((root / s).read_bytes() for s in SOURCES)).hexdigest()
+    parts = {"checkpoint": ckpt_sha, "graph": graph, "torch": torch.__version__, "isa": isa["flags"], "code": code}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _compile_worker(ckpt: str, graph: str, path: str) -> float:
+    """In a worker process: the package of one graph of the checkpoint at `path`; its seconds."""
+    from biva_core.checkpoint import load_model
+
+    from .graphs import graph_specs, inference_copy
+
+    t = time.perf_counter()
+    torch.set_num_threads(1)
+    model, _ = load_model(ckpt)
+    plain = inference_copy(model)
+    compile_package(graph_specs(plain)[graph], plain, Path(path))
+    return time.perf_counter() - t
+
+
+class PackageBuilds:
+    """The packages of a checkpoint's graphs, from the cache or compiled in worker processes (started at once, so
+    they run while the caller exports the ONNX graphs); `result(graph)` waits for one: (path, seconds, cached)."""
+
+    def __init__(self, ckpt: Path, graphs: list[str], work: Path):
+        self.isa, sha = package_isa(), sha256_file(ckpt)
+        self.cache = cache_dir()
+        self.keys = {g: cache_key(sha, g, self.isa) for g in graphs}
+        self.work, self.pool, self.jobs = work, None, {}
+        # the largest first (the scorer's compile took 48 s, the encoder's 32, the sampler's 20 for ood28): with two
+        # workers the others share the second one, and the whole waits for the scorer alone
+        todo = [g for g in reversed(graphs) if not (self.cache / f"{self.keys[g]}.pt2").is_file()]
+        if todo:
+            workers = max(1, min(len(todo), len(os.sched_getaffinity(0))))
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            self.jobs: dict[str, Future] = {g: self.pool.submit(_compile_worker, str(ckpt), g,
+                                                                str(work / f"{g}.pt2")) for g in todo}
+
+    def result(self, graph: str) -> tuple[Path, float, bool]:
+        cached = self.cache / f"{self.keys[graph]}.pt2"
+        if graph not in self.jobs:
+            return cached, 0.0, True
+        seconds = self.jobs[graph].result()
+        self._keep(self.work / f"{graph}.pt2", cached)
+        return self.work / f"{graph}.pt2", seconds, False
+
+    def _keep(self, built: Path, cached: Path) -> None:
+        """Into the cache, whole or not at all (a temporary file beside it, then a rename); a cache that cannot be
+        written is skipped."""
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
+            os.close(fd)
+            shutil.copyfile(built, tmp)
+            os.replace(tmp, cached)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)

@@ -92,10 +92,11 @@ def _report_head(ckpt: Path, cfg: ExportConfig, source: str | None) -> dict:
             "validated": cfg.validate, "graphs": {}}
 
 
-def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig, log, out: Path
+def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig, log, out: Path, builds=None
                          ) -> tuple[dict, dict]:
     """Each graph exported into `tmp` and validated; returns (name -> {file name in the version folder: path},
-    name -> report entry): the ONNX graph, and with the aoti runtime its package (validated too)."""
+    name -> report entry): the ONNX graph, and with the aoti runtime its package (from `builds`, aoti.PackageBuilds,
+    validated too)."""
     from .onnx_export import export_graph, validate_graph
 
     files, entries = {}, {}
@@ -108,9 +109,8 @@ def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig
         entry = {"bytes": path.stat().st_size, "inputs": spec.input_names, "outputs": spec.output_names}
         if cfg.validate:
             entry.update(_checked(validate_graph(spec, model, path, atol_scale=cfg.atol_scale), log, out))
-        if cfg.serving.runtime == "aoti":
-            files[name][PACKAGE_FILE] = path.with_suffix(".pt2")
-            entry["package"] = _package(spec, model, plain, files[name][PACKAGE_FILE], cfg, log, out)
+        if builds is not None:
+            files[name][PACKAGE_FILE], entry["package"] = _package(spec, model, builds, cfg, log, out)
         entries[name] = entry
     return files, entries
 
@@ -140,17 +140,17 @@ def _checked(rep, log, out: Path) -> dict:
             "ok": rep.ok}
 
 
-def _package(spec, model, plain, path: Path, cfg: ExportConfig, log, out: Path) -> dict:
-    """The graph's AOTInductor package at `path`, validated like the ONNX graph; its report entry."""
-    from .aoti import compile_package, validate_package
+def _package(spec, model, builds, cfg: ExportConfig, log, out: Path) -> tuple[Path, dict]:
+    """The graph's AOTInductor package (compiled in a worker process, or from the cache), validated like the ONNX
+    graph; its path and report entry."""
+    from .aoti import validate_package
 
-    log(f"  compiling {spec.name} with AOTInductor (a minute or two) ...")
-    with _quiet_exporter(cfg.quiet):
-        compile_package(spec, plain, path)
-    entry = {"bytes": path.stat().st_size}
+    path, seconds, cached = builds.result(spec.name)
+    log(f"  {spec.name}: AOTInductor package " + ("from the cache" if cached else f"compiled in {seconds:.0f} s"))
+    entry = {"bytes": path.stat().st_size, "compile_s": round(seconds, 1), "cached": cached, "isa": builds.isa}
     if cfg.validate:
         entry.update(_checked(validate_package(spec, model, path, atol_scale=cfg.atol_scale), log, out))
-    return entry
+    return path, entry
 
 
 # Memory sizing (issue 13). A natural32 row carries 2.7 MiB of float32 tensors through a graph call (noise
@@ -176,6 +176,19 @@ def fit_to_memory(cfg: ExportConfig, latent_dim: int, noise_dim: int, image_shap
     images = _pow2_at_most(REQUEST_BYTES // (4 * (3 * latent_dim + pixels)))
     return replace(cfg, serving=replace(cfg.serving, max_batch=min(cfg.serving.max_batch, rows)),
                    caps=replace(cfg.caps, max_images=min(cfg.caps.max_images, images)))
+
+
+def _package_builds(ckpt: Path, graphs: list[str], tmp: Path, cfg: ExportConfig, log):
+    """The aoti runtime's packages, started now in worker processes (None for the onnxruntime runtime)."""
+    if cfg.serving.runtime != "aoti":
+        return None
+    from .aoti import PackageBuilds
+
+    builds = PackageBuilds(ckpt, graphs, tmp)
+    if builds.jobs:
+        log(f"compiling {len(builds.jobs)} AOTInductor packages in worker processes (a minute or two; "
+            "--runtime onnxruntime skips them) ...")
+    return builds
 
 
 def model_meta(model, data_meta: dict, cfg: ExportConfig, checkpoint_sha256: str) -> ModelMeta:
@@ -237,11 +250,17 @@ def run_export(ckpt: Path, out: Path, cfg: ExportConfig = ExportConfig(), log: C
     det_path = detector_file(ckpt, cfg, source)
     detector = load_detector(det_path, meta) if det_path else None
     with tempfile.TemporaryDirectory(prefix="biva-onnx-") as tmp:
-        graph_files, report["graphs"] = _export_and_validate(model, plain, specs, Path(tmp), cfg, log, out)
+        builds = _package_builds(ckpt, list(specs), Path(tmp), cfg, log)
+        try:
+            graph_files, report["graphs"] = _export_and_validate(model, plain, specs, Path(tmp), cfg, log, out, builds)
+        finally:
+            if builds is not None:
+                builds.close()
         if cfg.validate:
             report["routes"] = _checked_routes(model, graph_files, meta, detector, log, out)
         report["meta"] = json.loads(meta.to_json())
-        configs = {name: graph_config(spec, cfg.serving, meta) for name, spec in specs.items()}
+        isa = builds.isa if builds is not None else None
+        configs = {name: graph_config(spec, cfg.serving, meta, isa) for name, spec in specs.items()}
         fronts = {n: s for n, s in meta.front_specs().items() if n != DETECT or detector is not None}
         configs.update({name: front_config(spec, meta, cfg.serving, detector.summary() if name == DETECT else None)
                         for name, spec in fronts.items()})

@@ -23,8 +23,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from biva_core.contract import (DETECTOR_PARAMETER, DTYPES, GRAPH_INSTANCES_PARAMETER, META_PARAMETER,
-                                ONNX_FILE_PARAMETER, ROLE_PARAMETER, RUNTIME_PARAMETER, SPINNING_PARAMETER,
+from biva_core.contract import (AOTI_THREADS_PARAMETER, DETECTOR_PARAMETER, DTYPES, GRAPH_INSTANCES_PARAMETER, META_PARAMETER,
+                                ONNX_FILE_PARAMETER, PACKAGE_ISA_PARAMETER, ROLE_PARAMETER, RUNTIME_PARAMETER, SPINNING_PARAMETER,
                                 THREADS_PARAMETER, FrontSpec, GraphSpec, ModelMeta, ServingConfig, TensorSpec)
 
 PYTHON_DIR = Path(__file__).parent / "triton_python"  # the python-backend model code this step writes
@@ -46,8 +46,9 @@ def _params(params: dict[str, str]) -> str:
                    for k, v in params.items())
 
 
-def graph_config(spec: GraphSpec, sc: ServingConfig, meta: ModelMeta | None = None) -> str:
-    """config.pbtxt of a graph model: python backend (ONNX Runtime inside) or native onnxruntime."""
+def graph_config(spec: GraphSpec, sc: ServingConfig, meta: ModelMeta | None = None, isa: dict | None = None) -> str:
+    """config.pbtxt of a graph model: python backend (ONNX Runtime inside, or its AOTInductor package compiled for
+    `isa`) or native onnxruntime."""
     backend, max_batch, instances = sc.backend, sc.max_batch, sc.instances
     head = f'name: "{spec.name}"\n'
     if backend == "python":
@@ -56,6 +57,9 @@ def graph_config(spec: GraphSpec, sc: ServingConfig, meta: ModelMeta | None = No
                   SPINNING_PARAMETER: "1" if sc.spinning else "0", RUNTIME_PARAMETER: sc.runtime}
         if meta is not None:
             params[META_PARAMETER] = meta.to_json()
+        if sc.runtime == "aoti" and isa is not None:
+            params[PACKAGE_ISA_PARAMETER] = json.dumps(isa, sort_keys=True)
+            params[AOTI_THREADS_PARAMETER] = str(sc.aoti_threads)
         kind, extra = "KIND_CPU", _params(params)
     else:
         head += 'platform: "onnxruntime_onnx"\n'

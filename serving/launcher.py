@@ -7,10 +7,13 @@ that starts a server on free ports for tests, the demo and the bench is process.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
+
+from biva_core.contract import REPORT, check_package_isa
 
 from .binary import resolve
 from .net import DIRECT_FLAG, take_flag
@@ -26,6 +29,22 @@ def check_repository(args: Sequence[str]) -> str | None:
         what = "is not a folder" if path.exists() else "does not exist"
         return (f"--model-repository {repo} {what} (looked in {Path.cwd()}); export one with: "
                 "biva-export --ckpt models/ood28.pt --out triton_models")
+    return _package_complaint(path)
+
+
+def _package_complaint(repo: Path) -> str | None:
+    """A repository whose AOTInductor packages need instruction sets this processor lacks, in one line."""
+    try:
+        graphs = json.loads((repo / REPORT).read_text()).get("graphs", {})
+    except (OSError, ValueError, AttributeError):
+        return None  # not written by biva-export: Triton loads it as it is
+    for name, entry in graphs.items():
+        isa = (entry.get("package") or {}).get("isa") if isinstance(entry, dict) else None
+        if isa:
+            try:
+                check_package_isa(name, isa)
+            except RuntimeError as e:
+                return str(e)
     return None
 
 

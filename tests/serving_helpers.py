@@ -18,7 +18,7 @@ def export_repo(tmp_path_factory, ckpt: Path, name: str, max_batch: int, front_i
     from biva_core.contract import ServingConfig
 
     out = tmp_path_factory.mktemp(name) / "triton_models"
-    serving = ServingConfig(max_batch=max_batch, threads=1, front_instances=front_instances)
+    serving = ServingConfig(max_batch=max_batch, threads=1, front_instances=front_instances, runtime="onnxruntime")
     run_export(ckpt, out, ExportConfig(serving=serving), log=lambda *_: None)
     return out
 

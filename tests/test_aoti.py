@@ -1,5 +1,6 @@
-"""The compiled route (`biva-export --runtime aoti`, export/aoti.py): AOTInductor packages of the three graphs,
-validated against PyTorch at export, served by a real tritonserver with the same answers PyTorch gives."""
+"""The compiled route, biva-export's default (`--runtime aoti`, export/aoti.py): AOTInductor packages of the three
+graphs, compiled in worker processes (or taken from the cache), validated against PyTorch at export, served by a
+real tritonserver with the same answers PyTorch gives, refused on a processor without their instruction sets."""
 from __future__ import annotations
 
 import json
@@ -23,7 +24,21 @@ NATS_TOL, IMAGE_TOL = 1e-3, 1e-4
 
 
 @pytest.fixture(scope="module")
-def aoti_repo(tiny_ckpt, tmp_path_factory):
+def aoti_cache(tmp_path_factory):
+    """A package cache of this module's own (XDG_CACHE_HOME), empty at first."""
+    import os
+
+    root = tmp_path_factory.mktemp("xdg_cache")
+    old, os.environ["XDG_CACHE_HOME"] = os.environ.get("XDG_CACHE_HOME"), str(root)
+    yield root
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def aoti_repo(tiny_ckpt, tmp_path_factory, aoti_cache):
     out = tmp_path_factory.mktemp("aoti") / "triton_models"
     serving = ServingConfig(runtime="aoti", max_batch=64, threads=1)
     run_export(tiny_ckpt, out, ExportConfig(serving=serving), log=lambda *_: None)
@@ -45,6 +60,43 @@ def test_packages_are_validated_and_written_beside_the_graphs(aoti_repo):
         assert (aoti_repo / name / "1" / PACKAGE_FILE).stat().st_size == pkg["bytes"] > 0
         cfg = parse_config((aoti_repo / name / "config.pbtxt").read_text())
         assert cfg.parameters["runtime"].string_value == "aoti"
+        isa = json.loads(cfg.parameters["aoti_isa"].string_value)
+        assert isa == pkg["isa"] and isa["flags"] and not pkg["cached"] and pkg["compile_s"] > 0
+
+
+@pytest.mark.slow
+def test_a_second_export_takes_the_packages_from_the_cache_and_validates_them(aoti_repo, tiny_ckpt, tmp_path):
+    """Same checkpoint, same machine: no compiling (seconds, not minutes), the same validated packages."""
+    import time
+
+    t = time.monotonic()
+    report = run_export(tiny_ckpt, tmp_path / "again", ExportConfig(serving=ServingConfig(runtime="aoti", max_batch=64,
+                                                                                          threads=1)),
+                        log=lambda *_: None)
+    took = time.monotonic() - t
+    for name, entry in report["graphs"].items():
+        assert entry["package"]["cached"] and entry["package"]["ok"], name
+        assert (tmp_path / "again" / name / "1" / PACKAGE_FILE).read_bytes() == \
+            (aoti_repo / name / "1" / PACKAGE_FILE).read_bytes()
+    print(f"second export: {took:.1f} s")
+
+
+def test_a_package_for_another_processor_is_refused_in_one_line(tmp_path) -> None:
+    """A package compiled for instruction sets this processor lacks: the graph model's check and the launcher's
+    (before Triton starts) name both processors."""
+    from biva_core.contract import check_package_isa, cpu_info
+    from biva_serving.launcher import check_repository
+
+    isa = {"cpu": "Imaginary CPU 9000", "flags": ["avx512f", "imaginary_isa"]}
+    with pytest.raises(RuntimeError, match="Imaginary CPU 9000.*lacks imaginary_isa") as e:
+        check_package_isa("biva_graph_scorer", isa)
+    assert cpu_info()[0] in str(e.value) and "\n" not in str(e.value)
+    check_package_isa("biva_graph_scorer", {"cpu": "here", "flags": sorted(cpu_info()[1])[:3]})  # what we have: fine
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / REPORT).write_text(json.dumps({"graphs": {"biva_graph_scorer": {"package": {"isa": isa}}}}))
+    complaint = check_repository(["--model-repository", str(repo)])
+    assert complaint and "lacks imaginary_isa" in complaint and "biva-export" in complaint
 
 
 def test_aoti_needs_the_python_backend(tiny_ckpt, tmp_path):

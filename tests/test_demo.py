@@ -41,7 +41,8 @@ def test_demo_end_to_end(tiny_ckpt, digits_npy, tmp_path, monkeypatch):
 
     out, repo = tmp_path / "demo_out", tmp_path / "triton_models"
     cfg = DemoConfig(n_samples=16, ll_limit=40, ood_limit=40, k_list="1,2", in_spec=f"npy:{digits_npy}",
-                     ood_specs=(f"npy:{inverted}", "mnist"), batch_size=16, progress=False)
+                     ood_specs=(f"npy:{inverted}", "mnist"), batch_size=16, progress=False,
+                     runtime="onnxruntime")
     outputs = run_demo(tiny_ckpt, out, repo, cfg)
 
     for what, path in outputs.items():

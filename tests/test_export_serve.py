@@ -33,6 +33,9 @@ def _tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+ONNX_ONLY = ServingConfig(runtime="onnxruntime")  # exports in seconds (the aoti route: tests/test_aoti.py)
+
+
 # ---- configs ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["python", "onnxruntime"])
@@ -98,7 +101,7 @@ def test_failed_validation_leaves_previous_repository_intact(tiny_ckpt, tiny_rep
     shutil.copytree(tiny_repo, repo)
     before = _tree_digest(repo)
     with pytest.raises(ExportError) as e:
-        run_export(tiny_ckpt, repo, ExportConfig(atol_scale=0.0), log=lambda *_: None)
+        run_export(tiny_ckpt, repo, ExportConfig(atol_scale=0.0, serving=ONNX_ONLY), log=lambda *_: None)
     msg = str(e.value)
     assert "validation failed" in msg and "left untouched" in msg and "biva_graph_sampler: max |ORT - torch|" in msg
     assert " > 0" in msg
@@ -111,7 +114,7 @@ def test_export_refuses_a_foreign_directory(tiny_ckpt, tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(ExportError, match="not written by biva-export"):
-        run_export(tiny_ckpt, foreign, ExportConfig(validate=False), log=lambda *_: None)
+        run_export(tiny_ckpt, foreign, ExportConfig(validate=False, serving=ONNX_ONLY), log=lambda *_: None)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
@@ -298,7 +301,7 @@ def test_default_model_exports_and_serves(tmp_path):
     from biva_serving.process import start_server
 
     repo = tmp_path / "triton_models"
-    report = run_export(DEFAULT_CKPT, repo, ExportConfig(serving=ServingConfig(threads=1)), log=lambda *_: None)
+    report = run_export(DEFAULT_CKPT, repo, ExportConfig(serving=ServingConfig(threads=1, runtime="onnxruntime")), log=lambda *_: None)
     assert all(g["ok"] for g in report["graphs"].values())
     model, meta = load_model(DEFAULT_CKPT)
     x = load_for_model("fashion-mnist:test", meta, limit=8)
@@ -343,5 +346,5 @@ def test_export_killed_mid_write_leaves_previous_repository_served(tiny_ckpt, ti
         imgs, _ = infer(server, "http", "biva_sample", {"n": i64(2), "seed": i64(1)}, ["images", "seed"])
         assert imgs.shape == (2, 1, 28, 28)
         server.stop()
-    run_export(tiny_ckpt, repo, ExportConfig(validate=False), log=lambda *_: None)
+    run_export(tiny_ckpt, repo, ExportConfig(validate=False, serving=ONNX_ONLY), log=lambda *_: None)
     assert not list(tmp_path.glob(".triton_models.staging-*"))

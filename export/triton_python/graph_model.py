@@ -14,19 +14,14 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from biva_core.contract import (AOTI_MIN_ROWS, ARENA_KEEP_ROWS, META_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_FILE,
-                                RUNTIME_PARAMETER, SPINNING_PARAMETER, THREADS_PARAMETER, ModelMeta, OrtOptions,
-                                RequestError, T, aoti_runner, check_graph_inputs, ort_session, ort_shrinking_run)
+from biva_core.contract import (AOTI_THREADS_PARAMETER, ARENA_KEEP_ROWS, META_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_FILE,
+                                PACKAGE_ISA_PARAMETER, RUNTIME_PARAMETER, SPINNING_PARAMETER, THREADS_PARAMETER,
+                                ModelMeta, OrtOptions, RequestError, aoti_runner, call_rows, check_graph_inputs,
+                                check_package_isa, ort_session, ort_shrinking_run, run_in_slices, served_runtime)
 
 
 def _param(config, key, default):
     return config.get("parameters", {}).get(key, {}).get("string_value", default)
-
-
-def _rows(feeds):
-    """Rows of a graph call: images x draws for the scorer (noise (B, S, N)), else its batch."""
-    noise = feeds.get(T.noise)
-    return int(np.prod(noise.shape[:-1])) if noise is not None else len(next(iter(feeds.values())))
 
 
 def _error(msg, invalid):
@@ -54,12 +49,15 @@ class TritonPythonModel:
                              spinning=None if spinning == "" else spinning == "1")
         session = ort_session(os.path.join(here, _param(config, ONNX_FILE_PARAMETER, "model.onnx")), options)
         shrink = ort_shrinking_run()  # a large call's arena memory goes back to the system after it
-        self.ort = lambda feeds: session.run(self.outputs, feeds, shrink if _rows(feeds) > ARENA_KEEP_ROWS else None)
+        self.ort = lambda feeds: session.run(self.outputs, feeds, shrink if call_rows(feeds) > ARENA_KEEP_ROWS else None)
         self.run = self.ort
         if self.runtime == "aoti":  # the AOTInductor package of the same graph (export/aoti.py) from AOTI_MIN_ROWS
-            package = aoti_runner(os.path.join(here, PACKAGE_FILE), threads)
-            self.run = lambda feeds: package(*(feeds[n] for n in self.inputs)) \
-                if len(feeds[self.inputs[0]]) >= AOTI_MIN_ROWS else self.ort(feeds)
+            check_package_isa(self.name, json.loads(_param(config, PACKAGE_ISA_PARAMETER, "{}")))
+            aoti_threads = int(_param(config, AOTI_THREADS_PARAMETER, "0")) or threads
+            package = aoti_runner(os.path.join(here, PACKAGE_FILE), aoti_threads)
+            on_package = lambda f: package(*(f[n] for n in self.inputs))  # noqa: E731
+            self.run = lambda feeds: run_in_slices(on_package, feeds) \
+                if served_runtime(self.runtime, call_rows(feeds)) == "aoti" else self.ort(feeds)
 
     def _feeds(self, req):
         feeds = {n: pb_utils.get_input_tensor_by_name(req, n).as_numpy().astype(self.dtypes[n], copy=False)
