@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
-CKPT ?= models/default28.pt
+CKPT ?= models/ood28.pt
 
 .PHONY: install data test test-fast demo bench clean
 

@@ -1,4 +1,4 @@
-"""Where an importance-weighted scorer call's time goes, against the GEMM limit (issue 12's IW target).
+"""Where an importance-weighted scorer call's time goes, against the GEMM limit (the 70% target for the IW likelihood).
 
     python -m biva_bench.iw_floor --ckpt models/default28.pt --rows 32 --threads 2
 
@@ -6,7 +6,7 @@ One scorer call as biva_score makes it for L_K (one image, `rows` importance sam
 figures in one process:
 
     gemm      the call's FLOPs (every Conv, ConvTranspose and Linear it runs, 2 per multiply-add, recorded by
-              hooks on the modules) at the fp32 GEMM rate measured in the same run: the issue's limit;
+              hooks on the modules) at the fp32 GEMM rate measured in the same run: the limit;
     floor     each of those operators run alone on inputs of its shape, in the faster of NCHW and channels-last
               memory, summed over the call: the call's time if everything else (the ELU before every
               convolution, the gates, residual adds, sampling, log-densities, copies) cost nothing;

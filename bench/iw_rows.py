@@ -5,7 +5,7 @@
 K importance samples of one random binary image, the same noise, in ONNX Runtime, three ways:
 
     encoder      K rows (the image tiled) in calls of up to the graph's max batch: every sample through the whole
-                 pass, biva_score's route before issue 12;
+                 pass, biva_score's first route;
     encoder/32   the same rows in calls of IW_CALL_ROWS rows (what smaller calls alone give: the caches);
     scorer       the calls biva_score makes now (contract.iw_calls): each image with up to IW_CALL_ROWS samples
                  per call, the stages that see x alone once per call.

@@ -283,7 +283,7 @@ def _neighbour(counter, n: int) -> None:
 
 class Neighbour:
     """A 1-thread GEMM loop in its own process beside the server; `rate(since)` is its GFLOP/s since a
-    `mark()`. Spinning ONNX Runtime threads take cores from such a process (issue 12: a training step
+    `mark()`. Spinning ONNX Runtime threads take cores from such a process (measured: a training step
     slowed 10x+ next to a served model under load)."""
 
     def __init__(self, n: int = NEIGHBOUR_N):

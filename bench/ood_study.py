@@ -1,4 +1,4 @@
-"""The OOD study (issue 9): candidate models trained for the same short budget, then scored.
+"""The OOD study: candidate models trained for the same short budget, then scored.
 
     python -m biva_bench.ood_study train CANDIDATE --minutes 20 --threads 1    # one candidate, one core
     python -m biva_bench.ood_study eval --runs runs/study --json study.json     # every candidate's snapshots

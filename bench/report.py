@@ -13,16 +13,16 @@ BACKEND_LABELS = {"torch": "PyTorch", "compile": "torch.compile", "ort": "ONNX R
 
 # (numerator backend, denominator backend, batch, target)
 ORT_OVER_TORCH = ((1, 1.5), (64, 1.2))
-ORT_OVER_COMPILE = ((1, 1.0), (64, 1.0))  # issue 12: ONNX Runtime at least as fast as torch.compile
+ORT_OVER_COMPILE = ((1, 1.0), (64, 1.0))  # ONNX Runtime at least as fast as torch.compile
 ELU_DECOMPOSITION = ((1, 1.0), (64, 1.0))  # the served graph's ELU form at least as fast as the Elu node
 AOTI_OVER_COMPILE = ((1, 1.0), (64, 1.0))  # the compiled serving route at least as fast as torch.compile
 GRPC_OVER_ORT = (64, 0.85)
 SERVED_OVER_COMPILE = ((1, 1.0), (64, 0.95))  # the served default route against torch.compile, in process
 GRPC_OVER_SERVED = (64, 0.85)  # Triton gRPC against the same route in process
 DYNAMIC_BATCHING = (16, 1, 4.0)  # clients, against clients, target
-CEILING_FRACTION = 0.90  # issue 12: 16 clients' images/s >= 90% of the ceiling (best in-process ONNX Runtime)
+CEILING_FRACTION = 0.90  # 16 clients' images/s >= 90% of the ceiling (best in-process ONNX Runtime)
 PEAK_FRACTION = ("scorer_k1", 64, 0.40)
-IW_PEAK_FRACTION = ("scorer_iw", 1, 0.70)  # issue 12: the IW likelihood (K = 1000), batch 1, >= 70% of the GEMM rate
+IW_PEAK_FRACTION = ("scorer_iw", 1, 0.70)  # the IW likelihood (K = 1000), batch 1, >= 70% of the GEMM rate
 
 
 def add_achieved(result: dict[str, Any]) -> None:
@@ -51,59 +51,59 @@ def _ratio(num: float | None, den: float | None, target: float, what: str) -> di
     return {"value": value, "target": target, "met": None if value is None else value >= target, "what": what}
 
 
-def compute_ratios(result: dict[str, Any]) -> dict[str, Any]:
-    """The targets, each {value, target, met, what}; value None where the numbers were not measured."""
-    graph_cases = [c for c in result["graphs"] if result["graphs"][c]["rows_per_image"] == 1]
-    ratios: dict[str, Any] = {"ort_over_torch": {}, "ort_over_compile": {}, "ort_over_elu_native": {},
-                              "aoti_over_compile": {}, "triton_grpc_over_ort": {}, "served_over_compile": {},
-                              "triton_grpc_over_served": {}}
-    for case in graph_cases:
-        ratios["served_over_compile"][case] = {
-            str(b): _ratio(_ips(result, case, "served", b), _ips(result, case, "compile", b), t,
-                           f"served route (in process) / torch.compile images/s at batch {b}")
-            for b, t in SERVED_OVER_COMPILE}
-        b, t = GRPC_OVER_SERVED
-        ratios["triton_grpc_over_served"][case] = {
-            str(b): _ratio(_ips(result, case, "triton_grpc", b), _ips(result, case, "served", b), t,
-                           f"Triton gRPC / the served route in process, images/s at batch {b}")}
-        ratios["aoti_over_compile"][case] = {
-            str(b): _ratio(_ips(result, case, "aoti", b), _ips(result, case, "compile", b), t,
-                           f"AOTInductor package / torch.compile images/s at batch {b}") for b, t in AOTI_OVER_COMPILE}
-        for group, peer, label, targets in (("ort_over_torch", "torch", "PyTorch", ORT_OVER_TORCH),
-                                            ("ort_over_compile", "compile", "torch.compile", ORT_OVER_COMPILE),
-                                            ("ort_over_elu_native", "ort_elu_native", "ONNX Runtime with Elu nodes",
-                                             ELU_DECOMPOSITION)):
-            ratios[group][case] = {
-                str(b): _ratio(_ips(result, case, "ort", b), _ips(result, case, peer, b), t,
-                               f"ONNX Runtime / {label} images/s at batch {b}") for b, t in targets}
-        b, t = GRPC_OVER_ORT
-        ratios["triton_grpc_over_ort"][case] = {
-            str(b): _ratio(_ips(result, case, "triton_grpc", b), _ips(result, case, "ort", b), t,
-                           f"Triton gRPC / ONNX Runtime images/s at batch {b}")}
+def _graph_ratios(result: dict[str, Any], case: str) -> dict[str, dict]:
+    """One graph case's ratios: group -> {batch: ratio}."""
+    def pair(num: str, den: str, targets, what: str) -> dict:
+        return {str(b): _ratio(_ips(result, case, num, b), _ips(result, case, den, b), t, what.format(b=b))
+                for b, t in targets}
+
+    out = {"served_over_compile": pair("served", "compile", SERVED_OVER_COMPILE,
+                                       "served route (in process) / torch.compile images/s at batch {b}"),
+           "triton_grpc_over_served": pair("triton_grpc", "served", [GRPC_OVER_SERVED],
+                                           "Triton gRPC / the served route in process, images/s at batch {b}"),
+           "aoti_over_compile": pair("aoti", "compile", AOTI_OVER_COMPILE,
+                                     "AOTInductor package / torch.compile images/s at batch {b}"),
+           "triton_grpc_over_ort": pair("triton_grpc", "ort", [GRPC_OVER_ORT],
+                                        "Triton gRPC / ONNX Runtime images/s at batch {b}")}
+    for group, peer, label, targets in (("ort_over_torch", "torch", "PyTorch", ORT_OVER_TORCH),
+                                        ("ort_over_compile", "compile", "torch.compile", ORT_OVER_COMPILE),
+                                        ("ort_over_elu_native", "ort_elu_native", "ONNX Runtime with Elu nodes",
+                                         ELU_DECOMPOSITION)):
+        out[group] = pair("ort", peer, targets, f"ONNX Runtime / {label} images/s at batch {{b}}")
+    return out
+
+
+def _batching_ratios(result: dict[str, Any]) -> dict[str, Any]:
+    """The concurrency sweep's scaling and its fraction of the ceiling, per layout measured."""
     hi, lo, t = DYNAMIC_BATCHING
     conc = result.get("concurrency", {})
     sweep = conc.get("dynamic_batching", {})
     one = sweep.get(str(lo), {}).get("images_per_s")
-    ratios["dynamic_batching_scaling"] = _ratio(sweep.get(str(hi), {}).get("images_per_s"), one, t,
-                                                f"{hi} clients / {lo} client throughput, dynamic batching on")
+    out = {"dynamic_batching_scaling": _ratio(sweep.get(str(hi), {}).get("images_per_s"), one, t,
+                                              f"{hi} clients / {lo} client throughput, dynamic batching on")}
     # Batching can at best reach the best in-process rate over the batches measured: the scaling's ceiling.
     ort = result["graphs"].get(conc.get("case", ""), {}).get("results", {}).get("ort", {})
     best = max((m["images_per_s"] for m in ort.values() if "images_per_s" in m), default=None)
-    ratios["dynamic_batching_scaling"]["ceiling"] = best / one if best and one else None
-    ratios["dynamic_batching_of_ceiling"] = _ratio(
+    out["dynamic_batching_scaling"]["ceiling"] = best / one if best and one else None
+    out["dynamic_batching_of_ceiling"] = _ratio(
         sweep.get(str(hi), {}).get("images_per_s"), best, CEILING_FRACTION,
         f"{hi} clients' images/s / the ceiling (best in-process ONNX Runtime images/s), dynamic batching on")
-    if (ratios["dynamic_batching_of_ceiling"]["value"] or 0) > 1.0:
-        ratios["dynamic_batching_of_ceiling"]["why_above_1"] = (
+    if (out["dynamic_batching_of_ceiling"]["value"] or 0) > 1.0:
+        out["dynamic_batching_of_ceiling"]["why_above_1"] = (
             "the clients' merged batches were larger than the largest batch measured in process (the ceiling is "
             "the best rate over the batches measured), or the in-process figure ran on a busier machine")
-    ratios["dynamic_batching_layouts"] = {
+    out["dynamic_batching_layouts"] = {
         layout: {"scaling": _ratio(run["sweep"].get(str(hi), {}).get("images_per_s"),
                                    run["sweep"].get(str(lo), {}).get("images_per_s"), t,
                                    f"{hi} / {lo} clients, layout {layout}"),
                  "of_ceiling": _ratio(run["sweep"].get(str(hi), {}).get("images_per_s"), best, CEILING_FRACTION,
                                       f"{hi} clients / the ceiling, layout {layout}")}
         for layout, run in conc.get("layouts", {}).items()}
+    return out
+
+
+def _scorer_peak_fraction(result: dict[str, Any]) -> dict[str, Any]:
+    """The scorer's GFLOP/s over the GEMM rate at the target batch, best backend."""
     case, b, t = PEAK_FRACTION
     by_backend = {}
     for backend in BACKEND_LABELS:
@@ -111,9 +111,19 @@ def compute_ratios(result: dict[str, Any]) -> dict[str, Any]:
         if "fraction_of_gemm" in m:
             by_backend[backend] = m["fraction_of_gemm"]
     best = max(by_backend, key=by_backend.get) if by_backend else None
-    ratios["scorer_peak_fraction"] = {
-        **_ratio(by_backend.get(best), 1.0, t, f"scorer batch-{b} GFLOP/s / fp32 GEMM rate, best backend"),
-        "backend": best, "by_backend": by_backend}
+    return {**_ratio(by_backend.get(best), 1.0, t, f"scorer batch-{b} GFLOP/s / fp32 GEMM rate, best backend"),
+            "backend": best, "by_backend": by_backend}
+
+
+def compute_ratios(result: dict[str, Any]) -> dict[str, Any]:
+    """The targets, each {value, target, met, what}; value None where the numbers were not measured."""
+    graph_cases = [c for c in result["graphs"] if result["graphs"][c]["rows_per_image"] == 1]
+    per_case = {case: _graph_ratios(result, case) for case in graph_cases}
+    groups = ("ort_over_torch", "ort_over_compile", "ort_over_elu_native", "aoti_over_compile",
+              "triton_grpc_over_ort", "served_over_compile", "triton_grpc_over_served")
+    ratios: dict[str, Any] = {g: {case: per_case[case][g] for case in graph_cases} for g in groups}
+    ratios.update(_batching_ratios(result))
+    ratios["scorer_peak_fraction"] = _scorer_peak_fraction(result)
     ratios["iw_peak_fraction"] = _iw_peak_fraction(result)
     return ratios
 

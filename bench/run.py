@@ -319,7 +319,7 @@ def _neighbour_entry(gflops: float, alone: float) -> dict[str, float]:
 
 def bench_sweep(cfg: BenchConfig, case: Case, server, plain, specs, label: str, log) -> dict:
     """Closed-loop gRPC clients sending batch-1 requests to one graph model: one process each (cfg.load
-    "processes"), or coroutines in this process ("async", the bench's method before issue 12)."""
+    "processes"), or coroutines in this process ("async", the bench's first method)."""
     import tritonclient.grpc as grpcclient
 
     from biva_export.onnx_export import example_inputs
@@ -347,7 +347,7 @@ def _graph_flops(graph: str, path: Path, plain, spec, samples: int, ks: int) -> 
 def _flops(cases: dict[str, Case], graphs: dict[str, Path], plain, specs, graph_max: int) -> dict[str, dict]:
     """FLOPs per image of each case: one graph row, or for K > 1 the scorer calls biva_score makes for one
     image (the stages that see x alone once per call), with K encoder rows (every sample through the whole
-    pass, the route before issue 12) beside them."""
+    pass, biva_score's first route) beside them."""
     counts: dict[tuple[str, int, int], dict] = {}
 
     def count(g: str, samples: int = 1, ks: int = 1) -> dict:

@@ -160,7 +160,7 @@ def _default28() -> BivaConfig:
 
 
 def _ood28() -> BivaConfig:
-    # The OOD model (issue 9's study, README): hvae-oodd's latent shape (Havtorn et al., 2021) as a BIVA, a
+    # The OOD model (the OOD study, docs/ood.md): hvae-oodd's latent shape (Havtorn et al., 2021) as a BIVA, a
     # convolutional bottom latent of 8 maps at 14x14, then dense latents of 16 (at 7x7) and 8; 48 maps,
     # default28's other settings. 0.95 M parameters, 1.4x default28's training images/s on this CPU.
     stages = (StageSpec(48, 3, 2, 8, dense=False), StageSpec(48, 3, 2, 16), StageSpec(48, 3, 1, 8))

@@ -18,8 +18,10 @@ next to biva_core/stats.py). It holds
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -312,6 +314,47 @@ RETRY_AFTER_S = 1  # what the fronts answer busy requests with (HTTP Retry-After
 CANCEL_DIR_ENV, TOKEN_PARAMETER, SHUTDOWN_MARK = "BIVA_CANCEL_DIR", "biva_token", "shutdown"
 
 
+# In flight: a request in a stub's execute() holds a shared lock on BUSY_FILE in the cancel folder. Triton counts a
+# request only when it ends and keeps no count of the running ones, so this is how the supervisor knows that a stub
+# is at work before it loads a model again to give memory back, or kills a stub that outlived its unload; the
+# kernel drops the lock when the stub dies, so a dead stub never looks busy.
+BUSY_FILE = "busy-{pid}.lock"
+
+
+class InFlight:
+    """`with InFlight(folder):` around a stub's execute(): marks this process at work (BUSY_FILE); a no-op without
+    a cancel folder (Triton started without the launcher)."""
+
+    def __init__(self, folder: str | None):
+        self.f = open(os.path.join(folder, BUSY_FILE.format(pid=os.getpid())), "a") if folder else None
+
+    def __enter__(self) -> InFlight:
+        if self.f:
+            fcntl.flock(self.f, fcntl.LOCK_SH)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.f:
+            fcntl.flock(self.f, fcntl.LOCK_UN)
+
+
+def stub_busy(folder: str | Path | None, pid: int) -> bool:
+    """Whether stub `pid` is inside an execute() (holds its InFlight lock); False without a folder or a mark."""
+    if not folder:
+        return False
+    try:
+        f = open(os.path.join(folder, BUSY_FILE.format(pid=pid)), "r")
+    except OSError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def check_rows(name: str, a: np.ndarray, row_shape: tuple[int, ...], cap: int) -> None:
     """`a` is (B, *row_shape) with 1 <= B <= cap."""
     if a.ndim != 1 + len(row_shape) or tuple(a.shape[1:]) != tuple(row_shape) or not 1 <= a.shape[0] <= cap:
@@ -601,7 +644,7 @@ class LogMeanExp:
     """log (1/K) sum_k exp(a_k) per image, accumulated over blocks of rows (c, B): L_K from log weights.
 
     float64, with a running log-sum-exp, so memory is one block whatever K is (biva_core.objectives'
-    evaluate_bounds in numpy)."""
+    evaluate_request in numpy)."""
 
     def __init__(self, batch: int):
         self.lse = np.full(batch, -np.inf)

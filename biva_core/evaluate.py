@@ -22,7 +22,7 @@ from .contract import DEFAULT_ESTIMATOR, ESTIMATORS, ScoreRequest, parse_ks
 from .data import DATA_SPEC_HELP, load_for_model
 from .model import Biva
 from .noise import NoiseStream
-from .objectives import evaluate_bounds
+from .objectives import evaluate_request
 from .plots import plot_ood
 from .stats import Detector, bits_per_dim, detection_table, mean_se, ood_scores, statistics
 
@@ -42,8 +42,8 @@ def per_image(model: Biva, images: np.ndarray, req: ScoreRequest = ScoreRequest(
     starts = range(0, len(images), batch_size)
     for b, i in enumerate(tqdm(starts, disable=not progress, desc="eval")):
         x = torch.from_numpy(images[i:i + batch_size])
-        res = evaluate_bounds(model, x, NoiseStream(seed + first_batch + b), req.iw, req.ks,
-                              max(1, min(64, 4096 // len(x))), req.estimator, req.samples, req.want_iw)
+        res = evaluate_request(model, x, NoiseStream(seed + first_batch + b), req,
+                               chunk=max(1, min(64, 4096 // len(x))))
         per["elbo"].append(res.elbo.numpy())
         per["kl"].append(res.kl.numpy())
         per["l_gt_k"].append(np.stack([res.l_gt_k[k].numpy() for k in req.ks], axis=1) if req.ks
@@ -96,17 +96,16 @@ def active_units(model: Biva, images: np.ndarray, threshold: float = 0.01, batch
             for name, g in zip(model.group_names(), model.groups)}
 
 
-def ood_report(model: Biva, meta: dict, in_scores: dict[str, np.ndarray], ood_specs: tuple[str, ...],
-               req: ScoreRequest, n: int | None, batch_size: int, seed: int, detector: Detector | None = None
-               ) -> tuple[dict, dict]:
-    """Per OOD set: its summary (KL per latent included, the paper's Figure 2 idea) and the detection metrics of
-    every score against the in-distribution scores. Returns (report, scores by spec) for the histograms."""
+def ood_report(model: Biva, meta: dict, in_scores: dict[str, np.ndarray], job: EvalJob) -> tuple[dict, dict]:
+    """Per OOD set of `job`: its summary (KL per latent included, the paper's Figure 2 idea) and the detection
+    metrics of every score against the in-distribution scores. Returns (report, scores by spec) for the
+    histograms."""
     report, scores = {}, {}
-    for spec in ood_specs:
-        cat = per_image(model, load_for_model(spec, meta, n), req, batch_size, seed)
-        scores[spec] = scores_of(cat, req, detector)
+    for spec in job.ood_specs:
+        cat = per_image(model, load_for_model(spec, meta, job.limit or None), job.req, job.batch_size, job.seed)
+        scores[spec] = scores_of(cat, job.req, job.detector)
         table = detection_table(in_scores, scores[spec])
-        report[spec] = {**summarize(model, cat, req), "auroc": {k: v["auroc"] for k, v in table.items()},
+        report[spec] = {**summarize(model, cat, job.req), "auroc": {k: v["auroc"] for k, v in table.items()},
                         "metrics": table}
     return report, scores
 
@@ -154,8 +153,7 @@ def evaluate(model: Biva, meta: dict, job: EvalJob, with_au: bool = False) -> tu
         res["active_units"] = active_units(model, images[job.start:])
     in_scores, ood = scores_of(cat, job.req, job.detector), {}
     if job.ood_specs:
-        res["ood"], ood = ood_report(model, meta, in_scores, job.ood_specs, job.req, job.limit or None,
-                                     job.batch_size, job.seed, job.detector)
+        res["ood"], ood = ood_report(model, meta, in_scores, job)
     return res, in_scores, ood
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import Biva, repeat_rows
-from .contract import DEFAULT_ESTIMATOR, ScoreRequest
+from .contract import ScoreRequest
 from .noise import NoiseStream
 
 
@@ -91,19 +91,16 @@ class _Sums:
 
 
 @torch.no_grad()
-def evaluate_bounds(model: Biva, x: torch.Tensor, stream: NoiseStream, iw_samples: int = 1,
-                    ks: tuple[int, ...] = (), chunk: int = 64, estimator: str = DEFAULT_ESTIMATOR,
-                    samples: int = 1, want_iw: bool = True) -> Bounds:
-    """The PyTorch reference of a biva_score request: the estimator's L_1, L^{>k} and KL, and L_K.
+def evaluate_request(model: Biva, x: torch.Tensor, stream: NoiseStream, req: ScoreRequest, chunk: int = 64) -> Bounds:
+    """The PyTorch reference of a biva_score request `req`: its estimator's L_1, L^{>k} and KL, and L_K.
 
     Draws come from `stream` as (R, B, noise_dim) in order, in chunks of at most `chunk` draws, R the request's
-    random draws (contract.ScoreRequest: the estimator's S, and K for L_K), so memory is O(chunk * B) whatever K
-    is; L_K runs through a running log-sum-exp. "mode" takes one more pass at zero noise, outside the stream.
+    random draws (the estimator's S, and K for L_K), so memory is O(chunk * B) whatever K is; L_K runs through a
+    running log-sum-exp. "mode" takes one more pass at zero noise, outside the stream.
     """
-    req = ScoreRequest(estimator, samples, iw_samples, tuple(ks), want_iw)
     B, N = x.shape[0], model.noise_dim
     sums = _Sums(req.ks)
-    if estimator == "mode":
+    if req.estimator == "mode":
         sums.add(model, x, torch.zeros(B, N, dtype=x.dtype, device=x.device), 1)
     lse = torch.full((B,), -math.inf, dtype=x.dtype, device=x.device)
     done = 0
@@ -115,13 +112,20 @@ def evaluate_bounds(model: Biva, x: torch.Tensor, stream: NoiseStream, iw_sample
         if c > n_stat:
             xr = x.repeat(c - n_stat, *([1] * (x.dim() - 1)))
             parts.append(model(xr, eps[n_stat * B:]).log_w)
-        n_iw = min(max(iw_samples - done, 0), c) if want_iw else 0
+        n_iw = min(max(req.iw - done, 0), c) if req.want_iw else 0
         if n_iw:
             lse = torch.logaddexp(lse, torch.logsumexp(torch.cat(parts).reshape(c, B)[:n_iw], dim=0))
         done += c
     n = max(sums.n, 1)
-    return Bounds(elbo=sums.l1 / n, iw=lse - math.log(iw_samples) if want_iw else None,
+    return Bounds(elbo=sums.l1 / n, iw=lse - math.log(req.iw) if req.want_iw else None,
                   l_gt_k={k: v / n for k, v in sums.lgk.items()}, kl=sums.kl / n)
+
+
+def evaluate_bounds(model: Biva, x: torch.Tensor, stream: NoiseStream, iw_samples: int = 1,
+                    ks: tuple[int, ...] = (), chunk: int = 64) -> Bounds:
+    """The bounds on log p(x): L_1 and L^{>k} of one draw (the "sample" estimator) and L_K of `iw_samples`
+    draws, the first of which is L_1's (evaluate_request with a "sample" request)."""
+    return evaluate_request(model, x, stream, ScoreRequest("sample", 1, iw_samples, tuple(ks)), chunk)
 
 
 def training_loss(model: Biva, x: torch.Tensor, eps: torch.Tensor, free_bits: float, beta: float = 1.0

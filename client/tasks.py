@@ -3,7 +3,7 @@
 Seeds. The server draws each request's noise from the request's seed, so a job that splits its inputs
 into batches gives batch i (the images [i * batch_size, (i + 1) * batch_size)) the seed base_seed + i.
 The same base seed, batch size and inputs give the same numbers, and biva-eval / PyTorch reproduce them
-with `evaluate_bounds(model, x_i, NoiseStream(base_seed + i), ...)`. `sample_images` does the same with
+with `evaluate_request(model, x_i, NoiseStream(base_seed + i), req)`. `sample_images` does the same with
 chunks of at most the server's max_n samples (one chunk, seed base_seed, when n <= max_n).
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ from biva_core.contract import (KS, NATS_ATOL, SAMPLES, SCORE, GraphSpec, ModelM
                                 noise_rng, ort_session, run_score)
 from biva_core.model import Biva
 from biva_core.noise import NoiseStream
-from biva_core.objectives import evaluate_bounds
+from biva_core.objectives import evaluate_request
 from .graph_passes import apply_elu_form
 from .graphs import GRAPH_MODULES
 
@@ -197,7 +197,7 @@ def score_routes(n_layers: int) -> tuple[ScoreRequest, ...]:
 def validate_score_routes(model: Biva, path: Path, meta: ModelMeta, detector=None, batch: int = 5,
                           seed: int = 777) -> list[GraphReport]:
     """biva_score's served plan (contract.run_score) on the scorer graph in ONNX Runtime, for every estimator (and
-    the detector's request and score), against PyTorch's evaluate_bounds on fresh images drawn from the model; 16
+    the detector's request and score), against PyTorch's evaluate_request on fresh images drawn from the model; 16
     graph rows, so requests span several blocks."""
     sess = ort_session(str(path))
     names = {True: [T.log_w, T.log_w_gt_k, T.kl], False: [T.log_w]}
@@ -210,8 +210,7 @@ def validate_score_routes(model: Biva, path: Path, meta: ModelMeta, detector=Non
     for i, req in enumerate(reqs):
         got = run_score(req, x, noise_rng(seed + i), meta.noise_dim, 16, len(meta.groups), exec_calls)
         with torch.no_grad():
-            ref = evaluate_bounds(model, torch.from_numpy(x), NoiseStream(seed + i), req.iw, req.ks, 7,
-                                  req.estimator, req.samples, req.want_iw)
+            ref = evaluate_request(model, torch.from_numpy(x), NoiseStream(seed + i), req, chunk=7)
         want = {T.elbo: ref.elbo, T.kl: ref.kl, T.l_gt_k: torch.stack([ref.l_gt_k[k] for k in req.ks], dim=1),
                 **({T.iw_bound: ref.iw} if req.want_iw else {})}
         rep = GraphReport(f"{SCORE}[{req.estimator}]", atol={n: NATS_ATOL for n in want})

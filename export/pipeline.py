@@ -117,7 +117,7 @@ def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig
 
 def _checked_routes(model, graph_files: dict, meta: ModelMeta, detector, log, out: Path) -> dict:
     """biva_score's route for every estimator (and biva_detect's), run on the exported scorer in ONNX Runtime with
-    the served plan (contract.run_score), against PyTorch's evaluate_bounds on fresh images; ExportError beyond the
+    the served plan (contract.run_score), against PyTorch's evaluate_request on fresh images; ExportError beyond the
     graphs' tolerances."""
     from biva_core.contract import SCORER
 
@@ -153,7 +153,7 @@ def _package(spec, model, builds, cfg: ExportConfig, log, out: Path) -> tuple[Pa
     return path, entry
 
 
-# Memory sizing (issue 13). A natural32 row carries 2.7 MiB of float32 tensors through a graph call (noise
+# Memory sizing (the natural-image models). A natural32 row carries 2.7 MiB of float32 tensors through a graph call (noise
 # 234,400 + z, q_mu, q_log_std 156,320 each + the image), and ONNX Runtime's peak grows by about 2.7x that
 # per row (measured, one thread: encoder 7.0 MB/row, scorer 7.4, sampler 5.2, over 1.0 / 1.0 / 0.5 GB of
 # weights): 1024 rows would need about 22 GB for the three graphs. Binary models' rows are a few KB.

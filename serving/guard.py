@@ -209,7 +209,8 @@ def serve(binary: Path, args: Sequence[str], env: dict[str, str]) -> int:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         relay = _relay_log(proc.stdout, log)
         sup = Supervisor(proc.pid, f"http://{LOOPBACK}:{fronts.http.cfg.upstream_port}", (SECRET_HEADER, secret),
-                         reload=can_reload, log=lambda m: print(m, file=sys.stderr, flush=True),
+                         reload=can_reload, cancel_dir=str(cancel_dir),
+                         log=lambda m: print(m, file=sys.stderr, flush=True),
                          memory_slack_mb=float(os.environ.get(MEMORY_SLACK_ENV, Supervisor.memory_slack_mb)))
         fronts.watch(sup.not_ready)
         print(f"biva front: {fronts.describe()}; Triton's whole log: {full_log}", file=sys.stderr, flush=True)

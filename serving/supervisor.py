@@ -17,6 +17,10 @@ supervisor sums each model's stubs' proportional memory (PSS: shared pages count
 than `memory_slack_mb` per stub over what it held after loading, and idle for `idle_s` (its inference count unchanged),
 is loaded again, which Triton does beside the serving version (it stays ready), and its old stubs retire.
 
+At work: Triton counts a request when it ends, so a model in the middle of a long request looks idle by its counts;
+each stub also holds a lock while it executes (contract.InFlight, in the cancel folder), and a model with a stub at
+work is never loaded again for memory, and an old stub at work is never killed: it is left to finish its request.
+
 The launcher's process is a child subreaper (prctl), so stubs orphaned by a server that went down are
 reparented to it and reaped here: no zombies. Once the server is gone, the shared-memory regions of
 every stub it ever had are removed from /dev/shm.
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from biva_core.contract import FRONT_GRAPHS
+from biva_core.contract import FRONT_GRAPHS, stub_busy
 
 STUB_NAME = b"triton_python_backend_stub"
 SHM_DIR = Path("/dev/shm")
@@ -117,6 +121,7 @@ class Supervisor:
     poll_s: float = 0.5
     log: Callable[[str], None] = print
     reload: bool = True  # False when the server runs without explicit model control
+    cancel_dir: str | None = None  # where the stubs mark themselves at work (contract.InFlight); None: no marks
     stubs: dict[int, Stub] = field(default_factory=dict)
     regions: set[str] = field(default_factory=set)
     recovering: set[str] = field(default_factory=set)
@@ -126,7 +131,7 @@ class Supervisor:
     #                                                 runs a stub to complete the config) without a death
     armed: bool = False  # set once the server is ready: stubs that exit while models load are not deaths
     retry_s: float = 10.0  # a failed reload is tried again after this
-    grace_s: float = 3.0  # a retiring stub still alive this long after its model reloaded is killed
+    grace_s: float = 3.0  # a retiring stub still alive this long after its model reloaded is killed, once not at work
     reloads: int = 0  # reloads started, for tests and the log
     memory_slack_mb: float = 32.0  # a model holding this much more per stub than after loading is recycled once idle
     memory_every_s: float = 2.0
@@ -180,6 +185,9 @@ class Supervisor:
         counts, now, out = self._inference_counts(), time.monotonic(), []
         for model, mb in sorted(held.items()):
             if model in busy or model not in counts:
+                continue
+            if any(s.model == model and stub_busy(self.cancel_dir, pid) for pid, s in stubs.items()):
+                self._activity[model] = (counts[model], now)  # at work: idle only from when it stops
                 continue
             base = self.baseline_mb.setdefault(model, mb)
             seen = self._activity.get(model)
@@ -307,10 +315,16 @@ class Supervisor:
                 for pid in old:
                     self.retiring.pop(pid, None)
             return
-        for pid in old & set(live):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                self.log(f"biva supervisor: killed an old stub of {model} (pid {pid}) that outlived its unload")
+        left = old & set(live)
+        while left:  # an old stub still at work finishes its request first (Triton routes new ones to the new stubs)
+            for pid in [p for p in left if not stub_busy(self.cancel_dir, p)]:
+                left.discard(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    self.log(f"biva supervisor: killed an old stub of {model} (pid {pid}) that outlived its unload")
+            left &= set(list_stubs(self.server_pid))
+            if left and self._stop.wait(0.5):
+                return
 
     def cleanup(self) -> list[str]:
         """After the server exited: remove the shared-memory regions of every stub it had."""

@@ -299,3 +299,27 @@ def test_a_model_that_kept_a_bursts_memory_is_loaded_again_once_idle(tiny_repo, 
     assert "loading it again to give the memory back" in log and "died" not in log
     assert np.abs(again - first).max() <= 1e-3
     print(f"PSS of the server's tree: {before:.0f} MB before the burst, {after:.0f} MB after")
+
+
+def test_a_model_at_work_is_never_loaded_again_for_memory(tiny_repo, tmp_path) -> None:
+    """Triton counts a request only when it ends, so a long biva_score request looked idle to the memory watch: the
+    front model was loaded again under it and its old stub, still scoring, killed 3 s later ("Stub process ... is
+    not healthy", seen on a 1,000-image OOD job). With every model over its memory slack (a negative slack), a
+    request of many seconds is answered (idle stubs are still recycled and retired around it)."""
+    from biva_serving.process import start_server
+
+    env = {**os.environ, "BIVA_MEMORY_SLACK_MB": "-100000"}  # every model is over its slack: recycled once idle
+    long = {"images": np.zeros((16, 1, 28, 28), np.float32), "iw": i64(2000), "seed": i64(4)}
+    with start_server(tiny_repo, log_path=tmp_path / "server.log", env=env) as srv:
+        ref, = infer(srv, "grpc", "biva_score", {**long, "iw": i64(10)}, ["iw_bound"])
+        time.sleep(5.0)  # the idle models' recycles after start-up are done
+        t = time.monotonic()
+        got, = infer(srv, "grpc", "biva_score", {**long, "iw": i64(10)}, ["iw_bound"])
+        took_small = time.monotonic() - t
+        t = time.monotonic()
+        infer(srv, "grpc", "biva_score", long, ["iw_bound"])  # raises if its stub was killed under it
+        took = time.monotonic() - t
+        log = srv.log_path.read_text()
+    assert took > 9.0, f"the request took {took:.1f} s: too short to span an idle test, a reload and the grace"
+    assert np.abs(got - ref).max() <= 1e-3 and took_small < took  # recycled stubs serve the same numbers
+    assert "loading it again" in log and "died" not in log, log[-2000:]  # recycles ran, none under the request

@@ -29,7 +29,7 @@ from biva_core.stats import auprc, auroc, canonical_score, fit_threshold, fpr_at
 
 PROTOCOLS = ["http", "grpc"]
 IMG_ATOL = 1e-4  # served images vs PyTorch x_mean
-NATS_ATOL = 1e-3  # served bounds vs PyTorch evaluate_bounds, per image
+NATS_ATOL = 1e-3  # served bounds vs PyTorch evaluate_request, per image
 
 
 # ---- fixtures -------------------------------------------------------------------------------------
@@ -81,16 +81,17 @@ def served_requests(tiny_server) -> int:
 
 def reference_bounds(model, x: np.ndarray, seed: int, batch_size: int, iw: int, ks=(), estimator: str = "sample",
                      samples: int = 1):
-    """evaluate_bounds per batch with seed + i: what the client's requests compute."""
+    """evaluate_request per batch with seed + i: what the client's requests compute."""
     import torch
 
     from biva_core.noise import NoiseStream
-    from biva_core.objectives import evaluate_bounds
+    from biva_core.contract import ScoreRequest
+    from biva_core.objectives import evaluate_request
 
     out = {"elbo": [], "iw": [], "kl": [], **{k: [] for k in ks}}
     for i, (a, b) in enumerate(batches(len(x), batch_size)):
-        res = evaluate_bounds(model, torch.from_numpy(x[a:b]), NoiseStream(seed + i), iw, tuple(ks),
-                              estimator=estimator, samples=samples)
+        res = evaluate_request(model, torch.from_numpy(x[a:b]), NoiseStream(seed + i),
+                               ScoreRequest(estimator, samples, iw, tuple(ks)))
         out["elbo"].append(res.elbo.numpy())
         out["iw"].append(res.iw.numpy())
         out["kl"].append(res.kl.numpy())

@@ -1,4 +1,4 @@
-"""biva-client's edges (issue 10): one line and the right exit code for a bad URL, an unwritable output, the
+"""biva-client's edges: one line and the right exit code for a bad URL, an unwritable output, the
 wrong protocol for the port; only transient failures are retried (never a 4xx or a parse error)."""
 from __future__ import annotations
 

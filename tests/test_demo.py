@@ -22,11 +22,12 @@ def _mode_l1(ckpt, npy, n: int) -> np.ndarray:
     from biva_core.checkpoint import load_model
     from biva_core.data import load_for_model
     from biva_core.noise import NoiseStream
-    from biva_core.objectives import evaluate_bounds
+    from biva_core.contract import ScoreRequest
+    from biva_core.objectives import evaluate_request
 
     model, meta = load_model(ckpt)
     x = torch.from_numpy(load_for_model(f"npy:{npy}", meta, n))
-    return evaluate_bounds(model, x, NoiseStream(0), estimator="mode", want_iw=False).elbo.numpy()
+    return evaluate_request(model, x, NoiseStream(0), ScoreRequest("mode", want_iw=False)).elbo.numpy()
 
 
 @pytest.mark.slow

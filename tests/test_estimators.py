@@ -13,7 +13,7 @@ from biva_core.config import preset
 from biva_core.contract import ScoreRequest, T, noise_rng, run_score
 from biva_core.model import Biva
 from biva_core.noise import NoiseStream
-from biva_core.objectives import draw_log_weights, evaluate_bounds, log_weights
+from biva_core.objectives import draw_log_weights, evaluate_bounds, evaluate_request, log_weights
 from biva_core.stats import DETECTOR, Detector, fit_detector, statistic_names, statistics
 
 NATS_ATOL = 1e-3
@@ -46,12 +46,11 @@ def _torch_exec(model: Biva):
                                  ScoreRequest("mode", 1, 6, (3,))])
 def test_the_served_plan_equals_the_pytorch_reference(model, req) -> None:
     """contract.run_score (what the front models run, here on the PyTorch scorer with 8 graph rows, so requests
-    span blocks) against objectives.evaluate_bounds (chunks of 3 draws) on fresh images and seeds."""
+    span blocks) against objectives.evaluate_request (chunks of 3 draws) on fresh images and seeds."""
     rng = np.random.default_rng()
     x, seed = _images(model, 4, int(rng.integers(2**31))), int(rng.integers(2**62))
     got = run_score(req, x, noise_rng(seed), model.noise_dim, 8, len(model.groups), _torch_exec(model))
-    ref = evaluate_bounds(model, torch.from_numpy(x), NoiseStream(seed), req.iw, req.ks, 3, req.estimator,
-                          req.samples, req.want_iw)
+    ref = evaluate_request(model, torch.from_numpy(x), NoiseStream(seed), req, chunk=3)
     assert np.abs(got[T.elbo] - ref.elbo.numpy()).max() <= NATS_ATOL
     assert np.abs(got[T.kl] - ref.kl.numpy()).max() <= NATS_ATOL
     for j, k in enumerate(req.ks):
@@ -69,8 +68,8 @@ def test_each_estimator_is_what_it_says(model) -> None:
     with torch.no_grad():
         per = [log_weights(model, x, eps[s], 2) for s in range(4)]
         zero = log_weights(model, x, torch.zeros(3, model.noise_dim), 2)
-        mean = evaluate_bounds(model, x, NoiseStream(21), 4, (2,), estimator="mean", samples=4)
-        mode = evaluate_bounds(model, x, NoiseStream(21), 4, (2,), estimator="mode")
+        mean = evaluate_request(model, x, NoiseStream(21), ScoreRequest("mean", 4, 4, (2,)))
+        mode = evaluate_request(model, x, NoiseStream(21), ScoreRequest("mode", 1, 4, (2,)))
         sample = evaluate_bounds(model, x, NoiseStream(21), 4, (2,))
     close = lambda a, b: float((a - b).abs().max()) <= NATS_ATOL  # noqa: E731
     assert close(mean.elbo, torch.stack([p[0] for p in per]).mean(0))

@@ -58,7 +58,7 @@ def test_every_generated_config_parses_into_model_config(backend):
     no_pref = parse_config(graph_config(graph_specs(model)["biva_graph_scorer"], ServingConfig(max_batch=64, threads=1)))
     assert list(no_pref.dynamic_batching.preferred_batch_size) == []
     assert no_pref.dynamic_batching.max_queue_delay_microseconds == 0  # a front's calls reach both instances
-    assert no_pref.parameters["intra_op_spinning"].string_value == "0"  # served threads sleep when idle (issue 12)
+    assert no_pref.parameters["intra_op_spinning"].string_value == "0"  # served threads sleep when idle
     # two instances by default (Triton 2.51's batcher stalls a lone instance with a queue policy for 0.5 s)
     assert no_pref.instance_group[0].count == 2 and no_pref.dynamic_batching.default_queue_policy.max_queue_size > 0
     spin = parse_config(graph_config(graph_specs(model)["biva_graph_scorer"], ServingConfig(spinning=True)))

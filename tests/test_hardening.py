@@ -139,7 +139,7 @@ def test_admin_apis_are_refused_over_grpc(tiny_server) -> None:
 
 BODY_LIMIT = FrontConfig.__dataclass_fields__["max_body_bytes"].default  # the HTTP front's body limit
 SEED = ("seed", "INT64", [1], i64(1).tobytes())
-OVERFLOW = {  # model -> a request whose first input declares 2^62 rows and carries no bytes (issue 10)
+OVERFLOW = {  # model -> a request whose first input declares 2^62 rows and carries no bytes
     "biva_score": [("images", "FP32", [2**62, 1, 28, 28], b""), SEED],
     "biva_encode": [("images", "FP32", [2**62, 1, 28, 28], b""), SEED],
     "biva_regenerate": [("z", "FP32", [2**62, 22], b""), ("k", "INT64", [1], i64(1).tobytes()), SEED],

@@ -1,4 +1,4 @@
-"""biva_bench.iw_floor: the operator account behind the README's IW-vs-GEMM analysis (issue 12)."""
+"""biva_bench.iw_floor: the operator account behind the README's IW-vs-GEMM analysis."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -22,7 +22,7 @@ PAPER_PRESETS = {
     "natural32": dict(L=15, shape=(3, 32, 32), params=102_850_832),
     "natural64": dict(L=20, shape=(3, 64, 64), params=89_753_372),
     "default28": dict(L=5, shape=(1, 28, 28), params=2_130_754),  # shipped: 8.5 MB of float32
-    # issue 9's OOD model: z_1 (BU and TD) as 8 maps at 14x14, then 16 + 16 dense, then 8
+    # the OOD model: z_1 (BU and TD) as 8 maps at 14x14, then 16 + 16 dense, then 8
     "ood28": dict(L=3, latent_dim=2 * 8 * 14 * 14 + 2 * 16 + 8, shape=(1, 28, 28), params=948_690),
 }
 

@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 N_REQUESTS = 2000
 N_CLIENTS = 32
 TIME_LIMIT_S = 600  # the load loop stops by itself
-OVERLOAD_CLIENTS, OVERLOAD_S = 64, 45.0  # issue 10's acceptance: zero failures but "busy", admitted p99 < 2 s
+OVERLOAD_CLIENTS, OVERLOAD_S = 64, 45.0  # the overload target: zero failures but "busy", admitted p99 < 2 s
 
 
 def _busy(e: InferenceServerException) -> bool:
@@ -69,7 +69,7 @@ def test_32_clients_2000_mixed_requests_zero_failures(tiny_server, tiny_ckpt):
             raise TimeoutError("load test over its time limit")
         name, arrays, outputs = _request(i, images)
         t0 = time.perf_counter()
-        for attempt in range(50):  # "busy" (bounded queues, issue 10) is retried, as biva-client does
+        for attempt in range(50):  # "busy" (bounded queues) is retried, as biva-client does
             try:
                 res = local.c.infer(name, _inputs(local.mod, arrays),
                                     outputs=[local.mod.InferRequestedOutput(o) for o in outputs])
@@ -117,7 +117,7 @@ def _group_alive(pgid: int, wait: float = 10) -> bool:
 @pytest.mark.server
 @pytest.mark.slow
 def test_64_clients_for_45_s_only_busy_rejections_and_admitted_p99_under_2_s(tiny_server, tiny_ckpt):
-    """Overload with back-pressure (issue 10): no failure but explicit "busy", and the requests admitted are
+    """Overload with back-pressure: no failure but explicit "busy", and the requests admitted are
     answered within 2 s at the 99th percentile, instead of queueing for tens of seconds."""
     _, meta = load_model(tiny_ckpt)
     images = load_for_model("digits", meta, limit=50)
@@ -165,7 +165,7 @@ def test_64_clients_for_45_s_only_busy_rejections_and_admitted_p99_under_2_s(tin
         good.close()
 
 
-# A killed python-backend stub: the supervisor reloads its model (tests/test_hardening.py, issue 10).
+# A killed python-backend stub: the supervisor reloads its model (tests/test_hardening.py).
 
 
 @pytest.mark.server

@@ -14,9 +14,9 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from biva_core.contract import (AOTI_THREADS_PARAMETER, ARENA_KEEP_ROWS, META_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_FILE,
+from biva_core.contract import (AOTI_THREADS_PARAMETER, ARENA_KEEP_ROWS, CANCEL_DIR_ENV, META_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_FILE,
                                 PACKAGE_ISA_PARAMETER, RUNTIME_PARAMETER, SPINNING_PARAMETER, THREADS_PARAMETER,
-                                ModelMeta, OrtOptions, RequestError, aoti_runner, call_rows, check_graph_inputs,
+                                InFlight, ModelMeta, OrtOptions, RequestError, aoti_runner, call_rows, check_graph_inputs,
                                 check_package_isa, ort_session, ort_shrinking_run, run_in_slices, served_runtime)
 
 
@@ -37,6 +37,7 @@ class TritonPythonModel:
         self.outputs = [t["name"] for t in config["output"]]
         self.dtypes = {t["name"]: pb_utils.triton_string_to_numpy(t["data_type"]) for t in config["input"]}
         self.meta = ModelMeta.from_json(_param(config, META_PARAMETER, "null"))
+        self.in_flight = InFlight(os.environ.get(CANCEL_DIR_ENV) or None)  # the supervisor sees this stub at work
         here = os.path.join(args["model_repository"], args["model_version"])
         gpu = args.get("model_instance_kind") == "GPU"
         spinning = _param(config, SPINNING_PARAMETER, "")  # "1" / "0"; absent: ONNX Runtime's default
@@ -66,6 +67,10 @@ class TritonPythonModel:
         return feeds
 
     def execute(self, requests):
+        with self.in_flight:
+            return self._execute(requests)
+
+    def _execute(self, requests):
         responses = [None] * len(requests)
         good, feeds = [], {name: [] for name in self.inputs}
         for i, req in enumerate(requests):
