@@ -740,9 +740,11 @@ class ServingConfig:
     instances: int = 2
     front_instances: int = 2  # instances per front (API) model
     threads: int = 0  # ONNX Runtime intra-op threads per python-backend graph instance (0: cores / instances)
-    # the package's threads per instance (0: as ONNX Runtime's). Every core per instance ran a direct 64-row call
-    # 1.5x faster through Triton but let 16 batch-1 clients fall from 296 to 129 images/s (p99 1 s: both instances'
-    # OpenMP threads on two cores), so the default shares the cores out (docs/speed.md)
+    # the package's threads per instance (0: as ONNX Runtime's, the instance's share of the cores). Every core per
+    # instance ran a lone direct 64-row call faster, but two at once fell to half (OpenMP's threads spin-wait and take
+    # the cores from each other) and the front models' requests, which use both instances, slowed by 10-35%; with
+    # OpenMP's threads asleep when idle (OMP_WAIT_POLICY=PASSIVE) the package itself ran 1.2-2x slower
+    # (docs/speed.md: threads)
     aoti_threads: int = 0
     # what runs the python backend's graphs: "aoti", the AOTInductor packages from AOTI_MIN_ROWS rows and ONNX Runtime
     # below (the fastest measured: docs/speed.md), or "onnxruntime" alone (export in seconds instead of minutes)

@@ -43,13 +43,11 @@ from .supervisor import Supervisor, become_subreaper, list_stubs, reap_children
 
 SECRET_HEADER = "biva-admin-key"
 MEMORY_SLACK_ENV = "BIVA_MEMORY_SLACK_MB"  # the supervisor's memory slack per stub (serving/supervisor.py)
-# glibc's allocator in Triton and its stubs: blocks of 1 MiB and more mapped on their own (its threshold fixed: it
-# otherwise rises after the first large free), so memory freed after a large request goes back to the system
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
 ALL_APIS = "health,metadata,inference,shared-memory,model-config,model-repository,statistics,trace,logging"
 # Triton's lines that say nothing on a CPU machine, or name the private ports behind the fronts
-NOISE = re.compile(r"CUDA|cuda|NVML|nvml|DCGM|pinned memory|GPU metrics|Started (HTTPService|GRPCInferenceService)"
-                   r"|Collecting CPU metrics|libcuda|GPU device|cudaGetDevice")
+NOISE = re.compile(r"CUDA|[Cc]uda|NVML|nvml|DCGM|pinned memory|GPU metrics|Started (HTTPService|GRPCInferenceService)"
+                   r"|Collecting CPU metrics|libcuda|GPU device|cudaGetDevice"
+                   r"|^\s*[|+]|^\s*$|\] ?$")  # and the start-up banner: its tables, their empty title lines
 
 
 def triton_args(args: Sequence[str], http_port: int, grpc_port: int, secret: str) -> tuple[list[str], bool]:
@@ -205,7 +203,7 @@ def serve(binary: Path, args: Sequence[str], env: dict[str, str]) -> int:
     become_subreaper()
     full_log = Path(tempfile.gettempdir()) / f"biva-tritonserver-{os.getpid()}.log"
     with full_log.open("wb") as log:
-        proc = subprocess.Popen([str(binary), *targs], env={**MALLOC, **env, CANCEL_DIR_ENV: str(cancel_dir)},
+        proc = subprocess.Popen([str(binary), *targs], env={**env, CANCEL_DIR_ENV: str(cancel_dir)},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         relay = _relay_log(proc.stdout, log)
         sup = Supervisor(proc.pid, f"http://{LOOPBACK}:{fronts.http.cfg.upstream_port}", (SECRET_HEADER, secret),

@@ -139,6 +139,7 @@ class Supervisor:
     recycled: int = 0  # memory recycles started
     baseline_mb: dict[str, float] = field(default_factory=dict)  # model -> its stubs' PSS after loading
     _activity: dict[str, tuple[int, float]] = field(default_factory=dict)  # model -> (inference count, since when)
+    _base_count: dict[str, int] = field(default_factory=dict)  # model -> its inference count when loaded
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last: float = 0.0
@@ -190,6 +191,8 @@ class Supervisor:
                 self._activity[model] = (counts[model], now)  # at work: idle only from when it stops
                 continue
             base = self.baseline_mb.setdefault(model, mb)
+            if self._base_count.setdefault(model, counts[model]) == counts[model]:  # no request since loading: what
+                self.baseline_mb[model] = base = max(base, mb)  # it grew by is the stubs settling, not a burst
             seen = self._activity.get(model)
             if seen is None or seen[0] != counts[model]:
                 self._activity[model] = (counts[model], now)
@@ -305,6 +308,7 @@ class Supervisor:
             self.stubs = list_stubs(self.server_pid)
             self.baseline_mb[model] = sum(_pss_mb(pid) for pid, s in self.stubs.items()
                                           if s.model == model and pid not in old)  # the new stubs, fresh
+            self._base_count.pop(model, None)  # read again at the next watch
             self.recovering.discard(model)
             self.loading.discard(model)
         if self._stop.wait(self.grace_s):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -340,3 +341,8 @@ def test_console_script_serves_from_another_directory(model_repo: Path, tmp_path
     finally:
         code = handle.stop()
     assert code == 0, handle.log_tail()
+    # what the user reads: no CUDA noise of a CPU machine, no start-up banner tables, no private upstream ports
+    said = (tmp_path / "log.txt").read_text()
+    assert "loaded" in said and "biva front: HTTP on" in said, said[-2000:]
+    for line in said.splitlines():
+        assert not re.search(r"[Cc][Uu][Dd][Aa]|NVML|^\s*[|+]|Started (HTTPService|GRPCInferenceService)", line), line
