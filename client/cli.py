@@ -351,9 +351,9 @@ def _served_detector(client: BivaClient, choice: str) -> bool:
         return False
 
 
-def _detector_scores(client, settings, x_in, x_ood, seed, choice: str, tables) -> tuple[dict, dict] | None:
-    """The detector's scores of both sets: a fitted file's (computed here from the tables' statistics when it
-    matches their request), or the served detector's; None without one."""
+def _detector_scores(client, settings, sets: list, seed, choice: str, tables) -> list[dict] | None:
+    """The detector's scores of every set (images in `sets`, scored in `tables`): a fitted file's (computed here
+    from the tables' statistics when it matches their request), or the served detector's; None without one."""
     from .tasks import detect_images
 
     if choice not in ("auto", "served", "none"):
@@ -362,16 +362,16 @@ def _detector_scores(client, settings, x_in, x_ood, seed, choice: str, tables) -
                                                      tables[0].ks):
             raise InputError(f"--detector {choice} was fitted with estimator {det.estimator}, samples {det.samples}, "
                              f"k {list(det.ks)}; score with the same (--estimator, --samples, --k)")
-        return tuple({"detector": det.scores(t.elbo, t.kl, t.l_gt_k, t.iw_bound)} for t in tables)
+        return [{"detector": det.scores(t.elbo, t.kl, t.l_gt_k, t.iw_bound)} for t in tables]
     if not _served_detector(client, choice):
         return None
-    return tuple({"detector": detect_images(client, x, settings.job(seed), desc=f"detect {d}")[0]}
-                 for x, d in ((x_in, "in"), (x_ood, "ood")))
+    return [{"detector": detect_images(client, x, settings.job(seed), desc=f"detect {d}")[0]} for x, d in sets]
 
 
 @ood.command("score", context_settings=CONTEXT)
 @click.option("--in", "in_spec", required=True, help="In-distribution data. " + DATA_HELP)
-@click.option("--ood", "ood_spec", required=True, help="Out-of-distribution data. " + DATA_HELP)
+@click.option("--ood", "ood_specs", required=True, multiple=True,
+              help="Out-of-distribution data (repeatable: each set against --in). " + DATA_HELP)
 @click.option("--k", "k_list", default=None, help="Comma-separated k for L^{>k}, LLR^{>k} [default: 1..L-1].")
 @_estimator_options(OOD_ESTIMATOR)
 @click.option("--iw", default=1, show_default=True, type=click.IntRange(1), help="Also score with L_K, K = iw.")
@@ -381,46 +381,47 @@ def _detector_scores(client, settings, x_in, x_ood, seed, choice: str, tables) -
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images of each set.")
 @click.option("--seed", type=click.IntRange(0), default=None,
               help="Base seed of each set's batches [default: the group's --seed].")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@_output_option("--plot", None, help="PNG with score histograms of both sets (paper's Figure 4) and ROC curves.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON, one line per OOD set.")
+@_output_option("--plot", None, help="PNG with score histograms of every set (paper's Figure 4) and ROC curves.")
 @click.pass_obj
 @_job_options
-def ood_score(settings: Settings, in_spec, ood_spec, k_list, estimator, samples, iw, detector, limit, seed, as_json,
+def ood_score(settings: Settings, in_spec, ood_specs, k_list, estimator, samples, iw, detector, limit, seed, as_json,
               plot):
-    """Score both sets; print AUROC, AUPRC and FPR at 95% TPR per score (OOD = positive class)."""
+    """Score the sets; print AUROC, AUPRC and FPR at 95% TPR per score, each OOD set against --in (OOD = positive)."""
     from biva_core.plots import plot_ood
     from biva_core.stats import detection_table, format_table
 
     from .tasks import load_inputs, parse_k_list, score_images
 
     seed = _seed(settings, seed)
+    specs = (in_spec, *ood_specs)
 
     def run(client: BivaClient):
         req = ScoreRequest(estimator, _samples(estimator, samples), iw, parse_k_list(k_list, client.meta.n_layers),
                            want_iw=iw > 1)
-        x_in = load_inputs(in_spec, client.meta, limit)
-        x_ood = load_inputs(ood_spec, client.meta, limit)  # both sets checked before anything is sent
-        tables = [score_images(client, x, settings.job(seed), req, desc=d) for x, d in ((x_in, "in"), (x_ood, "ood"))]
+        sets = [(load_inputs(s, client.meta, limit), s) for s in specs]  # every set checked before anything is sent
+        tables = [score_images(client, x, settings.job(seed), req, desc=d) for x, d in sets]
         scores = [t.scores() for t in tables]
-        extra = _detector_scores(client, settings, x_in, x_ood, seed, detector, tables)
+        extra = _detector_scores(client, settings, sets, seed, detector, tables)
         if extra is not None:
             scores = [{**s, **e} for s, e in zip(scores, extra)]
         return req, tables, scores
 
-    req, (a, b), (sa, sb) = _with_client(run, settings)
-    table = detection_table(sa, sb)
+    req, tables, scores = _with_client(run, settings)
     if plot is not None:
-        plot_ood(sa, {ood_spec: sb}, plot, in_spec)
-    head = {"in": in_spec, "ood": ood_spec, "n_in": len(a.elbo), "n_ood": len(b.elbo), "ks": list(req.ks), "iw": iw,
-            "estimator": req.estimator, "samples": req.samples, "seed": seed}
-    if as_json:
-        click.echo(json.dumps({**head, "metrics": table}))
-    else:
-        click.echo(f"in: {in_spec} ({len(a.elbo)} images)   OOD: {ood_spec} ({len(b.elbo)} images)   estimator "
+        plot_ood(scores[0], dict(zip(ood_specs, scores[1:])), plot, in_spec)
+    for spec, t, s in zip(ood_specs, tables[1:], scores[1:]):
+        table = detection_table(scores[0], s)
+        head = {"in": in_spec, "ood": spec, "n_in": len(tables[0].elbo), "n_ood": len(t.elbo), "ks": list(req.ks),
+                "iw": iw, "estimator": req.estimator, "samples": req.samples, "seed": seed}
+        if as_json:
+            click.echo(json.dumps({**head, "metrics": table}))
+            continue
+        click.echo(f"in: {in_spec} ({len(tables[0].elbo)} images)   OOD: {spec} ({len(t.elbo)} images)   estimator "
                    f"{req.estimator}" + (f" (S = {req.samples})" if req.estimator == "mean" else "")
                    + f"   base seed {seed}")
-        click.echo(format_table(table))
-    if plot is not None:
+        click.echo(format_table(table) + "\n")
+    if plot is not None and not as_json:
         click.echo(f"wrote {plot}")
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 
+from biva_core.contract import wire_type
+
 PROTOCOLS = {"http": thttp, "grpc": tgrpc}
 
 
@@ -33,13 +35,14 @@ def serve(repo: Path, tmp_path_factory, name: str) -> Iterator:
 
 
 def infer(server, protocol: str, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-    """One request over HTTP or gRPC; FP32 or INT64 inputs by dtype; the outputs in the order asked."""
+    """One request over HTTP or gRPC; FP32, INT64 or BYTES (numpy object) inputs by dtype; the outputs in the order
+    asked."""
     mod = PROTOCOLS[protocol]
     client = mod.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
     try:
         ins = []
         for name, a in inputs.items():
-            t = mod.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64")
+            t = mod.InferInput(name, list(a.shape), wire_type(a))
             t.set_data_from_numpy(a)
             ins.append(t)
         res = client.infer(model, ins, outputs=[mod.InferRequestedOutput(o) for o in outputs])

@@ -15,8 +15,8 @@ from biva_core.checkpoint import load_model
 from biva_core.config import preset
 from biva_core.model import Biva
 from biva_core.noise import NoiseStream
-from biva_core.objectives import evaluate_bounds
-from biva_core.contract import REPORT, Caps, ModelMeta, front_specs
+from biva_core.objectives import evaluate_bounds, evaluate_request
+from biva_core.contract import REPORT, Caps, ModelMeta, ScoreRequest, front_specs
 from biva_export.pipeline import ExportConfig, ExportError, run_export
 from biva_export.graphs import graph_specs
 from biva_core.contract import ServingConfig
@@ -222,6 +222,28 @@ def test_score_matches_pytorch(tiny_server, tiny, tiny_images, protocol):
     # kernels' rounding, which differs by processor (one float32 spacing on a Zen 4), so compared within the tolerance
     assert np.abs(lgk[:, 0] - elbo).max() <= NATS_TOL
     assert (iw >= elbo - np.log(40)).all()
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("req", [ScoreRequest("sample", 1, 5, (1, 3)), ScoreRequest("mean", 6, 4, (0, 2)),
+                                 ScoreRequest("mode", 1, 3, (1, 2, 3))], ids=["sample", "mean", "mode"])
+def test_every_estimator_matches_pytorch(tiny_server, tiny, tiny_images, protocol, req):
+    """biva_score with each estimator (its name a BYTES input, S a second input) against evaluate_request on fresh
+    images and a fresh seed, within NATS_TOL per image for L_1, every L^{>k}, the KL and L_K."""
+    model, _ = tiny
+    rng = np.random.default_rng()
+    x = (rng.random((4, *tiny_images.shape[1:])) < rng.uniform(0.1, 0.5)).astype(np.float32)  # fresh binary images
+    seed = int(rng.integers(2**62))
+    inputs = {"images": x, "iw": i64(req.iw), "ks": i64(list(req.ks)), "seed": i64(seed), "samples": i64(req.samples),
+              "estimator": np.array([req.estimator.encode()], dtype=object)}
+    elbo, iw, lgk, kl = infer(tiny_server, protocol, "biva_score", inputs, ["elbo", "iw_bound", "l_gt_k", "kl"])
+    ref = evaluate_request(model, torch.from_numpy(x), NoiseStream(seed), req)
+    assert np.abs(elbo - ref.elbo.numpy()).max() <= NATS_TOL
+    assert np.abs(iw - ref.iw.numpy()).max() <= NATS_TOL
+    assert np.abs(kl - ref.kl.numpy()).max() <= NATS_TOL
+    for j, k in enumerate(req.ks):
+        assert np.abs(lgk[:, j] - ref.l_gt_k[k].numpy()).max() <= NATS_TOL
 
 
 @pytest.mark.server
