@@ -4,6 +4,7 @@
     python -m biva_bench.ood_study eval --runs runs/study --json study.json     # every candidate's snapshots
     python -m biva_bench.ood_study progress --run-dir models/ood28_run --out docs/ood_progress.jsonl
     python -m biva_bench.ood_study curves --progress docs/ood_progress.jsonl --png docs/ood_progress.png
+    python -m biva_bench.ood_study spread --ckpt models/ood28.pt --json docs/ood_spread.json
 
 Each candidate is a (model config, training config) pair derived from the shipped default28 recipe, so the
 table shows what each lever changes. Training uses Fashion-MNIST train only (validation: 5% held out);
@@ -211,6 +212,50 @@ def curves_cmd(progress_path: Path, log_path: Path, png: Path | None, target: fl
     bx.set(xscale="log", xlabel="training steps (batch 64)", ylabel="validation -L_1 (nats)")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
+
+
+def draw_spread(model, images: np.ndarray, draws: int, ks: tuple[int, ...], seed: int = 0) -> dict:
+    """Where a one-draw OOD score's error comes from: for L_1 and each LLR^{>k}, the spread of one draw's value
+    across `draws` draws for the same image (mean over images of the per-image standard deviation) against the
+    spread across images of each image's mean over the draws. Noise from the stream the server draws."""
+    from biva_core.noise import NoiseStream
+    from biva_core.objectives import draw_log_weights
+
+    x = torch.from_numpy(images)
+    eps = NoiseStream(seed).take((draws, len(x), model.noise_dim)).transpose(0, 1)  # (B, S, N)
+    k = torch.tensor(ks, dtype=torch.int64).repeat(len(x), 1)  # (B, J)
+    with torch.no_grad():
+        log_w, gt_k, _ = draw_log_weights(model, x, eps, k)
+    per = {"L1": log_w.numpy(), **{f"LLR>{kk}": (log_w - gt_k[:, :, j]).numpy() for j, kk in enumerate(ks)}}
+    return {name: {"within_image_sd": float(v.std(axis=1, ddof=1).mean()),
+                   "between_images_sd_of_mean": float(v.mean(axis=1).std(ddof=1)),
+                   "within_sd_of_a_mean_of_16": float(v.std(axis=1, ddof=1).mean() / 4.0)} for name, v in per.items()}
+
+
+@cli.command("spread")
+@click.option("--ckpt", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=Path("models/ood28.pt"),
+              show_default=True, help="Checkpoint.")
+@click.option("--data", "specs", multiple=True, default=("fashion-mnist:test", "mnist"), show_default=True,
+              help="Data specs (repeatable): each is measured on its own.")
+@click.option("--n", default=200, show_default=True, help="Images per set (class-balanced sets: 20 per class).")
+@click.option("--draws", default=32, show_default=True, help="Draws of the latents per image.")
+@click.option("--threads", default=2, show_default=True, help="torch threads.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write JSON.")
+def spread_cmd(ckpt: Path, specs: tuple[str, ...], n: int, draws: int, threads: int, json_out: Path | None) -> None:
+    """Spread of one-draw L_1 and LLR^{>k} across draws for one image vs across images."""
+    torch.set_num_threads(threads)
+    model, meta = load_model(ckpt)
+    model.eval()
+    ks = tuple(range(1, model.cfg.n_layers))
+    out = {"checkpoint": str(ckpt), "n": n, "draws": draws,
+           "sets": {s: draw_spread(model, load_for_model(s, meta, n), draws, ks) for s in specs}}
+    for spec, rows in out["sets"].items():
+        click.echo(f"{spec} ({n} images, {draws} draws each): nats")
+        for name, r in rows.items():
+            click.echo(f"  {name:<7} across draws, one image {r['within_image_sd']:7.2f}   across images "
+                       f"{r['between_images_sd_of_mean']:7.2f}   a mean of 16 draws {r['within_sd_of_a_mean_of_16']:6.2f}")
+    if json_out:
+        json_out.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
