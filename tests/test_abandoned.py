@@ -309,17 +309,21 @@ def test_a_model_at_work_is_never_loaded_again_for_memory(tiny_repo, tmp_path) -
     from biva_serving.process import start_server
 
     env = {**os.environ, "BIVA_MEMORY_SLACK_MB": "-100000"}  # every model is over its slack: recycled once idle
-    long = {"images": np.zeros((16, 1, 28, 28), np.float32), "iw": i64(2000), "seed": i64(4)}
+    x = {"images": np.zeros((16, 1, 28, 28), np.float32), "seed": i64(4)}
     with start_server(tiny_repo, log_path=tmp_path / "server.log", env=env) as srv:
-        ref, = infer(srv, "grpc", "biva_score", {**long, "iw": i64(10)}, ["iw_bound"])
+        ref, = infer(srv, "grpc", "biva_score", {**x, "iw": i64(250)}, ["iw_bound"])
         time.sleep(5.0)  # the idle models' recycles after start-up are done
         t = time.monotonic()
-        got, = infer(srv, "grpc", "biva_score", {**long, "iw": i64(10)}, ["iw_bound"])
+        got, = infer(srv, "grpc", "biva_score", {**x, "iw": i64(250)}, ["iw_bound"])
         took_small = time.monotonic() - t
+        # sized from this machine's rate to last about 15 s (a fixed 32,000 rows took 7.2 s on a faster CI machine),
+        # within the cap of 65,536 rows per request
+        iw = int(min(4096, max(500, 250 * 15.0 / took_small)))
         t = time.monotonic()
-        infer(srv, "grpc", "biva_score", long, ["iw_bound"])  # raises if its stub was killed under it
+        infer(srv, "grpc", "biva_score", {**x, "iw": i64(iw)}, ["iw_bound"])  # raises if its stub was killed under it
         took = time.monotonic() - t
         log = srv.log_path.read_text()
-    assert took > 9.0, f"the request took {took:.1f} s: too short to span an idle test, a reload and the grace"
+    # the watch needs memory_every_s + idle_s (4 s) to call the model idle, a reload, then grace_s (3 s) to kill
+    assert took > 9.0, f"the request (iw {iw}) took {took:.1f} s: too short to span an idle test, a reload and the grace"
     assert np.abs(got - ref).max() <= 1e-3 and took_small < took  # recycled stubs serve the same numbers
     assert "loading it again" in log and "died" not in log, log[-2000:]  # recycles ran, none under the request

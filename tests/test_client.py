@@ -218,6 +218,7 @@ def test_sample_is_reproducible_and_matches_pytorch(endpoint, tmp_path, tiny_mod
                     "--out", tmp_path / f"{name}.png", "--npy", tmp_path / f"{name}.npy"])
         assert r.exit_code == 0, r.output
         runs.append(np.load(tmp_path / f"{name}.npy"))
+    # the same request twice: the same noise through the same graph at the same row count, equal by construction
     assert runs[0].shape == (10, 1, 28, 28) and np.array_equal(runs[0], runs[1])
     with torch.no_grad():
         ref = model.sample(NoiseStream(7).take((10, model.latent_dim)), 0.8).x_mean.numpy()

@@ -182,7 +182,7 @@ def test_sample_with_seed_is_reproducible_and_matches_pytorch(tiny_server, tiny,
     model, _ = tiny
     a, s = infer(tiny_server, protocol, "biva_sample", {"n": i64(5), "seed": i64(123)}, ["images", "seed"])
     b, _ = infer(tiny_server, protocol, "biva_sample", {"n": i64(5), "seed": i64(123)}, ["images", "seed"])
-    assert np.array_equal(a, b) and s[0] == 123
+    assert np.array_equal(a, b) and s[0] == 123  # one computation twice (same noise, rows, graph): equal
     with torch.no_grad():
         ref = model.sample(NoiseStream(123).take((5, model.latent_dim))).x_mean.numpy()
     assert np.abs(a - ref).max() <= IMAGE_TOL
@@ -200,7 +200,7 @@ def test_unseeded_requests_vary_and_report_their_seed(tiny_server, tiny):
     b, sb = infer(tiny_server, "http", "biva_sample", {"n": i64(3)}, ["images", "seed"])
     assert sa[0] != sb[0] and not np.array_equal(a, b)
     again, _ = infer(tiny_server, "grpc", "biva_sample", {"n": i64(3), "seed": sa}, ["images", "seed"])
-    assert np.array_equal(a, again)
+    assert np.array_equal(a, again)  # the same seed: the same computation again, equal by construction
 
 
 @pytest.mark.server

@@ -408,7 +408,7 @@ def test_a_killed_stub_is_noticed_within_seconds_and_reloaded(own_server) -> Non
     grpc_said = _grpc_ready_while_reloading(own_server)
     assert grpc_said == {"server": False, "biva_score": False}, grpc_said
     recovered = _wait_serving(own_server, 60)
-    assert np.array_equal(_score_one(own_server), before)
+    assert np.array_equal(_score_one(own_server), before)  # same request, same program on this machine: equal
     assert _ready_code(own_server, "/v2/health/ready") == 200
     print(f"dead scorer stub: not ready after {noticed:.2f} s, serving again {recovered:.1f} s later")
     _good(own_server)
