@@ -26,8 +26,8 @@ from typing import Any, Callable
 import torch
 
 from biva_core.checkpoint import sha256_file
-from biva_core.contract import (ENCODER, IW_CALL_ROWS, KS, PACKAGE_FILE, REPORT, SAMPLES, OrtOptions, T, ort_session,
-                                read_meta, score_plan)
+from biva_core.contract import (ENCODER, IW_CALL_ROWS, KS, PACKAGE_FILE, REPORT, SAMPLES, SLICE_PACKAGE_FILE,
+                                OrtOptions, T, ort_session, read_meta, score_plan)
 
 from .backends import AotiRunner, Case, CompiledRunner, OrtRunner, ServedRunner, TorchRunner, async_call, inprocess_call, \
     make_cases, request_feeds, sync_call, triton_inputs
@@ -153,7 +153,9 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
             runners["aoti"] = AotiRunner(package, spec, cfg.threads)
         if "served" in cfg.backends:  # an ONNX-only repository serves ONNX Runtime alone
             ort = OrtRunner(_ort_session(graphs[case.graph], cfg, work)[0])
-            runners["served"] = ServedRunner(ort, runners.get("aoti") or AotiRunner(package, spec, cfg.threads)) \
+            sliced = package.parent / SLICE_PACKAGE_FILE
+            runners["served"] = ServedRunner(ort, runners.get("aoti") or AotiRunner(package, spec, cfg.threads),
+                                             AotiRunner(sliced, spec, cfg.threads) if sliced.is_file() else None) \
                 if package.is_file() else ort
         if "ort_elu_native" in cfg.backends:
             native = _elu_native_copy(graphs[case.graph], work)
@@ -457,7 +459,8 @@ def run_bench(ckpt: Path, out_dir: Path, cfg: BenchConfig, repo: Path | None = N
     for key in ("dynamic_batching_scaling", "dynamic_batching_of_ceiling"):
         x = result["ratios"][key]
         if x["value"] is not None:
-            log(f"{x['what']}: {x['value']:.2f} (target {x['target']})")
+            why = f"; above 1: {x['why_above_1']}" if "why_above_1" in x else ""
+            log(f"{x['what']}: {x['value']:.2f} (target {x['target']}){why}")
     for layout, per in result["ratios"]["dynamic_batching_layouts"].items():
         scaling, of_ceiling = ("-" if per[k]["value"] is None else f"{per[k]['value']:.2f}"
                                for k in ("scaling", "of_ceiling"))  # no 1-client level: no scaling
@@ -512,8 +515,9 @@ def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: P
     load = (("one process per client" if not cfg.client_procs else f"at most {cfg.client_procs} processes, "
              "clients spread over them as coroutines") + " (tritonclient.grpc.aio)" if cfg.load == "processes"
             else "coroutines of the bench process (tritonclient.grpc.aio)")
-    result["notes"].append("The dynamic-batching ceiling is the best in-process ONNX Runtime rate of the sweep's "
-                           "graph (ONNX Runtime's default thread spinning, one caller); the served graphs run "
+    result["notes"].append("The dynamic-batching ceiling is the best in-process rate of the sweep's graph on what "
+                           "the graph models run (ONNX Runtime with its default thread spinning, or the served "
+                           "route when measured; one caller); the served graphs run "
                            f"with spinning {_spin_word(variant.spinning)} unless a layout says otherwise.")
     result["notes"].append(f"Triton clients (python tritonclient) run on the same cores as the server; the "
                            f"concurrency sweep's clients: {load}. The servers run with --biva-direct: Triton's "

@@ -46,6 +46,10 @@ GRAPH_INSTANCES_PARAMETER = "graph_instances"  # a front model's parameter: inst
 ONNX_FILE_PARAMETER, THREADS_PARAMETER, SPINNING_PARAMETER = "onnx_file", "intra_op_threads", "intra_op_spinning"
 # and the runtime that runs it: ONNX Runtime on model.onnx, or the AOTInductor package PACKAGE_FILE (export/aoti.py)
 RUNTIME_PARAMETER, RUNTIMES, PACKAGE_FILE = "runtime", ("onnxruntime", "aoti"), "model.pt2"
+# beside it, the same graph compiled for exactly AOTI_SLICE_ROWS images (the batch axis static, the scorer's samples
+# and ks still free): a full slice runs on it, 11-14% faster than on the package that holds every batch size
+# (docs/speed.md); remainders and the scorer's many-draw slices run on PACKAGE_FILE
+SLICE_PACKAGE_FILE = "model_slice.pt2"
 AOTI_THREADS_PARAMETER = "aoti_threads"  # intra-op threads of a graph model's package (0: as ONNX Runtime's)
 PACKAGE_ISA_PARAMETER = "aoti_isa"  # the CPU the package was compiled on: {"cpu": name, "flags": [cpuinfo flags]}
 # the aoti runtime keeps ONNX Runtime for calls of fewer rows, where it leads (docs/speed.md: the row threshold,
@@ -475,11 +479,28 @@ def row_slices(feeds: dict[str, np.ndarray], rows: int = AOTI_SLICE_ROWS) -> lis
     return [{k: v[s:s + step] for k, v in feeds.items()} for s in range(0, n, step)]
 
 
-def run_in_slices(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], feeds: dict[str, np.ndarray],
-                  rows: int = AOTI_SLICE_ROWS) -> list[np.ndarray]:
-    """run(feeds) over row_slices, the outputs concatenated along the batch."""
-    parts = [run(f) for f in row_slices(feeds, rows)]
+Run = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+
+def run_in_slices(run: Run, feeds: dict[str, np.ndarray], rows: int = AOTI_SLICE_ROWS, full: Run | None = None
+                  ) -> list[np.ndarray]:
+    """run(feeds) over row_slices, the outputs concatenated along the batch; a slice of exactly `rows` images goes
+    to `full` instead where given (the package compiled for that batch: SLICE_PACKAGE_FILE)."""
+    pick = lambda f: full if full is not None and len(next(iter(f.values()))) == rows else run  # noqa: E731
+    parts = [pick(f)(f) for f in row_slices(feeds, rows)]
     return parts[0] if len(parts) == 1 else [np.concatenate(p, axis=0) for p in zip(*parts)]
+
+
+def served_ranges(runtime: str, max_batch: int, slice_package: bool) -> list[dict]:
+    """What a graph model runs each call size on (for the export report): row ranges -> runtime and file."""
+    if runtime != "aoti":
+        return [{"rows": f"1-{max_batch}", "runtime": "onnxruntime", "file": "model.onnx"}]
+    out = [{"rows": f"1-{AOTI_MIN_ROWS - 1}", "runtime": "onnxruntime", "file": "model.onnx"},
+           {"rows": f"{AOTI_MIN_ROWS}-{max_batch}", "runtime": "aoti", "file": PACKAGE_FILE,
+            "slices_of_rows": AOTI_SLICE_ROWS}]
+    if slice_package:
+        out[1]["full_slices"] = {"images": AOTI_SLICE_ROWS, "file": SLICE_PACKAGE_FILE}
+    return out
 
 
 def served_runtime(runtime: str, rows: int) -> str:

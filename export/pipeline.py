@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from biva_core.contract import (DEFAULT_ESTIMATOR, DETECT, DETECTOR_FILE, PACKAGE_FILE, REPORT, Caps, ModelMeta,
-                                ServingConfig)
+from biva_core.contract import (AOTI_SLICE_ROWS, DEFAULT_ESTIMATOR, DETECT, DETECTOR_FILE, PACKAGE_FILE, REPORT,
+                                SLICE_PACKAGE_FILE, Caps, ModelMeta, ServingConfig, served_ranges)
 
 from biva_core.checkpoint import binarization, sha256_file
 
@@ -45,6 +45,9 @@ class ExportConfig:
     # the fitted OOD detector served as biva_detect (`biva-client ood fit` writes one): a file, None for none, or
     # "auto": the checkpoint's own, CKPT with .detector.json for .pt, where it exists
     detector: Path | str | None = "auto"
+    # with the aoti runtime, also a package per graph for exactly AOTI_SLICE_ROWS images (models of small weights:
+    # aoti.wants_slice_package), which full slices run on
+    slice_packages: bool = True
 
 
 def elu_form(cfg: ExportConfig) -> str:
@@ -111,6 +114,11 @@ def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig
             entry.update(_checked(validate_graph(spec, model, path, atol_scale=cfg.atol_scale), log, out))
         if builds is not None:
             files[name][PACKAGE_FILE], entry["package"] = _package(spec, model, builds, cfg, log, out)
+            if builds.slice_batch is not None:
+                files[name][SLICE_PACKAGE_FILE], entry["slice_package"] = _package(spec, model, builds, cfg, log, out,
+                                                                                   builds.slice_batch)
+        entry["serves"] = served_ranges(cfg.serving.runtime if builds is not None else "onnxruntime",
+                                        cfg.serving.max_batch, builds is not None and builds.slice_batch is not None)
         entries[name] = entry
     return files, entries
 
@@ -140,16 +148,17 @@ def _checked(rep, log, out: Path) -> dict:
             "ok": rep.ok}
 
 
-def _package(spec, model, builds, cfg: ExportConfig, log, out: Path) -> tuple[Path, dict]:
+def _package(spec, model, builds, cfg: ExportConfig, log, out: Path, batch: int | None = None) -> tuple[Path, dict]:
     """The graph's AOTInductor package (compiled in a worker process, or from the cache), validated like the ONNX
-    graph; its path and report entry."""
+    graph; its path and report entry. `batch`: the package for exactly that many images."""
     from .aoti import validate_package
 
-    path, seconds, cached = builds.result(spec.name)
-    log(f"  {spec.name}: AOTInductor package " + ("from the cache" if cached else f"compiled in {seconds:.0f} s"))
+    path, seconds, cached = builds.result(spec.name, batch)
+    what = "AOTInductor package" + ("" if batch is None else f" for {batch}-image slices")
+    log(f"  {spec.name}: {what} " + ("from the cache" if cached else f"compiled in {seconds:.0f} s"))
     entry = {"bytes": path.stat().st_size, "compile_s": round(seconds, 1), "cached": cached, "isa": builds.isa}
     if cfg.validate:
-        entry.update(_checked(validate_package(spec, model, path, atol_scale=cfg.atol_scale), log, out))
+        entry.update(_checked(validate_package(spec, model, path, atol_scale=cfg.atol_scale, batch=batch), log, out))
     return path, entry
 
 
@@ -178,13 +187,14 @@ def fit_to_memory(cfg: ExportConfig, latent_dim: int, noise_dim: int, image_shap
                    caps=replace(cfg.caps, max_images=min(cfg.caps.max_images, images)))
 
 
-def _package_builds(ckpt: Path, graphs: list[str], tmp: Path, cfg: ExportConfig, log):
+def _package_builds(ckpt: Path, model, graphs: list[str], tmp: Path, cfg: ExportConfig, log):
     """The aoti runtime's packages, started now in worker processes (None for the onnxruntime runtime)."""
     if cfg.serving.runtime != "aoti":
         return None
-    from .aoti import PackageBuilds
+    from .aoti import PackageBuilds, wants_slice_package
 
-    builds = PackageBuilds(ckpt, graphs, tmp)
+    builds = PackageBuilds(ckpt, graphs, tmp, AOTI_SLICE_ROWS if cfg.slice_packages and wants_slice_package(model)
+                           else None)
     if builds.jobs:
         log(f"compiling {len(builds.jobs)} AOTInductor packages in worker processes (a minute or two; "
             "--runtime onnxruntime skips them) ...")
@@ -250,7 +260,7 @@ def run_export(ckpt: Path, out: Path, cfg: ExportConfig = ExportConfig(), log: C
     det_path = detector_file(ckpt, cfg, source)
     detector = load_detector(det_path, meta) if det_path else None
     with tempfile.TemporaryDirectory(prefix="biva-onnx-") as tmp:
-        builds = _package_builds(ckpt, list(specs), Path(tmp), cfg, log)
+        builds = _package_builds(ckpt, model, list(specs), Path(tmp), cfg, log)
         try:
             graph_files, report["graphs"] = _export_and_validate(model, plain, specs, Path(tmp), cfg, log, out, builds)
         finally:

@@ -13,7 +13,8 @@ from biva_core.checkpoint import load_model
 from biva_core.data import load_for_model
 from biva_core.noise import NoiseStream
 from biva_core.objectives import evaluate_bounds
-from biva_core.contract import PACKAGE_FILE, REPORT
+from biva_core.contract import (AOTI_MIN_ROWS, AOTI_SLICE_ROWS, PACKAGE_FILE, REPORT, SLICE_PACKAGE_FILE,
+                                served_ranges)
 from biva_export.pipeline import ExportConfig, ExportError, run_export
 from biva_core.contract import ServingConfig
 from biva_export.repository import parse_config
@@ -62,6 +63,13 @@ def test_packages_are_validated_and_written_beside_the_graphs(aoti_repo):
         assert cfg.parameters["runtime"].string_value == "aoti"
         isa = json.loads(cfg.parameters["aoti_isa"].string_value)
         assert isa == pkg["isa"] and isa["flags"] and not pkg["cached"] and pkg["compile_s"] > 0
+        # the package for full slices: validated at exactly that batch, beside the other
+        sliced = report["graphs"][name]["slice_package"]
+        assert sliced["ok"] and sliced["batches"] == [AOTI_SLICE_ROWS] * 3 and sliced["isa"] == isa
+        assert (aoti_repo / name / "1" / SLICE_PACKAGE_FILE).stat().st_size == sliced["bytes"] > 0
+        assert report["graphs"][name]["serves"] == served_ranges("aoti", 64, slice_package=True)
+    assert report["graphs"][name]["serves"][0] == {"rows": f"1-{AOTI_MIN_ROWS - 1}", "runtime": "onnxruntime",
+                                                   "file": "model.onnx"}
 
 
 @pytest.mark.slow
@@ -76,6 +84,7 @@ def test_a_second_export_takes_the_packages_from_the_cache_and_validates_them(ao
     took = time.monotonic() - t
     for name, entry in report["graphs"].items():
         assert entry["package"]["cached"] and entry["package"]["ok"], name
+        assert entry["slice_package"]["cached"] and entry["slice_package"]["ok"], name
         assert (tmp_path / "again" / name / "1" / PACKAGE_FILE).read_bytes() == \
             (aoti_repo / name / "1" / PACKAGE_FILE).read_bytes()
     print(f"second export: {took:.1f} s")
@@ -121,10 +130,44 @@ def test_served_packages_give_pytorch_numbers(aoti_server, tiny_ckpt):
     assert np.abs(iw - ref.iw.numpy()).max() <= NATS_TOL
     for j, k in enumerate(ks):
         assert np.abs(lgk[:, j] - ref.l_gt_k[k].numpy()).max() <= NATS_TOL
-    images, seed = infer(aoti_server, "http", "biva_sample", {"n": i64(4), "seed": i64(5)}, ["images", "seed"])
-    with torch.no_grad():
-        want = model.sample(NoiseStream(5).take((4, model.latent_dim))).x_mean.numpy()
-    assert seed[0] == 5 and np.abs(images - want).max() <= IMAGE_TOL
+    # 4 samples run on ONNX Runtime; 64 are split in two 32-row calls, one per instance: full slices, on the slice
+    # package
+    for n in (4, 64):
+        images, seed = infer(aoti_server, "http", "biva_sample", {"n": i64(n), "seed": i64(5)}, ["images", "seed"])
+        with torch.no_grad():
+            want = model.sample(NoiseStream(5).take((n, model.latent_dim))).x_mean.numpy()
+        assert seed[0] == 5 and np.abs(images - want).max() <= IMAGE_TOL
+    x = load_for_model("digits", meta, limit=64)
+    elbo, lgk = infer(aoti_server, "grpc", "biva_score", {"images": x, "ks": i64(ks), "seed": i64(12)},
+                      ["elbo", "l_gt_k"])
+    ref = evaluate_bounds(model, torch.from_numpy(x), NoiseStream(12), 1, tuple(ks))
+    assert np.abs(elbo - ref.elbo.numpy()).max() <= NATS_TOL
+    assert np.abs(lgk - np.stack([ref.l_gt_k[k].numpy() for k in ks], axis=1)).max() <= NATS_TOL
+
+
+def test_full_slices_go_to_the_slice_package() -> None:
+    """run_in_slices: a call of 70 images is two full 32-image slices on `full` and a 6-image rest on `run`, in
+    order; the scorer's many-draw slices (fewer images than the slice's rows) never go to `full`."""
+    from biva_core.contract import run_in_slices
+
+    calls = []
+
+    def tag(who: str):
+        def run(f: dict) -> list[np.ndarray]:
+            calls.append((who, len(f["images"])))
+            return [f["images"][:, 0, 0, 0] + len(who)]
+        return run
+    x = np.arange(70, dtype=np.float32).reshape(70, 1, 1, 1)
+    out, = run_in_slices(tag("run"), {"images": x}, rows=32, full=tag("full"))
+    assert calls == [("full", 32), ("full", 32), ("run", 6)]
+    assert np.array_equal(out, x[:, 0, 0, 0] + np.array([4] * 64 + [3] * 6))  # rows back in order
+    calls.clear()
+    run_in_slices(tag("run"), {"images": x[:40], "noise": np.zeros((40, 4, 2), np.float32)}, rows=32,
+                  full=tag("full"))
+    assert calls == [("run", 8)] * 5  # 4 draws per image: 8 images a slice
+    calls.clear()
+    run_in_slices(tag("run"), {"images": x}, rows=32)
+    assert calls == [("run", 32), ("run", 32), ("run", 6)]
 
 
 @pytest.mark.slow
@@ -145,3 +188,22 @@ def test_bench_runs_the_packages_in_process(aoti_repo, tiny_ckpt, tiny_repo, tmp
     assert result["ratios"]["aoti_over_compile"]["sampler"]["64"]["value"] > 0
     with pytest.raises(BenchError, match="no AOTInductor package"):
         run_bench(tiny_ckpt, tmp_path / "out2", cfg, repo=tiny_repo, log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_route_bench_times_every_runtime_alternately(aoti_repo, tiny_ckpt):
+    """python -m biva_bench.route: each graph's runtimes on the same 33 images (one full slice and a rest), with
+    their ratios to torch.compile; an ONNX-only repository is refused in one line."""
+    import click
+
+    from biva_bench.route import route_rates
+
+    res = route_rates(tiny_ckpt, aoti_repo, rows=33, reps=2, threads=1)
+    for graph in ("biva_graph_sampler", "biva_graph_encoder", "biva_graph_scorer"):
+        r = res[graph]
+        assert all(r[k] > 0 for k in ("compile", "onnxruntime", "served_one_package", "served")), graph
+        assert r["served_over_compile"] == pytest.approx(r["served"] / r["compile"])
+    bare = aoti_repo.parent / "bare"
+    (bare / "biva_graph_sampler" / "1").mkdir(parents=True, exist_ok=True)
+    with pytest.raises(click.ClickException, match="no slice package"):
+        route_rates(tiny_ckpt, bare, rows=33, reps=1, threads=1)

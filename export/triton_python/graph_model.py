@@ -1,5 +1,6 @@
 """Triton python-backend model serving one exported graph: the ONNX graph in ONNX Runtime, or (config
-parameter runtime "aoti") the AOTInductor package compiled from the same graph, with torch.
+parameter runtime "aoti") from AOTI_MIN_ROWS rows the AOTInductor package compiled from the same graph, with torch,
+in slices of AOTI_SLICE_ROWS (full slices on the package compiled for that batch, where exported).
 
 biva-export writes this file into the model repository with biva_core/contract.py beside it; it depends only on
 numpy, onnxruntime (and torch for "aoti") and Triton's triton_python_backend_utils. The
@@ -14,9 +15,10 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from biva_core.contract import (AOTI_THREADS_PARAMETER, ARENA_KEEP_ROWS, CANCEL_DIR_ENV, META_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_FILE,
-                                PACKAGE_ISA_PARAMETER, RUNTIME_PARAMETER, SPINNING_PARAMETER, THREADS_PARAMETER,
-                                InFlight, ModelMeta, OrtOptions, RequestError, aoti_runner, call_rows, check_graph_inputs,
+from biva_core.contract import (AOTI_THREADS_PARAMETER, ARENA_KEEP_ROWS, CANCEL_DIR_ENV, META_PARAMETER,
+                                ONNX_FILE_PARAMETER, PACKAGE_FILE, PACKAGE_ISA_PARAMETER, RUNTIME_PARAMETER,
+                                SLICE_PACKAGE_FILE, SPINNING_PARAMETER, THREADS_PARAMETER, InFlight, ModelMeta,
+                                OrtOptions, RequestError, aoti_runner, call_rows, check_graph_inputs,
                                 check_package_isa, ort_session, ort_shrinking_run, run_in_slices, served_runtime)
 
 
@@ -57,7 +59,11 @@ class TritonPythonModel:
             aoti_threads = int(_param(config, AOTI_THREADS_PARAMETER, "0")) or threads
             package = aoti_runner(os.path.join(here, PACKAGE_FILE), aoti_threads)
             on_package = lambda f: package(*(f[n] for n in self.inputs))  # noqa: E731
-            self.run = lambda feeds: run_in_slices(on_package, feeds) \
+            on_slice = None  # full slices on the package compiled for exactly that many images, when exported
+            if os.path.isfile(os.path.join(here, SLICE_PACKAGE_FILE)):
+                sliced = aoti_runner(os.path.join(here, SLICE_PACKAGE_FILE), aoti_threads)
+                on_slice = lambda f: sliced(*(f[n] for n in self.inputs))  # noqa: E731
+            self.run = lambda feeds: run_in_slices(on_package, feeds, full=on_slice) \
                 if served_runtime(self.runtime, call_rows(feeds)) == "aoti" else self.ort(feeds)
 
     def _feeds(self, req):
