@@ -90,6 +90,26 @@ def test_a_second_export_takes_the_packages_from_the_cache_and_validates_them(ao
     print(f"second export: {took:.1f} s")
 
 
+@pytest.mark.slow
+def test_no_slice_packages_exports_the_general_package_alone(aoti_repo, tiny_ckpt, tmp_path):
+    """biva-export --no-slice-packages: each graph's package for every batch size (from the cache) and no slice
+    package; the report says every full slice runs on model.pt2."""
+    from click.testing import CliRunner
+
+    from biva_export.cli import main
+
+    out = tmp_path / "no_slices"
+    res = CliRunner().invoke(main, ["--ckpt", str(tiny_ckpt), "--out", str(out), "--max-batch-size", "64",
+                                    "--threads", "1", "--no-slice-packages"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / REPORT).read_text())
+    for name, entry in report["graphs"].items():
+        assert entry["package"]["cached"] and "slice_package" not in entry, name
+        assert (out / name / "1" / PACKAGE_FILE).is_file() and not (out / name / "1" / SLICE_PACKAGE_FILE).exists()
+        assert entry["serves"] == served_ranges("aoti", 64, slice_package=False)
+        assert "full_slices" not in entry["serves"][1]
+
+
 def test_a_package_for_another_processor_is_refused_in_one_line(tmp_path) -> None:
     """A package compiled for instruction sets this processor lacks: the graph model's check and the launcher's
     (before Triton starts) name both processors."""
