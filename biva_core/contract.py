@@ -47,8 +47,8 @@ ONNX_FILE_PARAMETER, THREADS_PARAMETER, SPINNING_PARAMETER = "onnx_file", "intra
 # and the runtime that runs it: ONNX Runtime on model.onnx, or the AOTInductor package PACKAGE_FILE (export/aoti.py)
 RUNTIME_PARAMETER, RUNTIMES, PACKAGE_FILE = "runtime", ("onnxruntime", "aoti"), "model.pt2"
 # beside it, the same graph compiled for exactly AOTI_SLICE_ROWS images (the batch axis static, the scorer's samples
-# and ks still free): a full slice runs on it, 11-14% faster than on the package that holds every batch size
-# (docs/speed.md); remainders and the scorer's many-draw slices run on PACKAGE_FILE
+# and ks still free): a full slice runs on it, 0-10% faster than on the package that holds every batch size
+# (docs/speed.md: the sampler gains most, the scorer nothing measurable); remainders and the scorer's many-draw slices run on PACKAGE_FILE
 SLICE_PACKAGE_FILE = "model_slice.pt2"
 AOTI_THREADS_PARAMETER = "aoti_threads"  # intra-op threads of a graph model's package (0: as ONNX Runtime's)
 PACKAGE_ISA_PARAMETER = "aoti_isa"  # the CPU the package was compiled on: {"cpu": name, "flags": [cpuinfo flags]}
