@@ -12,6 +12,7 @@ rotated, so generating inputs is not timed, as with perf_analyzer.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -131,6 +132,22 @@ class OrtRunner:
 
     def __call__(self, prepared: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, prepared)
+
+
+def alternated_medians(runs: dict[str, Callable[[], Any]], reps: int, turn: int = 1) -> dict[str, float]:
+    """Median seconds per call of each run: two warm-up calls each, then `reps` rounds in which every run in turn
+    makes `turn` calls in a row. Alternating makes a machine whose speed drifts (shared cores) slow every run
+    alike, so ratios of these medians hold where rates from separate windows do not."""
+    for f in runs.values():
+        f(), f()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(reps):
+        for name, f in runs.items():
+            for _ in range(turn):
+                t = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def rows_key(feeds: dict[str, np.ndarray]) -> str:

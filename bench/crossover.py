@@ -12,15 +12,15 @@ these ratios.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 from biva_core.contract import GRAPHS, PACKAGE_FILE, OrtOptions, aoti_runner, cpu_info, ort_session
+
+from .backends import alternated_medians
+from .route import packaged_repository
 
 
 def crossover(ckpt: Path, repo: Path, rows: tuple[int, ...], reps: int, threads: int) -> dict:
@@ -40,24 +40,13 @@ def crossover(ckpt: Path, repo: Path, rows: tuple[int, ...], reps: int, threads:
             feeds = example_inputs(spec, model, r, seed=r)
             ordered = [feeds[n] for n in spec.input_names]
             runs = {"ort": lambda: session.run(None, feeds), "aoti": lambda: package(*ordered)}
-            for f in runs.values():  # warm-up
-                f(), f()
-            times: dict[str, list[float]] = {k: [] for k in runs}
-            for _ in range(reps):
-                for name, f in runs.items():
-                    t = time.perf_counter()
-                    f()
-                    times[name].append(time.perf_counter() - t)
-            ips = {k: r / statistics.median(v) for k, v in times.items()}
+            ips = {k: r / v for k, v in alternated_medians(runs, reps).items()}
             out[graph][r] = {**ips, "aoti_over_ort": ips["aoti"] / ips["ort"]}
     return out
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--ckpt", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=Path("models/ood28.pt"),
-              show_default=True, help="The checkpoint the repository was exported from.")
-@click.option("--repo", type=click.Path(file_okay=False, exists=True, path_type=Path), default=Path("triton_models"),
-              show_default=True, help="A repository exported with the AOTInductor packages (biva-export's default).")
+@packaged_repository
 @click.option("--rows", default="1,2,4,8,16,32,64", show_default=True, help="Rows per call, comma-separated.")
 @click.option("--reps", default=15, show_default=True, help="Alternated calls per runtime and row count.")
 @click.option("--threads", default=2, show_default=True, help="Intra-op threads of both runtimes.")

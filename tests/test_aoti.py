@@ -218,7 +218,7 @@ def test_route_bench_times_every_runtime_alternately(aoti_repo, tiny_ckpt):
 
     from biva_bench.route import route_rates
 
-    res = route_rates(tiny_ckpt, aoti_repo, rows=33, reps=2, threads=1)
+    res = route_rates(tiny_ckpt, aoti_repo, rows=33, reps=2, threads=1, turn=2)
     for graph in ("biva_graph_sampler", "biva_graph_encoder", "biva_graph_scorer"):
         r = res[graph]
         assert all(r[k] > 0 for k in ("compile", "onnxruntime", "served_one_package", "served")), graph
