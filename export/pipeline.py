@@ -24,7 +24,7 @@ from biva_core.contract import (AOTI_SLICE_ROWS, DEFAULT_ESTIMATOR, DETECT, DETE
 
 from biva_core.checkpoint import binarization, sha256_file
 
-from .repository import front_config, graph_config, staging_dir, swap_into_place, write_model_files
+from .repository import front_config, graph_config, staging_dir, swap_into_place, write_model_files, written_by_others
 
 
 class ExportError(RuntimeError):
@@ -245,7 +245,7 @@ def run_export(ckpt: Path, out: Path, cfg: ExportConfig = ExportConfig(), log: C
     if cfg.serving.runtime == "aoti" and cfg.serving.backend != "python":
         raise ExportError("--runtime aoti needs the python backend (the packages run inside its models); "
                           f"got --backend {cfg.serving.backend}")
-    if out.exists() and not (out / REPORT).exists() and any(out.iterdir()) and not cfg.force:
+    if written_by_others(out, REPORT) and not cfg.force:
         raise ExportError(f"{out} exists and was not written by biva-export; pass --force to replace it")
     model, data_meta = load_model(ckpt)
     fitted = fit_to_memory(cfg, model.latent_dim, model.noise_dim, model.cfg.image_shape)

@@ -173,8 +173,22 @@ def staging_dir(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
 
 
+# The repository folder's own notes, which are not the export's: git keeps triton_models/README.md (what the export
+# writes there and how to regenerate it), so a fresh clone's folder holds it alone, and every export carries it over
+KEPT_FILES = ("README.md",)
+
+
+def written_by_others(out: Path, report: str) -> bool:
+    """`out` holds something besides its KEPT_FILES and was not written by biva-export (no `report` in it)."""
+    return out.exists() and not (out / report).exists() and any(p.name not in KEPT_FILES for p in out.iterdir())
+
+
 def swap_into_place(staged: Path, out: Path) -> None:
-    """Replace `out` with `staged` in one step: readers see the old or the new repository, never a mix."""
+    """Replace `out` with `staged` in one step: readers see the old or the new repository, never a mix; the old
+    one's KEPT_FILES go into the new one first."""
+    for name in KEPT_FILES:
+        if (out / name).is_file() and not (staged / name).exists():
+            shutil.copy2(out / name, staged / name)
     if out.exists() and _exchange(staged, out):
         shutil.rmtree(staged)  # staged now holds the old repository
         return

@@ -118,6 +118,19 @@ def test_export_refuses_a_foreign_directory(tiny_ckpt, tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+def test_export_writes_into_the_folder_a_fresh_clone_has_and_keeps_its_readme(tiny_ckpt, tmp_path):
+    """A fresh clone's triton_models/ holds only the README git keeps: biva-export writes the repository there
+    (no --force), twice, and the README is the same file after each (make demo leaves git status clean)."""
+    repo = tmp_path / "triton_models"
+    repo.mkdir()
+    shutil.copy2(Path(__file__).resolve().parent.parent / "triton_models" / "README.md", repo / "README.md")
+    readme = (repo / "README.md").read_bytes()
+    for _ in range(2):
+        run_export(tiny_ckpt, repo, ExportConfig(validate=False, serving=ONNX_ONLY), log=lambda *_: None)
+        assert (repo / REPORT).is_file() and (repo / "biva_graph_scorer" / "1" / "model.onnx").is_file()
+        assert (repo / "README.md").read_bytes() == readme
+
+
 @pytest.mark.slow
 def test_dynamo_exporter_gives_the_same_graph_numbers(tiny_ckpt, tmp_path):
     from biva_export.graphs import inference_copy
