@@ -117,8 +117,8 @@ def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig
             if builds.slice_batch is not None:
                 files[name][SLICE_PACKAGE_FILE], entry["slice_package"] = _package(spec, model, builds, cfg, log, out,
                                                                                    builds.slice_batch)
-        entry["serves"] = served_ranges(cfg.serving.runtime if builds is not None else "onnxruntime",
-                                        cfg.serving.max_batch, builds is not None and builds.slice_batch is not None)
+        entry["serves"] = served_ranges(cfg.serving.runtime, cfg.serving.max_batch,
+                                        builds is not None and builds.slice_batch is not None)
         entries[name] = entry
     return files, entries
 
