@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from biva_core.contract import ScoreRequest
+from biva_core.stats import score_order
 
 ROWS = {  # label -> the request (ks filled in per model)
     "sample": ScoreRequest("sample", 1, 1, (), False),
@@ -85,7 +86,7 @@ def markdown(table: dict) -> str:
     """One row per estimator, a column per OOD set and score: AUROC (FPR at 95% TPR)."""
     lines = []
     for ood in next(iter(table["rows"].values()))["sets"]:
-        names = sorted({n for r in table["rows"].values() for n in r["sets"][ood]}, key=_order)
+        names = sorted({n for r in table["rows"].values() for n in r["sets"][ood]}, key=score_order)
         lines += [f"AUROC (FPR at 95% TPR), {table['in']} vs {ood}, {table['limit']} images each:", "",
                   "| estimator | " + " | ".join(names) + " | served ms / image |",
                   "|---" * (len(names) + 2) + "|"]
@@ -95,11 +96,6 @@ def markdown(table: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['served_s_per_image'] * 1e3:.1f} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def _order(name: str) -> tuple:
-    kinds = ("L1", "L>", "LLR>", "LLRK>", "detector")
-    return (next(i for i, k in enumerate(kinds) if name.startswith(k)), name)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

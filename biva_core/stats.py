@@ -4,14 +4,8 @@ percentiles, the table of OOD scores, detection metrics, and the out-of-distribu
 Numpy only at import (scikit-learn is imported by the metrics alone, which the server never calls), so biva-export
 copies this file into the model repository beside the contract, for biva_detect.
 
-OOD scores are oriented larger = more anomalous (Havtorn et al., 2021), from biva_score's outputs:
-
-    L1       -L_1                       the estimator's L_1, negated
-    LK       -L_K                       with iw = K > 1 (the importance-weighted bound, negated)
-    L>k      -L^{>k}                    eq. (2): layers <= k from the conditional prior, negated
-    LLR>k    L_1 - L^{>k}               the likelihood ratio LLR^{>k}
-    LLRK>k   L_K - L^{>k}               with iw = K > 1: the importance-weighted L_K in place of L_1
-    detector -sum_j log p_j(s_j)        the fitted detector (`Detector`)
+OOD scores are oriented larger = more anomalous (Havtorn et al., 2021); `SCORES` lists them and `ood_scores`
+computes them from biva_score's outputs.
 
 The detector (in the manner of DoSE, Morningstar et al. 2021) is fitted on in-distribution images only: per image
 the statistics s = (L_1, the KL of every latent group, every L^{>k}, every LLR^{>k}) of one estimator, each
@@ -58,7 +52,20 @@ def percentiles(v: np.ndarray, ps: tuple[int, ...] = PERCENTILES) -> dict[str, f
 
 # ---- OOD scores -----------------------------------------------------------------------------------
 
-_SCORE = re.compile(r"\s*(llrk|llr|l)\s*(?:>|_?gt_?)\s*(\d+)\s*", re.IGNORECASE)
+# Every OOD score, in the order of tables and help texts: (name, what it is, needs a request with iw = K > 1).
+# A name ending in ">k" stands for one score per k of the request. `ood_scores` computes them.
+SCORES = (
+    ("L1", "-L_1", False),
+    ("LK", "-L_K", True),
+    ("L>k", "-L^{>k}", False),
+    ("LLR>k", "L_1 - L^{>k}", False),
+    ("LLRK>k", "L_K - L^{>k}", True),
+    (DETECTOR, "-sum of the fitted log densities", False),
+)
+SCORE_NAMES = tuple(n for n, _, _ in SCORES)
+_FIXED = {n.lower(): n for n, _, _ in SCORES if not n.endswith(">k")}
+_PER_K = sorted((n[:-2] for n, _, _ in SCORES if n.endswith(">k")), key=len, reverse=True)  # longest first
+_SCORE = re.compile(rf"\s*({'|'.join(_PER_K)})\s*(?:>|_?gt_?)\s*(\d+)\s*", re.IGNORECASE)
 
 
 def canonical_score(name: str) -> str:
@@ -66,17 +73,36 @@ def canonical_score(name: str) -> str:
     m = _SCORE.fullmatch(name)
     if m:
         return f"{m.group(1).upper()}>{int(m.group(2))}"
-    if name.strip().upper() in ("L1", "LK"):
-        return name.strip().upper()
-    if name.strip().lower() == DETECTOR:
-        return DETECTOR
-    raise ValueError(f"score: unknown name {name!r}; expected L1, LK, L>k, LLR>k, LLRK>k or {DETECTOR} "
-                     "(e.g. 'LLR>2', or LLR_gt2)")
+    if name.strip().lower() in _FIXED:
+        return _FIXED[name.strip().lower()]
+    raise ValueError(f"score: unknown name {name!r}; expected " + ", ".join(SCORE_NAMES)
+                     + " (e.g. 'LLR>2', or LLR_gt2)")
 
 
 def score_k(name: str) -> int | None:
     """The k of an L>k / LLR>k / LLRK>k score, else None."""
     return int(name.split(">")[1]) if ">" in name else None
+
+
+def _kind(name: str) -> int:
+    """The row of SCORES a canonical score name belongs to."""
+    kind = name.split(">")[0] + ">k" if ">" in name else name
+    return next(i for i, (n, _, _) in enumerate(SCORES) if n == kind)
+
+
+def score_order(name: str) -> tuple[int, int]:
+    """Sort key of canonical score names: SCORES' order, then k."""
+    return _kind(name), score_k(name) or 0
+
+
+def needs_iw(name: str) -> bool:
+    """Whether a canonical score needs a request with iw = K > 1."""
+    return SCORES[_kind(name)][2]
+
+
+def score_help() -> str:
+    """'L1 = -L_1, LK = -L_K (needs iw = K > 1), ...' for help texts."""
+    return ", ".join(f"{n} = {what}" + (" (needs iw = K > 1)" if iw else "") for n, what, iw in SCORES)
 
 
 def ood_scores(elbo: np.ndarray, l_gt_k: np.ndarray, ks: tuple[int, ...],

@@ -33,7 +33,7 @@ import numpy as np
 
 from biva_core.contract import ESTIMATORS, MODEL_PREFIX, OOD_ESTIMATOR, ScoreRequest
 from biva_core.data import DATA_SPEC_HELP
-from biva_core.stats import DETECTOR, request_of, statistic_names
+from biva_core.stats import DETECTOR, SCORE_NAMES, needs_iw, request_of, score_help, statistic_names
 
 from .api import (EXIT_ERROR, EXIT_FLAGGED, EXIT_INPUT, EXIT_INTERRUPTED, PROTOCOLS, BivaClient, ClientError,
                   InputError, default_url)
@@ -293,7 +293,7 @@ def likelihood(settings: Settings, data, iw, limit, seed, out, as_json):
 
 # ---- ood ------------------------------------------------------------------------------------------
 
-@_group(context_settings=CONTEXT)
+@_group(context_settings=CONTEXT, epilog="Scores, oriented larger = more anomalous: " + score_help() + ".")
 def ood():
     """Out-of-distribution detection with L_1, L^{>k}, LLR^{>k} (Havtorn et al., 2021) and a fitted detector.
 
@@ -303,10 +303,9 @@ def ood():
     ood check    flag inputs with a fitted file, scored through biva_score (exit code 3 if any is flagged)
     ood detect   flag inputs with the detector the server deploys (biva_detect; exit code 3 if any is flagged)
 
-    Scores are oriented larger = more anomalous: L1 = -L_1, LK = -L_K, L>k = -L^{>k}, LLR>k = L_1 - L^{>k},
-    LLRK>k = L_K - L^{>k}, detector = -sum of the fitted log densities. The estimator says how L_1 and L^{>k} are
-    estimated from draws of the latents: mode (every latent at its mean; a score, not a bound), mean of
-    --samples draws, or one sample (bounds on log p(x)).
+    The estimator says how L_1 and L^{>k} are estimated from draws of the latents: mode (every latent at its mean;
+    a score, not a bound), mean of --samples draws, or one sample (bounds on log p(x)). The scores are listed
+    below.
     """
 
 
@@ -429,7 +428,8 @@ def ood_score(settings: Settings, in_spec, ood_specs, k_list, estimator, samples
 @click.option("--in", "in_spec", required=True, help="In-distribution data to fit on (never OOD data). " + DATA_HELP)
 @click.option("--score", "score_name", default=DETECTOR, show_default=True,
               help=f"{DETECTOR} (kernel densities of L_1, the KL per group, every L^{{>k}} and LLR^{{>k}}), or one "
-                   "score: L1, LK (needs --iw), L>k, LLR>k, LLRK>k (also written L_gt2, LLR_gt2).")
+                   f"score: {', '.join(n for n in SCORE_NAMES if n != DETECTOR)} (`biva-client ood --help` says "
+                   "what each is; LLR>2 is also written LLR_gt2; iw is --iw).")
 @_estimator_options(OOD_ESTIMATOR)
 @click.option("--k", "k_list", default=None, help=f"k of the {DETECTOR}'s statistics [default: 1..L-1].")
 @click.option("--tpr", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True),
@@ -450,9 +450,8 @@ def ood_fit(settings: Settings, in_spec, score_name, estimator, samples, k_list,
     seed = _seed(settings, seed)
     with _input_errors():
         name = canonical_score(score_name)
-    if name in ("LK",) or name.startswith("LLRK"):
-        if iw < 2:
-            raise InputError(f"score {name} needs --iw K with K >= 2")
+    if needs_iw(name) and iw < 2:
+        raise InputError(f"score {name} needs --iw K with K >= 2")
 
     def run(client: BivaClient):
         L = client.meta.n_layers

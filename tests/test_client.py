@@ -25,7 +25,8 @@ from biva_client.cli import main
 from biva_client.api import InputError
 from biva_client.output import RowWriter, image_grid
 from biva_client.tasks import batches, parse_k_list, sample_images
-from biva_core.stats import auprc, auroc, canonical_score, fit_threshold, fpr_at_tpr
+from biva_core.stats import (SCORE_NAMES, auprc, auroc, canonical_score, fit_threshold, fpr_at_tpr, needs_iw,
+                              ood_scores, score_order)
 
 PROTOCOLS = ["http", "grpc"]
 IMG_ATOL = 1e-4  # served images vs PyTorch x_mean
@@ -138,6 +139,29 @@ def test_score_names_and_k_lists() -> None:
     assert parse_k_list("3,1,1", 3) == (1, 3) and parse_k_list(None, 4) == (1, 2, 3)
     with pytest.raises(InputError, match="out of range"):
         parse_k_list("0,5", 3)
+
+
+def test_the_score_table_names_orders_and_flags_what_ood_scores_computes() -> None:
+    """Every score ood_scores returns is a canonical name of SCORES, in SCORES' order (k ascending within a kind),
+    and exactly those that need iw = K > 1 come and go with the importance-weighted bound."""
+    rng = np.random.default_rng()
+    n, ks = 5, (3, 1)
+    elbo, lgk, iw = -rng.uniform(100, 200, n), -rng.uniform(100, 200, (n, 2)), -rng.uniform(100, 200, n)
+    one, with_iw = ood_scores(elbo, lgk, ks), ood_scores(elbo, lgk, ks, iw)
+    assert all(canonical_score(name) == name for name in with_iw)
+    assert {m for m in with_iw if needs_iw(m)} == set(with_iw) - set(one) == {"LK", "LLRK>1", "LLRK>3"}
+    np.testing.assert_allclose(one["LLR>3"], elbo - lgk[:, 0], rtol=1e-12)
+    assert sorted(with_iw, key=score_order) == ["L1", "LK", "L>1", "L>3", "LLR>1", "LLR>3", "LLRK>1", "LLRK>3"]
+    assert SCORE_NAMES[-1] == "detector" and score_order("detector") > score_order("LLRK>12") > score_order("LLRK>3")
+
+
+def test_ood_fit_refuses_a_score_that_needs_iw_without_it_before_calling_the_server(tmp_path) -> None:
+    """No server listens on the URL: the refusal must come from the command line check, in one line."""
+    out = tmp_path / "fit.json"
+    for score in ("LK", "llrk_gt1"):
+        r = invoke(["--url", "127.0.0.1:9", "ood", "fit", "--in", "digits", "--score", score, "--out", out])
+        assert r.exit_code == 2 and "needs --iw K with K >= 2" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_image_grid_layout() -> None:
