@@ -24,7 +24,7 @@ from .model import Biva
 from .noise import NoiseStream
 from .objectives import evaluate_request
 from .plots import plot_ood
-from .stats import Detector, bits_per_dim, detection_table, mean_se, ood_scores, statistics
+from .stats import Detector, bits_per_dim, detection_table, mean_se, ood_scores
 
 
 @torch.no_grad()
@@ -72,10 +72,9 @@ def summarize(model: Biva, cat: dict[str, np.ndarray], req: ScoreRequest) -> dic
 
 def scores_of(cat: dict[str, np.ndarray], req: ScoreRequest, detector: Detector | None = None) -> dict[str, np.ndarray]:
     """Every OOD score of `per_image`'s output (stats.ood_scores), and the detector's where one is given."""
-    out = ood_scores(cat["elbo"], cat["l_gt_k"], req.ks, cat.get("iw") if req.iw > 1 else None)
+    out = ood_scores(cat["elbo"], cat["kl"], cat["l_gt_k"], req.ks, cat.get("iw") if req.iw > 1 else None)
     if detector is not None:
-        out["detector"] = detector.kde_scores(statistics(cat["elbo"], cat["kl"], cat["l_gt_k"])) \
-            if detector.score == "detector" else out[detector.score]
+        out["detector"] = detector.scores(cat["elbo"], cat["kl"], cat["l_gt_k"], cat.get("iw"))
     return out
 
 

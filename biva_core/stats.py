@@ -57,6 +57,7 @@ def percentiles(v: np.ndarray, ps: tuple[int, ...] = PERCENTILES) -> dict[str, f
 SCORES = (
     ("L1", "-L_1", False),
     ("LK", "-L_K", True),
+    ("KL", "the rate: KL(q || p) summed over every latent group (Alemi et al., 2018)", False),
     ("L>k", "-L^{>k}", False),
     ("LLR>k", "L_1 - L^{>k}", False),
     ("LLRK>k", "L_K - L^{>k}", True),
@@ -105,15 +106,16 @@ def score_help() -> str:
     return ", ".join(f"{n} = {what}" + (" (needs iw = K > 1)" if iw else "") for n, what, iw in SCORES)
 
 
-def ood_scores(elbo: np.ndarray, l_gt_k: np.ndarray, ks: tuple[int, ...],
+def ood_scores(elbo: np.ndarray, kl: np.ndarray, l_gt_k: np.ndarray, ks: tuple[int, ...],
                iw_bound: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Every score the outputs support (module docstring), float64, larger = more anomalous. elbo (N,),
-    l_gt_k (N, len(ks)); iw_bound (N,) adds LK and LLRK>k."""
+    """Every score of SCORES that biva_score's outputs support, float64, larger = more anomalous. elbo (N,), kl
+    (N, G), l_gt_k (N, len(ks)); iw_bound (N,) adds LK and LLRK>k."""
     l1 = np.asarray(elbo, np.float64)
     lgk = np.asarray(l_gt_k, np.float64).reshape(len(l1), len(ks))
     out = {"L1": -l1}
     if iw_bound is not None:
         out["LK"] = -np.asarray(iw_bound, np.float64)
+    out["KL"] = np.asarray(kl, np.float64).reshape(len(l1), -1).sum(axis=1)
     out.update({f"L>{k}": -lgk[:, j] for j, k in enumerate(ks)})
     out.update({f"LLR>{k}": l1 - lgk[:, j] for j, k in enumerate(ks)})
     if iw_bound is not None:
@@ -241,7 +243,7 @@ class Detector:
         """This detector's score of each image from biva_score's outputs (l_gt_k for `ks`, in order)."""
         if self.score == DETECTOR:
             return self.kde_scores(statistics(elbo, kl, l_gt_k))
-        return ood_scores(elbo, l_gt_k, self.ks, iw_bound)[self.score]
+        return ood_scores(elbo, kl, l_gt_k, self.ks, iw_bound)[self.score]
 
     def to_json(self) -> str:
         return json.dumps({"format": FIT_FORMAT, "version": FIT_VERSION, **asdict(self)})

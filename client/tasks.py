@@ -164,7 +164,7 @@ class ScoreTable:
 
     def scores(self) -> dict[str, np.ndarray]:
         """Every OOD score the table supports (biva_core.stats.ood_scores), larger = more anomalous."""
-        return ood_scores(self.elbo, self.l_gt_k, self.ks, self.iw_bound if self.iw > 1 else None)
+        return ood_scores(self.elbo, self.kl, self.l_gt_k, self.ks, self.iw_bound if self.iw > 1 else None)
 
     def statistics(self) -> np.ndarray:
         """The detector's per-image statistics (biva_core.stats.statistics)."""

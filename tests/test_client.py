@@ -147,11 +147,14 @@ def test_the_score_table_names_orders_and_flags_what_ood_scores_computes() -> No
     rng = np.random.default_rng()
     n, ks = 5, (3, 1)
     elbo, lgk, iw = -rng.uniform(100, 200, n), -rng.uniform(100, 200, (n, 2)), -rng.uniform(100, 200, n)
-    one, with_iw = ood_scores(elbo, lgk, ks), ood_scores(elbo, lgk, ks, iw)
+    kl = rng.uniform(0, 20, (n, 4))
+    one, with_iw = ood_scores(elbo, kl, lgk, ks), ood_scores(elbo, kl, lgk, ks, iw)
     assert all(canonical_score(name) == name for name in with_iw)
     assert {m for m in with_iw if needs_iw(m)} == set(with_iw) - set(one) == {"LK", "LLRK>1", "LLRK>3"}
     np.testing.assert_allclose(one["LLR>3"], elbo - lgk[:, 0], rtol=1e-12)
-    assert sorted(with_iw, key=score_order) == ["L1", "LK", "L>1", "L>3", "LLR>1", "LLR>3", "LLRK>1", "LLRK>3"]
+    np.testing.assert_allclose(one["KL"], kl[:, 0] + kl[:, 1] + kl[:, 2] + kl[:, 3], rtol=1e-12)  # the rate
+    assert sorted(with_iw, key=score_order) == ["L1", "LK", "KL", "L>1", "L>3", "LLR>1", "LLR>3", "LLRK>1",
+                                                 "LLRK>3"]
     assert SCORE_NAMES[-1] == "detector" and score_order("detector") > score_order("LLRK>12") > score_order("LLRK>3")
 
 
@@ -308,7 +311,7 @@ def test_ood_score_table_and_plot(tiny_server, tmp_path, digits_npy, inverted_np
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout.splitlines()[0])
     table = doc["metrics"]
-    assert list(table) == ["L1", "L>1", "L>2", "LLR>1", "LLR>2"] and doc["estimator"] == "mode"  # the default
+    assert list(table) == ["L1", "KL", "L>1", "L>2", "LLR>1", "LLR>2"] and doc["estimator"] == "mode"  # the default
     for m in table.values():
         assert all(0.0 <= m[key] <= 1.0 for key in ("auroc", "auprc", "fpr95"))
     assert table["L1"]["auroc"] > 0.9  # inverted digits are far from anything the model has seen
@@ -357,6 +360,15 @@ def test_ood_fit_then_check(tiny_server, tmp_path, digits_npy, inverted_npy) -> 
     r = invoke([*common, "ood", "check", "--threshold", threshold, "--data", f"npy:{inverted_npy}", "--limit", 20])
     assert r.exit_code == 3
     assert sum(line.endswith(",1") for line in r.stdout.splitlines()[1:]) >= 18
+
+    # the rate (KL) fitted on 40 digits: checked on the same digits (mode: deterministic), at most 5% flagged
+    r = invoke([*common, "ood", "fit", "--in", f"npy:{digits_npy}", "--limit", 40, "--score", "kl", "--out",
+                threshold])
+    assert r.exit_code == 0 and json.loads(threshold.read_text())["score"] == "KL", r.output
+    r = invoke([*common, "ood", "check", "--threshold", threshold, "--data", f"npy:{digits_npy}", "--limit", 40])
+    rows = r.stdout.splitlines()[1:]
+    assert len(rows) == 40 and sum(line.endswith(",1") for line in rows) <= 2 and min(
+        float(line.split(",")[1]) for line in rows) > 0  # a sum of KL divergences
 
 
 @pytest.mark.server

@@ -69,7 +69,7 @@ def test_demo_end_to_end(tiny_ckpt, digits_npy, tmp_path, monkeypatch):
     ood = json.loads((out / "ood_metrics.json").read_text())
     assert list(ood["sets"]) == [f"npy:{inverted}", "mnist"] and ood["estimator"] == "mode"
     inv = ood["sets"][f"npy:{inverted}"]
-    assert set(inv) == set(ood["sets"]["mnist"]) == {"L1", "L>1", "L>2", "LLR>1", "LLR>2"}  # no served detector
+    assert set(inv) == set(ood["sets"]["mnist"]) == {"L1", "KL", "L>1", "L>2", "LLR>1", "LLR>2"}  # no served detector
     # the in-distribution images are the likelihood step's, scored by the mode estimator: PyTorch's values
     ref = _mode_l1(tiny_ckpt, digits_npy, 40)
     assert abs(inv["L1"]["mean_in"] + ref.mean()) < 1e-3 and abs(ref.mean() - l1.mean()) > 1e-3  # not L_1's draws

@@ -72,10 +72,10 @@ def test_warmup_run_logs_the_kl_weight_and_keeps_epoch_snapshots(tiny_trained):
 
 def test_ood_aurocs_equal_the_pairwise_definition():
     rng = np.random.default_rng(0)
-    a = {"elbo": rng.normal(-100, 5, 60), "l_gt_1": rng.normal(-120, 5, 60)}
-    b = {"elbo": rng.normal(-110, 5, 40), "l_gt_1": rng.normal(-125, 5, 40)}
-    table = detection_table(ood_scores(a["elbo"], a["l_gt_1"][:, None], (1,)),
-                            ood_scores(b["elbo"], b["l_gt_1"][:, None], (1,)))
+    a = {"elbo": rng.normal(-100, 5, 60), "l_gt_1": rng.normal(-120, 5, 60), "kl": rng.gamma(4, 5, (60, 3))}
+    b = {"elbo": rng.normal(-110, 5, 40), "l_gt_1": rng.normal(-125, 5, 40), "kl": rng.gamma(5, 5, (40, 3))}
+    table = detection_table(ood_scores(a["elbo"], a["kl"], a["l_gt_1"][:, None], (1,)),
+                            ood_scores(b["elbo"], b["kl"], b["l_gt_1"][:, None], (1,)))
     got = {name: m["auroc"] for name, m in table.items()}
 
     def pairwise(s_in, s_ood):  # P(score_ood > score_in) + 0.5 P(tie)
@@ -83,6 +83,7 @@ def test_ood_aurocs_equal_the_pairwise_definition():
         return float((d > 0).mean() + 0.5 * (d == 0).mean())
 
     assert got["L1"] == pytest.approx(pairwise(-a["elbo"], -b["elbo"]), abs=1e-12)
+    assert got["KL"] == pytest.approx(pairwise(a["kl"].sum(1), b["kl"].sum(1)), abs=1e-12)
     assert got["L>1"] == pytest.approx(pairwise(-a["l_gt_1"], -b["l_gt_1"]), abs=1e-12)
     llr = pairwise(a["elbo"] - a["l_gt_1"], b["elbo"] - b["l_gt_1"])
     assert got["LLR>1"] == pytest.approx(llr, abs=1e-12)
@@ -109,7 +110,7 @@ def test_biva_eval_ood_reports_auroc_kl_and_histograms(tiny_trained, tmp_path):
     out = json.loads(res.output)
     assert set(out["ood"]) == {"mnist", "digits:28"}
     mn = out["ood"]["mnist"]
-    assert set(mn["auroc"]) == {"L1", "L>1", "L>2", "LLR>1", "LLR>2"} and mn["n_images"] == 40
+    assert set(mn["auroc"]) == {"L1", "KL", "L>1", "L>2", "LLR>1", "LLR>2"} and mn["n_images"] == 40
     assert len(mn["kl_per_layer"]) == 5 and all(0.0 <= v <= 1.0 for v in mn["auroc"].values())
     # the same images as --data, with the same noise: nothing to separate
     assert all(v == pytest.approx(0.5) for v in out["ood"]["digits:28"]["auroc"].values())
@@ -126,7 +127,7 @@ def test_study_scores_every_snapshot_of_a_run(tiny_trained):
     assert [r["epoch"] for r in rows] == [1, 2]
     for r in rows:
         assert set(r["auroc"]) == {"mnist", "digits"}
-        assert set(r["auroc"]["mnist"]) == {"L1", "L>1", "L>2", "LLR>1", "LLR>2"}  # k = 1..L-1
+        assert set(r["auroc"]["mnist"]) == {"L1", "KL", "L>1", "L>2", "LLR>1", "LLR>2"}  # k = 1..L-1
         assert r["val_elbo"] < 0 and r["test_elbo"] < 0
     table = markdown(rows).splitlines()
     assert len(table) == 4 and table[2].startswith(f"| {tiny_trained.name} | 1 | {rows[0]['step']} |")
