@@ -20,8 +20,8 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 import torch
 
-from biva_core.contract import (ENCODER, SAMPLER, SCORE, SCORER, GraphSpec, ScoreRequest, T, call_rows, noise_rng,
-                                run_in_slices, run_score, served_runtime)
+from biva_core.contract import (ENCODE, ENCODER, SAMPLE, SAMPLER, SCORE, SCORER, GraphSpec, ScoreRequest, T, call_rows,
+                                noise_rng, run_in_slices, run_score, served_runtime)
 
 from .loadgen import infer_inputs
 
@@ -189,6 +189,28 @@ def request_feeds(case: Case, make_inputs: Callable[[int, int], dict[str, np.nda
                  T.seed: rng.integers(0, 2**62, size=1, dtype=np.int64)}
         pool.append({**feeds, **({T.ks: np.array(r.ks, np.int64)} if r.ks else {})})
     return pool
+
+
+API_MODELS = {SAMPLER: SAMPLE, ENCODER: ENCODE, SCORER: SCORE}  # the front (API) model a user's request of a graph
+#                                                               case reaches: it splits rows over the instances
+API_SCORE = ScoreRequest("sample", 1, 1, (1,))  # scorer_k1 as a biva_score request: one draw, k = 1
+
+
+def api_case(case: Case) -> Case:
+    """A graph case as a user sends it: to its front model, with the front's request (`api_feeds`)."""
+    return Case(case.name, case.graph, case.rows_per_image, API_MODELS[case.graph],
+                API_SCORE if case.graph == SCORER else None)
+
+
+def api_feeds(case: Case, make_inputs: Callable[[int, int], dict[str, np.ndarray]], batch: int,
+              seed: int) -> list[dict[str, np.ndarray]]:
+    """POOL requests for `api_case(case)`'s front model; the front draws the noise from the seed."""
+    if case.graph == SCORER:
+        return request_feeds(api_case(case), make_inputs, batch, seed)
+    seeds = [np.array([seed + j], np.int64) for j in range(POOL)]
+    if case.graph == SAMPLER:
+        return [{T.n: np.array([batch], np.int64), T.seed: s, T.temperature: np.ones(1, np.float32)} for s in seeds]
+    return [{T.images: make_inputs(batch, seed + j)[T.images], T.seed: s} for j, s in enumerate(seeds)]
 
 
 def triton_inputs(client_mod, case: Case, make_inputs: Callable[[int, int], dict[str, np.ndarray]], batch: int,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .config import BACKENDS, CASES, EXTRA_BACKENDS, LOADS, ORT_LEVELS, PRESETS
+from .config import ALTERNATED, BACKENDS, CASES, EXTRA_BACKENDS, LOADS, ORT_LEVELS, PRESETS
 from .triton import Variant, parse_layout
 
 
@@ -86,10 +86,15 @@ def _layouts(text: str | None) -> tuple[Variant, ...]:
 @click.option("--queue-delay-us", type=int, default=None, help="Dynamic batcher max queue delay (default: as exported).")
 @click.option("--preferred-batch", default=None,
               help="Dynamic batcher preferred batch sizes, comma-separated; '' for none (default: as exported).")
+@click.option("--alternated-reps", type=click.IntRange(0), default=None,
+              help=f"Rounds in which {' and '.join(ALTERNATED)} run in turn, per case and batch, when both are "
+                   "measured; their ratio comes from these [full: 21, quick: 3; 0: windows only].")
+@click.option("--alternated-turn", type=click.IntRange(1), default=1, show_default=True,
+              help="Calls in a row per backend in each alternated round.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurrency, backends, cases, window_s,
          max_windows, ort_level, ort_saved_graph, instances, instance_threads, ort_spinning, layouts, layout_rounds,
-         load, client_procs, neighbour, queue_delay_us, preferred_batch, debug):
+         load, client_procs, neighbour, queue_delay_us, preferred_batch, alternated_reps, alternated_turn, debug):
     """Benchmark the exported BIVA graphs: PyTorch eager and torch.compile, ONNX Runtime in process, Triton over
     HTTP and gRPC."""
     from biva_core.checkpoint import CheckpointError
@@ -106,7 +111,7 @@ def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurren
             measure = replace(measure, max_windows=max_windows)
         overrides = {"batches": _ints(batches), "iw": iw, "iw_batches": _ints(iw_batches),
                      "concurrency": _ints(concurrency), "backends": _names(backends, BACKENDS + EXTRA_BACKENDS),
-                     "cases": _names(cases, CASES), "threads": threads}
+                     "cases": _names(cases, CASES), "threads": threads, "alternated_reps": alternated_reps}
         spinning = None if ort_spinning is None else ort_spinning == "on"
         cfg = replace(cfg, measure=measure, ort_level=ort_level, ort_saved_graph=ort_saved_graph, load=load,
                       client_procs=client_procs,
@@ -114,7 +119,7 @@ def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurren
                       variant=Variant(threads=instance_threads or threads or 0, instances=instances,
                                       preferred=_ints(preferred_batch), queue_delay_us=queue_delay_us,
                                       spinning=spinning),
-                      layouts=_layouts(layouts), layout_rounds=layout_rounds,
+                      layouts=_layouts(layouts), layout_rounds=layout_rounds, alternated_turn=alternated_turn,
                       **{k: v for k, v in overrides.items() if v is not None})
         run_bench(ckpt, out_dir, cfg, repo=repo, log=click.echo)
 

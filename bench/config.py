@@ -10,12 +10,14 @@ from biva_core.contract import ORT_LEVELS as _ORT_LEVELS
 from .measure import MeasureConfig
 from .triton import Variant
 
-BACKENDS = ("torch", "compile", "ort", "served", "triton_http", "triton_grpc")  # the default run; "served": the
-#                                                                  route the graph models take, in process
+BACKENDS = ("torch", "compile", "ort", "served", "triton_http", "triton_grpc", "triton_grpc_api")  # the default
+# run; "served": the route the graph models take, in process; "triton_grpc_api": a graph case sent as a user sends
+# it, to its front model (biva_sample, biva_encode, biva_score), which splits the rows over the graph's instances
 # on request: ONNX Runtime on the served graph with its ELUs as single Elu nodes (export/graph_passes.py), so the
 # decomposition the exporter writes is measured against the operator it replaces, in the same run
 # and "aoti": the repository's AOTInductor packages (biva-export --runtime aoti) in process
 EXTRA_BACKENDS = ("ort_elu_native", "aoti")
+ALTERNATED = ("served", "compile")  # measured again in alternating calls, where the served/compile ratio comes from
 CASES = ("sampler", "encoder", "scorer_k1", "scorer_iw", "ood_mode", "ood_mean1", "ood_mean4", "ood_mean16")
 ORT_LEVELS = tuple(_ORT_LEVELS)
 LOADS = ("processes", "async")
@@ -51,6 +53,8 @@ class BenchConfig:
     layouts: tuple[Variant, ...] = ()  # extra dynamic-batching sweeps: instances, threads, spinning of each
     layout_rounds: int = 1  # the layouts' sweeps this many times over, interleaved; each layout reports its median
     neighbour: bool = False  # sweeps (processes load): a 1-thread GEMM loop runs beside the server, its rate reported
+    alternated_reps: int = 21  # ALTERNATED, when both run: rounds of calls in turn per case and batch (0: none)
+    alternated_turn: int = 1  # calls in a row per backend in each round
     seed: int = 20240601
 
     def __post_init__(self) -> None:
@@ -72,6 +76,9 @@ class BenchConfig:
             raise ValueError(f"client_procs must be >= 0, got {self.client_procs}")
         if self.layout_rounds < 1:
             raise ValueError(f"layout_rounds must be >= 1, got {self.layout_rounds}")
+        if self.alternated_reps < 0 or self.alternated_turn < 1:
+            raise ValueError(f"alternated_reps must be >= 0 and alternated_turn >= 1, got {self.alternated_reps} and "
+                             f"{self.alternated_turn}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
@@ -92,6 +99,6 @@ QUICK = replace(
                                                                   "ood_mode", "ood_mean4"),
     measure=MeasureConfig(warmup_s=0.05, window_s=0.1, max_windows=4, min_calls=2),
     iw_measure=MeasureConfig(warmup_s=0.0, window_s=0.1, max_windows=3, min_calls=2),
-    gemm_n=512, gemm_reps=3)
+    gemm_n=512, gemm_reps=3, alternated_reps=3)
 
 PRESETS = {"full": FULL, "quick": QUICK}

@@ -9,7 +9,8 @@ from typing import Any
 
 BACKEND_LABELS = {"torch": "PyTorch", "compile": "torch.compile", "ort": "ONNX Runtime", "triton_http": "Triton HTTP",
                   "triton_grpc": "Triton gRPC", "ort_elu_native": "ONNX Runtime, Elu nodes",
-                  "aoti": "AOTInductor package", "served": "served route (in process)"}
+                  "aoti": "AOTInductor package", "served": "served route (in process)",
+                  "triton_grpc_api": "Triton gRPC, API model"}
 
 # (numerator backend, denominator backend, batch, target)
 ORT_OVER_TORCH = ((1, 1.5), (64, 1.2))
@@ -18,7 +19,7 @@ ELU_DECOMPOSITION = ((1, 1.0), (64, 1.0))  # the served graph's ELU form at leas
 AOTI_OVER_COMPILE = ((1, 1.0), (64, 1.0))  # the compiled serving route at least as fast as torch.compile
 GRPC_OVER_ORT = (64, 0.85)
 SERVED_OVER_COMPILE = ((1, 1.0), (64, 0.95))  # the served default route against torch.compile, in process
-GRPC_OVER_SERVED = (64, 0.85)  # Triton gRPC against the same route in process
+GRPC_OVER_SERVED = (64, 0.85)  # Triton gRPC against the same route in process (the graph model, and the API model)
 DYNAMIC_BATCHING = (16, 1, 4.0)  # clients, against clients, target
 CEILING_FRACTION = 0.90  # 16 clients' images/s >= 90% of the ceiling (best in-process rate, CEILING_BACKENDS)
 CEILING_BACKENDS = ("ort", "served")  # what the graph models run: ONNX Runtime, or the served route when measured
@@ -47,6 +48,19 @@ def _ips(result: dict, case: str, backend: str, batch: int) -> float | None:
     return m.get("images_per_s")
 
 
+def _alternated_ratio(result: dict, case: str, batch: int, target: float) -> dict[str, Any] | None:
+    """served / torch.compile from the calls in turn (run._alternated), with the windows' ratio beside it."""
+    cell = result["graphs"].get(case, {}).get("alternated", {}).get(str(batch))
+    if not cell:
+        return None
+    ips = cell["images_per_s"]
+    out = _ratio(ips.get("served"), ips.get("compile"), target,
+                 f"served route (in process) / torch.compile images/s at batch {batch}, {cell['reps']} rounds of "
+                 f"{cell['turn']} alternated calls")
+    windowed = _ratio(_ips(result, case, "served", batch), _ips(result, case, "compile", batch), target, "")
+    return {**out, "windowed": windowed["value"]}
+
+
 def _ratio(num: float | None, den: float | None, target: float, what: str) -> dict[str, Any]:
     value = num / den if num is not None and den else None
     return {"value": value, "target": target, "met": None if value is None else value >= target, "what": what}
@@ -58,10 +72,16 @@ def _graph_ratios(result: dict[str, Any], case: str) -> dict[str, dict]:
         return {str(b): _ratio(_ips(result, case, num, b), _ips(result, case, den, b), t, what.format(b=b))
                 for b, t in targets}
 
-    out = {"served_over_compile": pair("served", "compile", SERVED_OVER_COMPILE,
-                                       "served route (in process) / torch.compile images/s at batch {b}"),
+    windowed = pair("served", "compile", SERVED_OVER_COMPILE,
+                    "served route (in process) / torch.compile images/s at batch {b}, windows")
+    out = {"served_over_compile": {str(b): _alternated_ratio(result, case, b, t) or windowed[str(b)]
+                                   for b, t in SERVED_OVER_COMPILE},
            "triton_grpc_over_served": pair("triton_grpc", "served", [GRPC_OVER_SERVED],
-                                           "Triton gRPC / the served route in process, images/s at batch {b}"),
+                                           "Triton gRPC to the graph model / the served route in process, images/s "
+                                           "at batch {b}"),
+           "triton_grpc_api_over_served": pair("triton_grpc_api", "served", [GRPC_OVER_SERVED],
+                                               "Triton gRPC to the API model / the served route in process, "
+                                               "images/s at batch {b}"),
            "aoti_over_compile": pair("aoti", "compile", AOTI_OVER_COMPILE,
                                      "AOTInductor package / torch.compile images/s at batch {b}"),
            "triton_grpc_over_ort": pair("triton_grpc", "ort", [GRPC_OVER_ORT],
@@ -124,7 +144,7 @@ def compute_ratios(result: dict[str, Any]) -> dict[str, Any]:
     graph_cases = [c for c in result["graphs"] if result["graphs"][c]["rows_per_image"] == 1]
     per_case = {case: _graph_ratios(result, case) for case in graph_cases}
     groups = ("ort_over_torch", "ort_over_compile", "ort_over_elu_native", "aoti_over_compile",
-              "triton_grpc_over_ort", "served_over_compile", "triton_grpc_over_served")
+              "triton_grpc_over_ort", "served_over_compile", "triton_grpc_over_served", "triton_grpc_api_over_served")
     ratios: dict[str, Any] = {g: {case: per_case[case][g] for case in graph_cases} for g in groups}
     ratios.update(_batching_ratios(result))
     ratios["scorer_peak_fraction"] = _scorer_peak_fraction(result)
@@ -193,6 +213,10 @@ def markdown(result: dict[str, Any]) -> str:
                 cells.append(f"{m['images_per_s']:.1f} ({lat['p50']:.2f} / {lat['p99']:.2f})"
                              f"{'' if m['stable'] else '*'}")
             lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        if entry.get("alternated"):
+            lines += ["", "In turn (median per call, the same stretch of time for both): " + "; ".join(
+                f"batch {b}: " + ", ".join(f"{BACKEND_LABELS[be]} {v:.1f}" for be, v in c["images_per_s"].items())
+                + f" images/s ({c['reps']} rounds of {c['turn']})" for b, c in entry["alternated"].items()) + "."]
         if entry.get("compile_s"):
             lines += ["", compile_summary(entry["compile_s"])]
         lines.append("")
@@ -231,14 +255,16 @@ def _limit_and_target_lines(result: dict[str, Any]) -> list[str]:
                      f"{f['flops_per_row_torch'] * f['rows_per_image'] / 1e6:.2f} |")
     lines += ["", "## Targets", "", "| ratio | value | target | met |", "|---|---:|---:|---|"]
     r = result["ratios"]
-    optional = ("ort_over_elu_native", "aoti_over_compile", "served_over_compile", "triton_grpc_over_served")
-    for group in ("served_over_compile", "triton_grpc_over_served", "ort_over_torch", "ort_over_compile",
-                  "ort_over_elu_native", "aoti_over_compile", "triton_grpc_over_ort"):
+    optional = ("ort_over_elu_native", "aoti_over_compile", "served_over_compile", "triton_grpc_over_served",
+                "triton_grpc_api_over_served")
+    for group in ("served_over_compile", "triton_grpc_api_over_served", "triton_grpc_over_served", "ort_over_torch",
+                  "ort_over_compile", "ort_over_elu_native", "aoti_over_compile", "triton_grpc_over_ort"):
         for case, per in r.get(group, {}).items():
             for b, x in per.items():
                 if x["value"] is None and group in optional:
                     continue  # not measured in this run
-                lines.append(f"| {case}: {x['what']} | {_fmt(x['value'], '.2f')} | {x['target']} | {_met(x)} |")
+                also = f" (windows: {_fmt(x['windowed'], '.2f')})" if "windowed" in x else ""
+                lines.append(f"| {case}: {x['what']}{also} | {_fmt(x['value'], '.2f')} | {x['target']} | {_met(x)} |")
     for key in ("dynamic_batching_scaling", "dynamic_batching_of_ceiling", "scorer_peak_fraction", "iw_peak_fraction"):
         x = r[key]
         why = f" ({x['why_above_1']})" if x.get("why_above_1") else ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -26,12 +27,14 @@ from typing import Any, Callable
 import torch
 
 from biva_core.checkpoint import sha256_file
-from biva_core.contract import (ENCODER, IW_CALL_ROWS, KS, PACKAGE_FILE, REPORT, SAMPLES, SLICE_PACKAGE_FILE,
-                                OrtOptions, T, ort_session, read_meta, score_plan)
+from biva_core.contract import (ENCODE, ENCODER, IW_CALL_ROWS, KS, PACKAGE_FILE, REPORT, SAMPLE, SAMPLES,
+                                SLICE_PACKAGE_FILE, OrtOptions, T, ort_session, read_meta, score_plan)
 
-from .backends import AotiRunner, Case, CompiledRunner, OrtRunner, ServedRunner, TorchRunner, async_call, inprocess_call, \
-    make_cases, request_feeds, sync_call, triton_inputs
-from .config import BenchConfig
+from .backends import (POOL, AotiRunner, Case, CompiledRunner, OrtRunner, ServedRunner, TorchRunner,
+                       alternated_medians, api_case, api_feeds, async_call, inprocess_call, make_cases, request_feeds,
+                       sync_call, triton_inputs)
+from .loadgen import infer_inputs
+from .config import ALTERNATED, BenchConfig
 from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
 from .measure import MeasureConfig, measure_async, measure_sync
 from .report import add_achieved, compile_summary, compute_ratios, write_outputs
@@ -160,15 +163,32 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
         if "ort_elu_native" in cfg.backends:
             native = _elu_native_copy(graphs[case.graph], work)
             runners["ort_elu_native"] = OrtRunner(_ort_session(native, cfg, work)[0])
-        for backend, runner in runners.items():
-            for b in _batches(cfg, case):
-                call = inprocess_call(runner, case, make, b, graph_max, cfg.seed + b, spec)
-                m, _ = measure_sync(call, b, _mcfg(cfg, case))
-                results[name]["results"].setdefault(backend, {})[str(b)] = m.to_dict()
-                log(_line(name, backend, b, m.to_dict()))
+        calls = {(backend, b): inprocess_call(runner, case, make, b, graph_max, cfg.seed + b, spec)
+                 for backend, runner in runners.items() for b in _batches(cfg, case)}
+        for (backend, b), call in calls.items():
+            m, _ = measure_sync(call, b, _mcfg(cfg, case))
+            results[name]["results"].setdefault(backend, {})[str(b)] = m.to_dict()
+            log(_line(name, backend, b, m.to_dict()))
+        if all(be in runners for be in ALTERNATED) and cfg.alternated_reps and case.name != "scorer_iw":
+            results[name]["alternated"] = {str(b): _alternated(calls, b, cfg, name, log) for b in _batches(cfg, case)}
         if "compile" in runners:
             log(f"  {name:10s} " + compile_summary(results[name]["compile_s"]))
     return load_s
+
+
+def _alternated(calls: dict, b: int, cfg: BenchConfig, case: str, log: Callable[[str], Any]) -> dict[str, Any]:
+    """ALTERNATED's images/s at batch b from calls in turn (backends.alternated_medians): the same machine state
+    for both, where the windows above measure each backend in its own stretch of time."""
+    def zero_arg(call):
+        i = itertools.count(POOL)  # call i draws inputs i % POOL; the windows began at 0
+        return lambda: call(next(i))
+
+    seconds = alternated_medians({be: zero_arg(calls[be, b]) for be in ALTERNATED}, cfg.alternated_reps,
+                                 cfg.alternated_turn)
+    ips = {be: b / s for be, s in seconds.items()}
+    log(f"  {case:10s} alternated   b={b:<4d} " + ", ".join(f"{be} {v:.1f}" for be, v in ips.items())
+        + f" img/s ({cfg.alternated_reps} rounds of {cfg.alternated_turn})")
+    return {"images_per_s": ips, "reps": cfg.alternated_reps, "turn": cfg.alternated_turn}
 
 
 @contextlib.contextmanager
@@ -193,7 +213,8 @@ def bench_triton_sync(cfg: BenchConfig, cases: dict[str, Case], server, repo: Pa
     from biva_export.onnx_export import example_inputs
 
     protocols = [(p, mod, url) for p, mod, url in (("triton_http", httpclient, server.http_url),
-                                                   ("triton_grpc", grpcclient, server.grpc_url))
+                                                   ("triton_grpc", grpcclient, server.grpc_url),
+                                                   ("triton_grpc_api", grpcclient, server.grpc_url))
                  if p in cfg.backends]
     version = ""
     for backend, mod, url in protocols:
@@ -203,25 +224,38 @@ def bench_triton_sync(cfg: BenchConfig, cases: dict[str, Case], server, repo: Pa
         try:
             version = version or _server_version(client)
             for name, case in cases.items():
+                if backend == "triton_grpc_api" and case.score is not None:
+                    continue  # a score case is a biva_score request already
                 spec = specs[case.graph]
                 make = lambda rows, seed, spec=spec: example_inputs(spec, plain, rows, seed)  # noqa: E731
-                outputs = spec.output_names if case.score is None else \
-                    ([T.iw_bound] if case.score.want_iw else [T.elbo, T.l_gt_k])
+                api = backend == "triton_grpc_api"
+                called = api_case(case) if api else case
+                outputs = _outputs(called, specs)
                 limit = read_meta(repo).graph_max_batch
                 for b in _batches(cfg, case):
-                    if case.score is None and b > limit:
+                    if case.score is None and b > limit and not api:
                         entry = {"skipped": f"batch {b} > the graph model's max_batch_size {limit}"}
                     else:
-                        bodies = triton_inputs(mod, case, make, b, cfg.seed + b)
-                        call = sync_call(client, mod, case.triton_model, bodies, outputs)
-                        m, snaps = measure_sync(call, b, _mcfg(cfg, case), _stats_fn(client, mod, case))
+                        bodies = [infer_inputs(mod, f) for f in api_feeds(case, make, b, cfg.seed + b)] if api \
+                            else triton_inputs(mod, case, make, b, cfg.seed + b)
+                        call = sync_call(client, mod, called.triton_model, bodies, outputs)
+                        m, snaps = measure_sync(call, b, _mcfg(cfg, case), _stats_fn(client, mod, called))
                         entry = m.to_dict()
-                        entry["server"] = _server_stats(snaps, case)
+                        entry["server"] = _server_stats(snaps, called)
                     results[name]["results"].setdefault(backend, {})[str(b)] = entry
                     log(_line(name, backend, b, entry))
         finally:
             client.close()
     return version
+
+
+def _outputs(case: Case, specs) -> list[str]:
+    """What a client asks `case.triton_model` for: a graph's outputs, or the bounds a score request is about."""
+    if case.triton_model in (SAMPLE, ENCODE):
+        return [T.images] if case.triton_model == SAMPLE else [T.z, T.q_mu, T.q_log_std, T.kl]
+    if case.score is None:
+        return specs[case.graph].output_names
+    return [T.iw_bound] if case.score.want_iw else [T.elbo, T.l_gt_k]
 
 
 def _server_version(client) -> str:
@@ -491,7 +525,9 @@ def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: P
     variant = cfg.variant if cfg.variant.threads else Variant(
         **{**asdict(cfg.variant), "threads": max(1, cfg.threads // instances)})
     sweep_case = make_cases(cfg.iw, read_meta(repo).n_layers)[cfg.sweep_case]
-    models = sorted({c.triton_model for c in cases.values()} | {sweep_case.triton_model})
+    api = {api_case(c).triton_model for c in cases.values() if c.score is None} \
+        if "triton_grpc_api" in cfg.backends else set()
+    models = sorted({c.triton_model for c in cases.values()} | {sweep_case.triton_model} | api)
     on = write_variant(repo, work / "repo_dynamic", models, variant)
     result["meta"]["triton_variant"] = asdict(variant)
     result["meta"]["triton_configs"] = {m: (on / m / "config.pbtxt").read_text() for m in models}

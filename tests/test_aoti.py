@@ -192,20 +192,30 @@ def test_full_slices_go_to_the_slice_package() -> None:
 
 @pytest.mark.slow
 def test_bench_runs_the_packages_in_process(aoti_repo, tiny_ckpt, tiny_repo, tmp_path):
-    """biva-bench's aoti backend: the packages beside torch.compile, with their ratio; a repository without
+    """biva-bench's aoti backend: the packages beside torch.compile, with their ratio; the served route and
+    torch.compile also measured in turn, which the served/compile ratio comes from; a repository without
     packages is refused with a one-line reason."""
     from dataclasses import replace
 
     from biva_bench.config import QUICK
     from biva_bench.run import BenchError, run_bench
 
-    cfg = replace(QUICK, threads=1, backends=("compile", "aoti"), cases=("sampler", "scorer_iw"),
+    cfg = replace(QUICK, threads=1, backends=("compile", "aoti", "served"), cases=("sampler", "scorer_iw"),
                   measure=replace(QUICK.measure, window_s=0.05, max_windows=3))
-    result = run_bench(tiny_ckpt, tmp_path / "out", cfg, repo=aoti_repo, log=lambda *_: None)
+    lines = []
+    result = run_bench(tiny_ckpt, tmp_path / "out", cfg, repo=aoti_repo, log=lines.append)
     for case in ("sampler", "scorer_iw"):
         cells = result["graphs"][case]["results"]["aoti"]
         assert all(m["images_per_s"] > 0 for m in cells.values()), case
     assert result["ratios"]["aoti_over_compile"]["sampler"]["64"]["value"] > 0
+    turns = result["graphs"]["sampler"]["alternated"]
+    assert set(turns) == {"1", "64"} and "alternated" not in result["graphs"]["scorer_iw"]  # K rows: seconds a call
+    for b, cell in turns.items():
+        assert cell["reps"] == QUICK.alternated_reps and set(cell["images_per_s"]) == {"served", "compile"}
+        r = result["ratios"]["served_over_compile"]["sampler"][b]
+        assert r["value"] == pytest.approx(cell["images_per_s"]["served"] / cell["images_per_s"]["compile"])
+        assert "alternated" in r["what"] and r["windowed"] > 0
+    assert sum("alternated   b=" in line for line in lines) == 2
     with pytest.raises(BenchError, match="no AOTInductor package"):
         run_bench(tiny_ckpt, tmp_path / "out2", cfg, repo=tiny_repo, log=lambda *_: None)
 

@@ -130,6 +130,34 @@ def test_batching_ratios_against_the_ceiling() -> None:
     assert above["value"] == pytest.approx(1.1) and "two instances" in above["why_above_1"]
 
 
+def test_served_over_compile_comes_from_the_alternated_calls_when_measured() -> None:
+    """The acceptance ratio takes the calls in turn where the run made them, shows the windows' ratio beside it,
+    and falls back to the windows (said so) where it did not; markdown shows both."""
+    from biva_bench.report import compute_ratios, markdown
+
+    cell = lambda ips: {"images_per_s": ips, "latency_ms": {"p50": 1.0, "p99": 2.0}, "stable": True}  # noqa: E731
+    cells = lambda s, c: {"served": {"1": cell(s[0]), "64": cell(s[1])},  # noqa: E731
+                          "compile": {"1": cell(c[0]), "64": cell(c[1])}}
+    result = {"graphs": {"sampler": {"rows_per_image": 1, "results": cells((130.0, 800.0), (100.0, 1000.0)),
+                                     "alternated": {"64": {"images_per_s": {"served": 1050.0, "compile": 1000.0},
+                                                           "reps": 21, "turn": 1}}}}}
+    r = compute_ratios(result)["served_over_compile"]["sampler"]
+    assert r["64"]["value"] == pytest.approx(1.05) and r["64"]["met"] and r["64"]["windowed"] == pytest.approx(0.8)
+    assert "21 rounds of 1 alternated" in r["64"]["what"]
+    assert r["1"]["value"] == pytest.approx(1.3) and "windows" in r["1"]["what"] and "windowed" not in r["1"]
+    result.update(ratios=compute_ratios(result), flops={}, meta={"mode": "quick", "checkpoint": "c", "system": {
+        "cpu_model": "x", "cpus_usable": 2, "threads": 2, "versions": {}}}, gemm={
+        "n": 8, "gflops_per_s": 1.0, "start": {"gflops_per_s": 1.0}, "end": {"gflops_per_s": 1.0}})
+    result["graphs"]["sampler"].update(graph="biva_graph_sampler", batches=[1, 64])
+    result["flops"]["sampler"] = {"flops_per_image": 1e6, "flops_per_row_onnx": 1e6, "flops_per_row_torch": 1e6,
+                                  "rows_per_image": 1}
+    result["ratios"].update(dynamic_batching_scaling={"value": None, "target": 4.0, "met": None, "what": "s"},
+                            dynamic_batching_of_ceiling={"value": None, "target": 0.9, "met": None, "what": "c"})
+    md = markdown(result)
+    assert "(windows: 0.80) | 1.05 | 0.95 | yes |" in md
+    assert "batch 64: served route (in process) 1050.0, torch.compile 1000.0 images/s (21 rounds of 1)" in md
+
+
 def test_ort_session_spinning_option(tiny_repo) -> None:
     from biva_core.contract import OrtOptions, ort_session
 
@@ -205,6 +233,7 @@ def test_cli_refuses_a_repository_from_another_checkpoint(tmp_path: Path, tiny_c
 def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -> None:
     import numpy as np
 
+    from biva_bench.backends import API_MODELS
     from biva_bench.config import QUICK
     from biva_bench.run import run_bench
 
@@ -234,7 +263,9 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
     assert on_disk["graphs"]["ood_mode"]["rows_per_image"] == 1 + 2  # the mode pass and one per k of 1..L-1
     for case, entry in on_disk["graphs"].items():
         assert on_disk["flops"][case]["flops_per_image"] > 0
-        assert set(entry["results"]) == set(backends), case
+        # a score case is a biva_score request on every protocol: no separate API-model run
+        scored = entry["triton_model"] == "biva_score"
+        assert set(entry["results"]) == set(backends) - ({"triton_grpc_api"} if scored else set()), case
         for backend, cells in entry["results"].items():
             assert set(cells) == {str(b) for b in entry["batches"]}, (case, backend)
             for m in cells.values():
@@ -242,7 +273,13 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
                 assert len(m["windows"]) == 3 and isinstance(m["stable"], bool)
                 assert 0 < m["fraction_of_gemm"]
                 if backend.startswith("triton"):
-                    assert m["server"][entry["triton_model"]]["requests"] > 0
+                    called = API_MODELS[entry["graph"]] if backend == "triton_grpc_api" else entry["triton_model"]
+                    assert m["server"][called]["requests"] > 0 and m["server"][entry["graph"]]["requests"] > 0
+
+    for case in ("sampler", "encoder", "scorer_k1"):  # a user's request through the API model, against in process
+        r = on_disk["ratios"]["triton_grpc_api_over_served"][case]["64"]
+        assert r["value"] == pytest.approx(on_disk["graphs"][case]["results"]["triton_grpc_api"]["64"]["images_per_s"]
+                                           / on_disk["graphs"][case]["results"]["served"]["64"]["images_per_s"])
 
     conc = on_disk["concurrency"]
     assert set(conc["layouts"]) == {"2x1:nospin"}
@@ -278,7 +315,7 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
     assert r["dynamic_batching_layouts"]["2x1:nospin"]["of_ceiling"]["value"] > 0
     assert r["scorer_peak_fraction"]["value"] > 0 and r["scorer_peak_fraction"]["backend"] in backends
     iw = r["iw_peak_fraction"]  # the IW likelihood: seconds per image and the fraction of the GEMM rate
-    assert iw["value"] > 0 and iw["target"] == 0.7 and set(iw["seconds_per_image"]) == set(backends)
+    assert iw["value"] > 0 and iw["target"] == 0.7 and set(iw["seconds_per_image"]) == set(backends) - {"triton_grpc_api"}
     assert all(s > 0 for s in iw["seconds_per_image"].values())
     f = on_disk["flops"]["scorer_iw"]
     assert 0 < f["flops_per_image"] < f["flops_per_image_encoder_rows"]  # the stages that see x alone: once per call
