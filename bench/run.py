@@ -38,7 +38,7 @@ from .config import ALTERNATED, BenchConfig
 from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
 from .measure import MeasureConfig, measure_async, measure_sync
 from .report import add_achieved, compile_summary, compute_ratios, write_outputs
-from .triton import Variant, exported_instances, stats_delta, stats_snapshot, write_variant
+from .triton import Variant, exported_instances, exported_serving, stats_delta, stats_snapshot, write_variant
 
 RESULT = "bench.json"
 
@@ -76,17 +76,17 @@ def _check_repo(repo: Path, ckpt: Path) -> None:
         raise BenchError(f"{repo} was exported from another checkpoint than {ckpt} (sha256 differs)")
 
 
-def _ort_session(path: Path, cfg: BenchConfig, work: Path):
+def _ort_session(path: Path, cfg: BenchConfig, work: Path, spinning: bool | None = None):
     """A session at the config's optimisation level; with ort_saved_graph, optimised once, saved, and the saved
-    graph loaded without optimising again (only that load is timed)."""
+    graph loaded without optimising again (only that load is timed). spinning None: ONNX Runtime's default."""
     t = time.perf_counter()
     if cfg.ort_saved_graph:
         saved = work / f"{path.parent.parent.name}.{path.stem}.opt.onnx"  # unique per graph file
         ort_session(str(path), OrtOptions(cfg.threads, cfg.ort_level, saved_graph=str(saved)))
         t = time.perf_counter()
-        sess = ort_session(str(saved), OrtOptions(cfg.threads, "disable"))
+        sess = ort_session(str(saved), OrtOptions(cfg.threads, "disable", spinning=spinning))
     else:
-        sess = ort_session(str(path), OrtOptions(cfg.threads, cfg.ort_level))
+        sess = ort_session(str(path), OrtOptions(cfg.threads, cfg.ort_level, spinning=spinning))
     return sess, time.perf_counter() - t
 
 
@@ -154,8 +154,8 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
             if not package.is_file():
                 raise BenchError(f"{package}: no AOTInductor package; export with biva-export --runtime aoti")
             runners["aoti"] = AotiRunner(package, spec, cfg.threads)
-        if "served" in cfg.backends:  # an ONNX-only repository serves ONNX Runtime alone
-            ort = OrtRunner(_ort_session(graphs[case.graph], cfg, work)[0])
+        if "served" in cfg.backends:  # an ONNX-only repository serves ONNX Runtime alone; spinning as served
+            ort = OrtRunner(_ort_session(graphs[case.graph], cfg, work, exported_serving(repo).spinning)[0])
             sliced = package.parent / SLICE_PACKAGE_FILE
             runners["served"] = ServedRunner(ort, runners.get("aoti") or AotiRunner(package, spec, cfg.threads),
                                              AotiRunner(sliced, spec, cfg.threads) if sliced.is_file() else None) \
