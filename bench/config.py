@@ -17,7 +17,8 @@ BACKENDS = ("torch", "compile", "ort", "served", "triton_http", "triton_grpc", "
 # decomposition the exporter writes is measured against the operator it replaces, in the same run
 # and "aoti": the repository's AOTInductor packages (biva-export --runtime aoti) in process
 EXTRA_BACKENDS = ("ort_elu_native", "aoti")
-ALTERNATED = ("served", "compile")  # measured again in alternating calls, where the served/compile ratio comes from
+ALTERNATED = ("served", "compile")  # measured again in alternating calls from 8 rows, where the served/compile
+#                                     ratio comes from (run._alternated says why not below)
 CASES = ("sampler", "encoder", "scorer_k1", "scorer_iw", "ood_mode", "ood_mean1", "ood_mean4", "ood_mean16")
 ORT_LEVELS = tuple(_ORT_LEVELS)
 LOADS = ("processes", "async")

@@ -209,13 +209,15 @@ def test_bench_runs_the_packages_in_process(aoti_repo, tiny_ckpt, tiny_repo, tmp
         assert all(m["images_per_s"] > 0 for m in cells.values()), case
     assert result["ratios"]["aoti_over_compile"]["sampler"]["64"]["value"] > 0
     turns = result["graphs"]["sampler"]["alternated"]
-    assert set(turns) == {"1", "64"} and "alternated" not in result["graphs"]["scorer_iw"]  # K rows: seconds a call
+    # from 8 rows (both on torch's threads); not scorer_iw, whose K rows take seconds a call
+    assert set(turns) == {"64"} and "alternated" not in result["graphs"]["scorer_iw"]
+    assert "windows" in result["ratios"]["served_over_compile"]["sampler"]["1"]["what"]
     for b, cell in turns.items():
         assert cell["reps"] == QUICK.alternated_reps and set(cell["images_per_s"]) == {"served", "compile"}
         r = result["ratios"]["served_over_compile"]["sampler"][b]
         assert r["value"] == pytest.approx(cell["images_per_s"]["served"] / cell["images_per_s"]["compile"])
         assert "alternated" in r["what"] and r["windowed"] > 0
-    assert sum("alternated   b=" in line for line in lines) == 2
+    assert sum("alternated   b=" in line for line in lines) == 1
     with pytest.raises(BenchError, match="no AOTInductor package"):
         run_bench(tiny_ckpt, tmp_path / "out2", cfg, repo=tiny_repo, log=lambda *_: None)
 
