@@ -48,16 +48,16 @@ def _ips(result: dict, case: str, backend: str, batch: int) -> float | None:
     return m.get("images_per_s")
 
 
-def _alternated_ratio(result: dict, case: str, batch: int, target: float) -> dict[str, Any] | None:
-    """served / torch.compile from the calls in turn (run._alternated), with the windows' ratio beside it."""
-    cell = result["graphs"].get(case, {}).get("alternated", {}).get(str(batch))
+def _alternated_ratio(result: dict, case: str, batch: str, windowed: dict[str, Any]) -> dict[str, Any]:
+    """served / torch.compile from the calls in turn (run._alternated) where the run made them, with the windows'
+    ratio beside it; else the windows' ratio itself."""
+    cell = result["graphs"].get(case, {}).get("alternated", {}).get(batch)
     if not cell:
-        return None
+        return windowed
     ips = cell["images_per_s"]
-    out = _ratio(ips.get("served"), ips.get("compile"), target,
+    out = _ratio(ips.get("served"), ips.get("compile"), windowed["target"],
                  f"served route (in process) / torch.compile images/s at batch {batch}, {cell['reps']} rounds of "
                  f"{cell['turn']} alternated calls")
-    windowed = _ratio(_ips(result, case, "served", batch), _ips(result, case, "compile", batch), target, "")
     return {**out, "windowed": windowed["value"]}
 
 
@@ -74,8 +74,7 @@ def _graph_ratios(result: dict[str, Any], case: str) -> dict[str, dict]:
 
     windowed = pair("served", "compile", SERVED_OVER_COMPILE,
                     "served route (in process) / torch.compile images/s at batch {b}, windows")
-    out = {"served_over_compile": {str(b): _alternated_ratio(result, case, b, t) or windowed[str(b)]
-                                   for b, t in SERVED_OVER_COMPILE},
+    out = {"served_over_compile": {b: _alternated_ratio(result, case, b, r) for b, r in windowed.items()},
            "triton_grpc_over_served": pair("triton_grpc", "served", [GRPC_OVER_SERVED],
                                            "Triton gRPC to the graph model / the served route in process, images/s "
                                            "at batch {b}"),

@@ -33,9 +33,9 @@ from biva_core.contract import (AOTI_MIN_ROWS, ENCODE, ENCODER, IW_CALL_ROWS, KS
 from .backends import (POOL, AotiRunner, Case, CompiledRunner, OrtRunner, ServedRunner, TorchRunner,
                        alternated_medians, api_case, api_feeds, async_call, inprocess_call, make_cases, request_feeds,
                        sync_call, triton_inputs)
-from .loadgen import infer_inputs
 from .config import ALTERNATED, BenchConfig
 from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
+from .loadgen import infer_inputs
 from .measure import MeasureConfig, measure_async, measure_sync
 from .report import add_achieved, compile_summary, compute_ratios, write_outputs
 from .triton import Variant, exported_instances, exported_serving, stats_delta, stats_snapshot, write_variant
@@ -222,17 +222,17 @@ def bench_triton_sync(cfg: BenchConfig, cases: dict[str, Case], server, repo: Pa
                  if p in cfg.backends]
     version = ""
     for backend, mod, url in protocols:
+        api = backend == "triton_grpc_api"
         # scorer_iw calls at K = 1000 take tens of seconds on 2 cores; the http client's default timeout is 60 s
         client = mod.InferenceServerClient(url, network_timeout=900.0) if mod is httpclient \
             else mod.InferenceServerClient(url)
         try:
             version = version or _server_version(client)
             for name, case in cases.items():
-                if backend == "triton_grpc_api" and case.score is not None:
+                if api and case.score is not None:
                     continue  # a score case is a biva_score request already
                 spec = specs[case.graph]
                 make = lambda rows, seed, spec=spec: example_inputs(spec, plain, rows, seed)  # noqa: E731
-                api = backend == "triton_grpc_api"
                 called = api_case(case) if api else case
                 outputs = _outputs(called, specs)
                 limit = read_meta(repo).graph_max_batch
