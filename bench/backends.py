@@ -134,15 +134,19 @@ class OrtRunner:
         return self.session.run(None, prepared)
 
 
-def alternated_medians(runs: dict[str, Callable[[], Any]], reps: int, turn: int = 1) -> dict[str, float]:
+def alternated_medians(runs: dict[str, Callable[[], Any]], reps: int, turn: int = 1,
+                       settle: int = 0) -> dict[str, float]:
     """Median seconds per call of each run: two warm-up calls each, then `reps` rounds in which every run in turn
-    makes `turn` calls in a row. Alternating makes a machine whose speed drifts (shared cores) slow every run
-    alike, so ratios of these medians hold where rates from separate windows do not."""
+    makes `settle` untimed calls and then `turn` timed ones in a row. Alternating makes a machine whose speed drifts
+    (shared cores) slow every run alike, so ratios of these medians hold where rates from separate windows do not;
+    the untimed calls keep a short call from meeting the previous run's threads still spin-waiting."""
     for f in runs.values():
         f(), f()
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(reps):
         for name, f in runs.items():
+            for _ in range(settle):
+                f()
             for _ in range(turn):
                 t = time.perf_counter()
                 f()

@@ -13,7 +13,7 @@ import click
 
 from biva_core.contract import AOTI_MIN_ROWS
 
-from .config import ALTERNATED, BACKENDS, CASES, EXTRA_BACKENDS, LOADS, ORT_LEVELS, PRESETS
+from .config import ALTERNATED, ALTERNATED_API, BACKENDS, CASES, EXTRA_BACKENDS, LOADS, ORT_LEVELS, PRESETS, SMALL_TURN
 from .triton import Variant, parse_layout
 
 
@@ -89,9 +89,10 @@ def _layouts(text: str | None) -> tuple[Variant, ...]:
 @click.option("--preferred-batch", default=None,
               help="Dynamic batcher preferred batch sizes, comma-separated; '' for none (default: as exported).")
 @click.option("--alternated-reps", type=click.IntRange(0), default=None,
-              help=f"Rounds in which {' and '.join(ALTERNATED)} run in turn, per case and batch of "
-                   f"{AOTI_MIN_ROWS} images or more, when both are measured; their ratio comes from these [full: 21, "
-                   "quick: 3; 0: windows only].")
+              help=f"Rounds in which {' and '.join(ALTERNATED)} run in turn per case and batch (below "
+                   f"{AOTI_MIN_ROWS} images, turns of {SMALL_TURN} calls after an untimed one), and "
+                   f"{' and '.join(ALTERNATED_API)} from {AOTI_MIN_ROWS} images, when both are measured; their "
+                   "ratios come from these [full: 21, quick: 3; 0: windows only].")
 @click.option("--alternated-turn", type=click.IntRange(1), default=1, show_default=True,
               help="Calls in a row per backend in each alternated round.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")

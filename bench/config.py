@@ -17,8 +17,11 @@ BACKENDS = ("torch", "compile", "ort", "served", "triton_http", "triton_grpc", "
 # decomposition the exporter writes is measured against the operator it replaces, in the same run
 # and "aoti": the repository's AOTInductor packages (biva-export --runtime aoti) in process
 EXTRA_BACKENDS = ("ort_elu_native", "aoti")
-ALTERNATED = ("served", "compile")  # measured again in alternating calls from 8 rows, where the served/compile
-#                                     ratio comes from (run._alternated says why not below)
+ALTERNATED = ("served", "compile")  # measured again in alternating calls, where the served/compile ratio comes from
+ALTERNATED_API = ("triton_grpc_api", "served")  # likewise at batches of 8 or more, where the gRPC/in-process ratio
+#                                                 comes from (the server's processes idle during the in-process calls)
+SMALL_TURN = 8  # below AOTI_MIN_ROWS, each turn is at least this many calls in a row after one untimed call: a
+#                 few-millisecond call just after the other runtime's would meet its threads still spin-waiting
 CASES = ("sampler", "encoder", "scorer_k1", "scorer_iw", "ood_mode", "ood_mean1", "ood_mean4", "ood_mean16")
 ORT_LEVELS = tuple(_ORT_LEVELS)
 LOADS = ("processes", "async")

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .config import ALTERNATED_API
+
 BACKEND_LABELS = {"torch": "PyTorch", "compile": "torch.compile", "ort": "ONNX Runtime", "triton_http": "Triton HTTP",
                   "triton_grpc": "Triton gRPC", "ort_elu_native": "ONNX Runtime, Elu nodes",
                   "aoti": "AOTInductor package", "served": "served route (in process)",
@@ -48,16 +50,18 @@ def _ips(result: dict, case: str, backend: str, batch: int) -> float | None:
     return m.get("images_per_s")
 
 
-def _alternated_ratio(result: dict, case: str, batch: str, windowed: dict[str, Any]) -> dict[str, Any]:
-    """served / torch.compile from the calls in turn (run._alternated) where the run made them, with the windows'
-    ratio beside it; else the windows' ratio itself."""
-    cell = result["graphs"].get(case, {}).get("alternated", {}).get(batch)
+def _alternated_ratio(result: dict, case: str, batch: str, windowed: dict[str, Any],
+                      pair: tuple[str, str] = ("served", "compile"), key: str = "alternated") -> dict[str, Any]:
+    """pair[0] / pair[1] from the calls in turn (run._alternated, stored under `key`) where the run made them, with
+    the windows' ratio beside it; else the windows' ratio itself."""
+    cell = result["graphs"].get(case, {}).get(key, {}).get(batch)
     if not cell:
         return windowed
     ips = cell["images_per_s"]
-    out = _ratio(ips.get("served"), ips.get("compile"), windowed["target"],
-                 f"served route (in process) / torch.compile images/s at batch {batch}, {cell['reps']} rounds of "
-                 f"{cell['turn']} alternated calls")
+    what = windowed["what"].rsplit(",", 1)[0]  # "... at batch B"
+    settled = ", each turn after 1 untimed call" if cell.get("settle") else ""
+    out = _ratio(ips.get(pair[0]), ips.get(pair[1]), windowed["target"],
+                 f"{what}, {cell['reps']} rounds of {cell['turn']} alternated calls{settled}")
     return {**out, "windowed": windowed["value"]}
 
 
@@ -78,9 +82,10 @@ def _graph_ratios(result: dict[str, Any], case: str) -> dict[str, dict]:
            "triton_grpc_over_served": pair("triton_grpc", "served", [GRPC_OVER_SERVED],
                                            "Triton gRPC to the graph model / the served route in process, images/s "
                                            "at batch {b}"),
-           "triton_grpc_api_over_served": pair("triton_grpc_api", "served", [GRPC_OVER_SERVED],
-                                               "Triton gRPC to the API model / the served route in process, "
-                                               "images/s at batch {b}"),
+           "triton_grpc_api_over_served": {b: _alternated_ratio(result, case, b, r, ALTERNATED_API, "alternated_api")
+                                           for b, r in pair("triton_grpc_api", "served", [GRPC_OVER_SERVED],
+                                                            "Triton gRPC to the API model / the served route in "
+                                                            "process, images/s at batch {b}, windows").items()},
            "aoti_over_compile": pair("aoti", "compile", AOTI_OVER_COMPILE,
                                      "AOTInductor package / torch.compile images/s at batch {b}"),
            "triton_grpc_over_ort": pair("triton_grpc", "ort", [GRPC_OVER_ORT],
@@ -212,10 +217,12 @@ def markdown(result: dict[str, Any]) -> str:
                 cells.append(f"{m['images_per_s']:.1f} ({lat['p50']:.2f} / {lat['p99']:.2f})"
                              f"{'' if m['stable'] else '*'}")
             lines.append(f"| {b} | " + " | ".join(cells) + " |")
-        if entry.get("alternated"):
+        turns = [(b, c) for key in ("alternated", "alternated_api") for b, c in entry.get(key, {}).items()]
+        if turns:
             lines += ["", "In turn (median per call, the same stretch of time for both): " + "; ".join(
                 f"batch {b}: " + ", ".join(f"{BACKEND_LABELS[be]} {v:.1f}" for be, v in c["images_per_s"].items())
-                + f" images/s ({c['reps']} rounds of {c['turn']})" for b, c in entry["alternated"].items()) + "."]
+                + f" images/s ({c['reps']} rounds of {c['turn']}{', after 1 untimed' if c.get('settle') else ''})"
+                for b, c in turns) + "."]
         if entry.get("compile_s"):
             lines += ["", compile_summary(entry["compile_s"])]
         lines.append("")

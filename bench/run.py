@@ -20,7 +20,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +33,7 @@ from biva_core.contract import (AOTI_MIN_ROWS, ENCODE, ENCODER, IW_CALL_ROWS, KS
 from .backends import (POOL, AotiRunner, Case, CompiledRunner, OrtRunner, ServedRunner, TorchRunner,
                        alternated_medians, api_case, api_feeds, async_call, inprocess_call, make_cases, request_feeds,
                        sync_call, triton_inputs)
-from .config import ALTERNATED, BenchConfig
+from .config import ALTERNATED, ALTERNATED_API, SMALL_TURN, BenchConfig
 from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
 from .loadgen import infer_inputs
 from .measure import MeasureConfig, measure_async, measure_sync
@@ -125,14 +125,17 @@ def _line(case: str, backend: str, batch: int, m: dict) -> str:
 
 
 def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain, specs, results: dict, work: Path,
-                    log: Callable[[str], Any]) -> dict[str, float]:
+                    log: Callable[[str], Any]) -> tuple[dict[str, float], dict[tuple[str, int], Callable]]:
     """PyTorch eager, torch.compile and ONNX Runtime, same weights, same thread count, one caller. Each
-    case's compile seconds (first call per row count, never timed) go into its entry as `compile_s`."""
+    case's compile seconds (first call per row count, never timed) go into its entry as `compile_s`. Returns the
+    ONNX Runtime sessions' load seconds per graph and the served route's calls per (case, batch), which the
+    gRPC clients alternate with (ALTERNATED_API)."""
     from biva_export.graphs import GRAPH_MODULES
     from biva_export.onnx_export import example_inputs
 
     graphs, graph_max = _graph_files(repo, specs), read_meta(repo).graph_max_batch
     load_s: dict[str, float] = {}
+    served_calls: dict[tuple[str, int], Callable] = {}
     compiled: dict[str, CompiledRunner] = {}  # one per graph: scorer_iw reuses the scorer's
     for name, case in cases.items():
         spec = specs[case.graph]
@@ -170,29 +173,33 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
             results[name]["results"].setdefault(backend, {})[str(b)] = m.to_dict()
             log(_line(name, backend, b, m.to_dict()))
         if all(be in runners for be in ALTERNATED) and cfg.alternated_reps and case.name != "scorer_iw":
-            results[name]["alternated"] = {str(b): _alternated(calls, b, cfg, name, log) for b in _batches(cfg, case)
-                                           if b >= AOTI_MIN_ROWS}
+            results[name]["alternated"] = {str(b): _alternated({be: calls[be, b] for be in ALTERNATED}, b, cfg, name,
+                                                               log) for b in _batches(cfg, case)}
+        if "served" in runners:
+            served_calls.update({(name, b): calls["served", b] for b in _batches(cfg, case)})
         if "compile" in runners:
             log(f"  {name:10s} " + compile_summary(results[name]["compile_s"]))
-    return load_s
+    return load_s, served_calls
 
 
-def _alternated(calls: dict, b: int, cfg: BenchConfig, case: str, log: Callable[[str], Any]) -> dict[str, Any]:
-    """ALTERNATED's images/s at batch b from calls in turn (backends.alternated_medians): the same machine state
-    for both, where the windows above measure each backend in its own stretch of time. Only from AOTI_MIN_ROWS
-    rows, where both run on torch's thread pool: below, the served route is ONNX Runtime, and in turn with
-    torch.compile each few-millisecond call meets the other runtime's threads still spin-waiting (measured: the
-    sampler's served batch-1 rate fell from 550 to 370 images/s), which a graph model instance never sees."""
+def _alternated(calls: dict[str, Callable[[int], Any]], b: int, cfg: BenchConfig, case: str,
+                log: Callable[[str], Any]) -> dict[str, Any]:
+    """Images/s of each of `calls` (backend -> call(i)) at batch b from calls in turn (backends.alternated_medians):
+    the same machine state for all, where the windows measure each backend in its own stretch of time. Below
+    AOTI_MIN_ROWS rows each turn is SMALL_TURN calls after an untimed one: there the served route is ONNX Runtime,
+    and a few-millisecond call right after torch.compile's meets its threads still spin-waiting (measured with one
+    call a turn: the sampler's served batch-1 rate fell from 550 to 370 images/s), which a graph model instance
+    never sees."""
     def zero_arg(call):
         i = itertools.count(POOL)  # call i draws inputs i % POOL; the windows began at 0
         return lambda: call(next(i))
 
-    seconds = alternated_medians({be: zero_arg(calls[be, b]) for be in ALTERNATED}, cfg.alternated_reps,
-                                 cfg.alternated_turn)
+    turn, settle = (cfg.alternated_turn, 0) if b >= AOTI_MIN_ROWS else (max(cfg.alternated_turn, SMALL_TURN), 1)
+    seconds = alternated_medians({be: zero_arg(c) for be, c in calls.items()}, cfg.alternated_reps, turn, settle)
     ips = {be: b / s for be, s in seconds.items()}
     log(f"  {case:10s} alternated   b={b:<4d} " + ", ".join(f"{be} {v:.1f}" for be, v in ips.items())
-        + f" img/s ({cfg.alternated_reps} rounds of {cfg.alternated_turn})")
-    return {"images_per_s": ips, "reps": cfg.alternated_reps, "turn": cfg.alternated_turn}
+        + f" img/s ({cfg.alternated_reps} rounds of {turn}{', after 1 untimed' if settle else ''})")
+    return {"images_per_s": ips, "reps": cfg.alternated_reps, "turn": turn, "settle": settle}
 
 
 @contextlib.contextmanager
@@ -208,9 +215,11 @@ def _server(repo: Path, log_path: Path):
         handle.stop()
 
 
-def bench_triton_sync(cfg: BenchConfig, cases: dict[str, Case], server, repo: Path, plain, specs, results: dict,
-                      log: Callable[[str], Any]) -> str:
-    """One blocking client per protocol, per case and batch; Triton's statistics over the reported windows."""
+def bench_triton_sync(cfg: BenchConfig, cases: dict[str, Case], server, repo: Path, run: "_Servers",
+                      results: dict) -> str:
+    """One blocking client per protocol, per case and batch; Triton's statistics over the reported windows. The
+    API model's calls from AOTI_MIN_ROWS rows run again in turn with the served route in process (ALTERNATED_API),
+    which the gRPC / in-process ratio comes from."""
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
@@ -220,7 +229,7 @@ def bench_triton_sync(cfg: BenchConfig, cases: dict[str, Case], server, repo: Pa
                                                    ("triton_grpc", grpcclient, server.grpc_url),
                                                    ("triton_grpc_api", grpcclient, server.grpc_url))
                  if p in cfg.backends]
-    version = ""
+    version, plain, specs, log = "", run.plain, run.specs, run.log
     for backend, mod, url in protocols:
         api = backend == "triton_grpc_api"
         # scorer_iw calls at K = 1000 take tens of seconds on 2 cores; the http client's default timeout is 60 s
@@ -246,6 +255,9 @@ def bench_triton_sync(cfg: BenchConfig, cases: dict[str, Case], server, repo: Pa
                         m, snaps = measure_sync(call, b, _mcfg(cfg, case), _stats_fn(client, mod, called))
                         entry = m.to_dict()
                         entry["server"] = _server_stats(snaps, called)
+                        if api and b >= AOTI_MIN_ROWS and cfg.alternated_reps and (name, b) in run.served_calls:
+                            results[name].setdefault("alternated_api", {})[str(b)] = _alternated(
+                                dict(zip(ALTERNATED_API, (call, run.served_calls[name, b]))), b, cfg, name, run.log)
                     results[name]["results"].setdefault(backend, {})[str(b)] = entry
                     log(_line(name, backend, b, entry))
         finally:
@@ -487,10 +499,10 @@ def run_bench(ckpt: Path, out_dir: Path, cfg: BenchConfig, repo: Path | None = N
         result["flops"] = _flops(cases, _graph_files(repo, specs), plain, specs, read_meta(repo).graph_max_batch)
         _describe(result, cfg, cases, read_meta(repo).graph_max_batch)
         log("in process (no server running):")
-        result["meta"]["ort_session_load_s"] = bench_inprocess(cfg, cases, repo, plain, specs, result["graphs"],
-                                                               work, log)
+        result["meta"]["ort_session_load_s"], served = bench_inprocess(cfg, cases, repo, plain, specs,
+                                                                       result["graphs"], work, log)
         if any(b.startswith("triton") for b in cfg.backends):
-            _bench_servers(cfg, cases, repo, work, out_dir, plain, result, log)
+            _bench_servers(cfg, cases, repo, _Servers(work, out_dir, plain, specs, log, served), result)
         gemm_end = gemm_rate(cfg.gemm_n, cfg.threads, cfg.gemm_reps)
     log(f"GEMM at the end: {gemm_end['gflops_per_s']:.1f} GFLOP/s")
     _finish(result, cfg, (gemm_start, gemm_end), out_dir, t_start)
@@ -519,11 +531,8 @@ def _unstable(result: dict) -> list[str]:
     return out
 
 
-def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: Path, out_dir: Path, plain,
-                   result: dict, log) -> None:
-    from biva_export.graphs import graph_specs
-
-    specs = graph_specs(plain)
+def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, run: _Servers, result: dict) -> None:
+    work, out_dir, plain, specs, log = run.work, run.out_dir, run.plain, run.specs, run.log
     # each instance gets the bench's threads shared out between the graph's instances, as exported
     instances = cfg.variant.instances or exported_instances(repo)
     variant = cfg.variant if cfg.variant.threads else Variant(
@@ -539,7 +548,7 @@ def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: P
                              "request_batch": 1, "levels": list(cfg.concurrency)}
     log("Triton, dynamic batching on:")
     with _server(on, out_dir / "server_dynamic.log") as server:
-        version = bench_triton_sync(cfg, cases, server, on, plain, specs, result["graphs"], log)
+        version = bench_triton_sync(cfg, cases, server, on, run, result["graphs"])
         result["meta"]["system"]["versions"]["tritonserver"] = version
         result["concurrency"]["dynamic_batching"] = bench_sweep(cfg, sweep_case, server, plain, specs,
                                                                 "dynamic batching on", log)
@@ -551,7 +560,7 @@ def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, work: P
                                                                    "dynamic batching off", log)
     if cfg.layouts:
         result["concurrency"]["layouts"] = _bench_layouts(cfg, sweep_case, repo, variant,
-                                                          _Servers(work, out_dir, plain, specs, log))
+                                                          run)
     load = (("one process per client" if not cfg.client_procs else f"at most {cfg.client_procs} processes, "
              "clients spread over them as coroutines") + " (tritonclient.grpc.aio)" if cfg.load == "processes"
             else "coroutines of the bench process (tritonclient.grpc.aio)")
@@ -578,6 +587,7 @@ class _Servers:
     plain: Any  # the inference copy of the model
     specs: dict
     log: Callable[[str], Any]
+    served_calls: dict = field(default_factory=dict)  # (case, batch) -> the in-process served route's call(i)
 
 
 def _bench_layouts(cfg: BenchConfig, case: Case, repo: Path, base: Variant, run: _Servers) -> dict:

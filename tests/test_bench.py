@@ -137,7 +137,7 @@ def test_served_over_compile_comes_from_the_alternated_calls_when_measured() -> 
 
     cell = lambda ips: {"images_per_s": ips, "latency_ms": {"p50": 1.0, "p99": 2.0}, "stable": True}  # noqa: E731
     cells = lambda s, c: {"served": {"1": cell(s[0]), "64": cell(s[1])},  # noqa: E731
-                          "compile": {"1": cell(c[0]), "64": cell(c[1])}}
+                          "compile": {"1": cell(c[0]), "64": cell(c[1])}, "triton_grpc_api": {"64": cell(600.0)}}
     result = {"graphs": {"sampler": {"rows_per_image": 1, "results": cells((130.0, 800.0), (100.0, 1000.0)),
                                      "alternated": {"64": {"images_per_s": {"served": 1050.0, "compile": 1000.0},
                                                            "reps": 21, "turn": 1}}}}}
@@ -145,6 +145,19 @@ def test_served_over_compile_comes_from_the_alternated_calls_when_measured() -> 
     assert r["64"]["value"] == pytest.approx(1.05) and r["64"]["met"] and r["64"]["windowed"] == pytest.approx(0.8)
     assert "21 rounds of 1 alternated" in r["64"]["what"]
     assert r["1"]["value"] == pytest.approx(1.3) and "windows" in r["1"]["what"] and "windowed" not in r["1"]
+    api = compute_ratios(result)["triton_grpc_api_over_served"]["sampler"]["64"]
+    assert api["value"] == pytest.approx(0.75) and not api["met"] and "windows" in api["what"]
+    # the gRPC / in-process ratio from its own calls in turn; batch 1 from turns of 8 after an untimed call
+    result["graphs"]["sampler"]["alternated_api"] = {"64": {"images_per_s": {"triton_grpc_api": 900.0,
+                                                                             "served": 1000.0}, "reps": 21, "turn": 1}}
+    result["graphs"]["sampler"]["alternated"]["1"] = {"images_per_s": {"served": 90.0, "compile": 100.0}, "reps": 21,
+                                                      "turn": 8, "settle": 1}
+    ratios = compute_ratios(result)
+    api, r1 = ratios["triton_grpc_api_over_served"]["sampler"]["64"], ratios["served_over_compile"]["sampler"]["1"]
+    assert api["value"] == pytest.approx(0.9) and api["met"] and api["windowed"] == pytest.approx(0.75)
+    assert "API model" in api["what"] and "21 rounds of 1 alternated" in api["what"]
+    assert r1["value"] == pytest.approx(0.9) and not r1["met"] and r1["windowed"] == pytest.approx(1.3)
+    assert "21 rounds of 8 alternated calls, each turn after 1 untimed call" in r1["what"]
     result.update(ratios=compute_ratios(result), flops={}, meta={"mode": "quick", "checkpoint": "c", "system": {
         "cpu_model": "x", "cpus_usable": 2, "threads": 2, "versions": {}}}, gemm={
         "n": 8, "gflops_per_s": 1.0, "start": {"gflops_per_s": 1.0}, "end": {"gflops_per_s": 1.0}})
@@ -156,6 +169,9 @@ def test_served_over_compile_comes_from_the_alternated_calls_when_measured() -> 
     md = markdown(result)
     assert "(windows: 0.80) | 1.05 | 0.95 | yes |" in md
     assert "batch 64: served route (in process) 1050.0, torch.compile 1000.0 images/s (21 rounds of 1)" in md
+    assert ("batch 1: served route (in process) 90.0, torch.compile 100.0 images/s (21 rounds of 8, after 1 "
+            "untimed)") in md
+    assert "batch 64: Triton gRPC, API model 900.0, served route (in process) 1000.0 images/s (21 rounds of 1)" in md
 
 
 def test_ort_session_spinning_option(tiny_repo) -> None:
@@ -276,10 +292,14 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
                     called = API_MODELS[entry["graph"]] if backend == "triton_grpc_api" else entry["triton_model"]
                     assert m["server"][called]["requests"] > 0 and m["server"][entry["graph"]]["requests"] > 0
 
-    for case in ("sampler", "encoder", "scorer_k1"):  # a user's request through the API model, against in process
-        r = on_disk["ratios"]["triton_grpc_api_over_served"][case]["64"]
-        assert r["value"] == pytest.approx(on_disk["graphs"][case]["results"]["triton_grpc_api"]["64"]["images_per_s"]
-                                           / on_disk["graphs"][case]["results"]["served"]["64"]["images_per_s"])
+    for case in ("sampler", "encoder", "scorer_k1"):  # a user's request through the API model, against in process:
+        r = on_disk["ratios"]["triton_grpc_api_over_served"][case]["64"]  # from their calls in turn, windows beside
+        cells, turns = on_disk["graphs"][case]["results"], on_disk["graphs"][case]["alternated_api"]
+        assert set(turns) == {"64"} and turns["64"]["reps"] == QUICK.alternated_reps
+        ips = turns["64"]["images_per_s"]
+        assert r["value"] == pytest.approx(ips["triton_grpc_api"] / ips["served"]) and "alternated" in r["what"]
+        assert r["windowed"] == pytest.approx(cells["triton_grpc_api"]["64"]["images_per_s"]
+                                              / cells["served"]["64"]["images_per_s"])
 
     conc = on_disk["concurrency"]
     assert set(conc["layouts"]) == {"2x1:nospin"}
