@@ -62,7 +62,11 @@ def compile_package(spec: GraphSpec, model: Biva, path: Path, batch: int | None 
         shapes = tuple({axis: torch.export.Dim.DYNAMIC for axis in dynamic_axes(t) if batch is None or axis}
                        for t in spec.inputs)
         program = torch.export.export(module, inputs, dynamic_shapes=(shapes,))
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        # the fused loops' thread count read at run time (torch.set_num_threads of whoever loads the package), not
+        # the compiling worker's one thread: compiled with it fixed, every inductor loop ran serial for good, and a
+        # 2-thread caller got 0.83x torch.compile on the scorer at 64 rows (1.00x with this; docs/speed.md)
+        with torch._inductor.config.patch({"cpp.dynamic_threads": True}):
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path))
 
 
 def validate_package(spec: GraphSpec, model: Biva, path: Path, atol_scale: float = 1.0, batch: int | None = None

@@ -73,6 +73,23 @@ def test_packages_are_validated_and_written_beside_the_graphs(aoti_repo):
 
 
 @pytest.mark.slow
+def test_the_packages_loops_take_their_thread_count_at_run_time(aoti_repo):
+    """The packages compile in one-thread workers; their fused loops must still run on as many threads as the
+    process that loads them sets (inductor's cpp.dynamic_threads), not be fixed at the compiling worker's one:
+    with it fixed, inductor writes no parallel region at all and a 2-thread caller runs every fused loop serial."""
+    import re
+    import zipfile
+
+    for name in ("biva_graph_sampler", "biva_graph_encoder", "biva_graph_scorer"):
+        for file in (PACKAGE_FILE, SLICE_PACKAGE_FILE):
+            with zipfile.ZipFile(aoti_repo / name / "1" / file) as z:
+                code = "".join(z.read(n).decode() for n in z.namelist() if n.endswith("kernel.cpp"))
+            regions = re.findall(r"#pragma omp parallel[^\n]*", code)
+            assert regions, (name, file)  # the fused loops run in parallel regions ...
+            assert not [r for r in regions if "num_threads(" in r], (name, file)  # ... of the caller's thread count
+
+
+@pytest.mark.slow
 def test_a_second_export_takes_the_packages_from_the_cache_and_validates_them(aoti_repo, tiny_ckpt, tmp_path):
     """Same checkpoint, same machine: no compiling (seconds, not minutes), the same validated packages."""
     import time
