@@ -773,7 +773,12 @@ class ServingConfig:
     spinning: bool = False  # idle ONNX Runtime intra-op threads busy-wait for work (ORT's default; no faster
     #                         served, measured: docs/speed.md)
     dynamic_batching: bool = True  # the graph models batch concurrent calls (False: one call per execution)
-    preferred: tuple[int, ...] = ()  # dynamic batcher preferred batch sizes (none: batch what has arrived)
+    # dynamic batcher preferred batch sizes (none: batch what has arrived). A full slice: the batcher then merges
+    # queued calls only up to 32 rows, so the two halves a front model sends to both instances at once stay apart
+    # (without it, 5 of 20 64-image biva_sample requests ran both halves on one instance while the other idled,
+    # and their mean latency was 1.2x the median); a larger call still runs alone. biva-export --backend
+    # onnxruntime (the GPU route) leaves it out.
+    preferred: tuple[int, ...] = (AOTI_SLICE_ROWS,)
     # dynamic batcher: longest a request waits for others to join its batch. 0: an idle instance takes what is
     # queued at once (under load the queue still forms batches: 16 clients 0.93-0.97 of the ceiling vs 0.94 with
     # 500 us); a delay merges the calls a front model sends to both instances at once into one instance's batch

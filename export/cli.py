@@ -59,8 +59,10 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
 @click.option("--queue-delay-us", default=ServingConfig.queue_delay_us, show_default=True,
               help="Dynamic batcher: longest a request waits for others to join its batch (microseconds; 0: batch "
                    "what is queued when an instance frees up).")
-@click.option("--preferred-batch-size", "preferred", multiple=True, type=int,
-              help="Dynamic batcher preferred batch size (repeatable; default none: batch whatever has arrived).")
+@click.option("--preferred-batch-size", "preferred", multiple=True, type=click.IntRange(0),
+              help=f"Dynamic batcher preferred batch size of the graph models (repeatable; 0: none, batch whatever "
+                   f"has arrived) [default: {ServingConfig.preferred[0]}, so a front's calls to both instances never "
+                   "merge into one; none with --backend onnxruntime].")
 @click.option("--front-instances", default=2, show_default=True, help="Instances per front (API) model.")
 @click.option("--threads", default=0, show_default=True,
               help="ONNX Runtime intra-op threads per python-backend graph instance (0: the cores / --instances).")
@@ -85,7 +87,8 @@ def main(ckpt, out, backend, runtime, slice_packages, opset, exporter, elu, max_
     runtime = runtime or ("onnxruntime" if backend == "onnxruntime" else "aoti")
     serving = ServingConfig(backend=backend, runtime=runtime, max_batch=max_batch_size, instances=instances,
                             front_instances=front_instances, threads=threads, spinning=spinning,
-                            preferred=tuple(preferred), queue_delay_us=queue_delay_us)
+                            preferred=tuple(p for p in preferred if p) if preferred else
+                            (ServingConfig.preferred if backend == "python" else ()), queue_delay_us=queue_delay_us)
     cfg = ExportConfig(opset=opset, exporter=exporter, elu=elu, validate=validate, atol_scale=atol_scale, force=force,
                        quiet=not verbose, serving=serving, slice_packages=slice_packages,
                        detector=None if detector.lower() == "none" else ("auto" if detector == "auto" else Path(detector)))

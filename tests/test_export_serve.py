@@ -16,7 +16,7 @@ from biva_core.config import preset
 from biva_core.model import Biva
 from biva_core.noise import NoiseStream
 from biva_core.objectives import evaluate_bounds, evaluate_request
-from biva_core.contract import REPORT, Caps, ModelMeta, ScoreRequest, front_specs
+from biva_core.contract import AOTI_SLICE_ROWS, REPORT, Caps, ModelMeta, ScoreRequest, front_specs
 from biva_export.pipeline import ExportConfig, ExportError, run_export
 from biva_export.graphs import graph_specs
 from biva_core.contract import ServingConfig
@@ -55,10 +55,14 @@ def test_every_generated_config_parses_into_model_config(backend):
             assert cfg.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
         else:
             assert cfg.backend == "python" and cfg.instance_group[0].count == 2
-    no_pref = parse_config(graph_config(graph_specs(model)["biva_graph_scorer"], ServingConfig(max_batch=64, threads=1)))
+    scorer = graph_specs(model)["biva_graph_scorer"]
+    default = parse_config(graph_config(scorer, ServingConfig(max_batch=64, threads=1)))
+    # a front's calls reach both instances: no wait, and merged only up to a full slice
+    assert list(default.dynamic_batching.preferred_batch_size) == [AOTI_SLICE_ROWS]
+    assert default.dynamic_batching.max_queue_delay_microseconds == 0
+    assert default.parameters["intra_op_spinning"].string_value == "0"  # served threads sleep when idle
+    no_pref = parse_config(graph_config(scorer, ServingConfig(max_batch=64, preferred=())))
     assert list(no_pref.dynamic_batching.preferred_batch_size) == []
-    assert no_pref.dynamic_batching.max_queue_delay_microseconds == 0  # a front's calls reach both instances
-    assert no_pref.parameters["intra_op_spinning"].string_value == "0"  # served threads sleep when idle
     # two instances by default (Triton 2.51's batcher stalls a lone instance with a queue policy for 0.5 s)
     assert no_pref.instance_group[0].count == 2 and no_pref.dynamic_batching.default_queue_policy.max_queue_size > 0
     spin = parse_config(graph_config(graph_specs(model)["biva_graph_scorer"], ServingConfig(spinning=True)))
@@ -205,6 +209,29 @@ def test_sample_with_seed_is_reproducible_and_matches_pytorch(tiny_server, tiny,
     with torch.no_grad():
         ref_t = model.sample(NoiseStream(123).take((5, model.latent_dim)), 0.5).x_mean.numpy()
     assert np.abs(c - ref_t).max() <= IMAGE_TOL and not np.allclose(c, a)
+
+
+@pytest.mark.server
+def test_a_front_request_runs_its_halves_on_both_graph_instances(tiny_server):
+    """biva_sample splits 64 images into two 32-image calls, one per graph instance, sent at once; the graph
+    models' preferred batch size keeps the dynamic batcher from merging them into one instance's batch (which
+    it did for a quarter of such requests without it, leaving the other instance idle)."""
+    import tritonclient.http as thttp
+
+    c = thttp.InferenceServerClient(tiny_server.http_url)
+
+    def counts():
+        s = c.get_inference_statistics("biva_graph_sampler")["model_stats"][0]
+        return int(s["inference_count"]), int(s["execution_count"])
+    try:
+        before = counts()
+        for seed in range(12):
+            images, = infer(tiny_server, "grpc", "biva_sample", {"n": i64(64), "seed": i64(seed)}, ["images"])
+            assert images.shape[0] == 64
+        rows, executions = (a - b for a, b in zip(counts(), before))
+    finally:
+        c.close()
+    assert (rows, executions) == (12 * 64, 12 * 2)
 
 
 @pytest.mark.server

@@ -91,7 +91,8 @@ class TritonPythonModel:
         # a request's graph calls go to every instance of the graph model at once: its rows split in as many
         # slices, one call per instance in flight. A second call queued behind a busy instance is merged by the
         # dynamic batcher into the next free instance's batch with the first waiting one, so both land on one
-        # instance and the other idles (docs/speed.md: the served IW path)
+        # instance and the other idles (docs/speed.md: the served IW path); calls sent at once are kept apart by the
+        # graph models' preferred batch size (a full slice: contract.ServingConfig.preferred)
         self.instances = max(1, int(params.get(GRAPH_INSTANCES_PARAMETER, "1")))
         self.cancel_dir = os.environ.get(CANCEL_DIR_ENV) or None
         self.in_flight = InFlight(self.cancel_dir)  # the supervisor sees this stub at work (its graph calls included)
