@@ -106,18 +106,18 @@ class AotiRunner:
 
 
 class ServedRunner:
-    """The route the served graph models take (contract.served_runtime): the AOTInductor package from
-    AOTI_MIN_ROWS rows (in slices of AOTI_SLICE_ROWS, full slices on the slice package where exported), ONNX Runtime
-    below, in process: numpy in, numpy out."""
+    """The route the served graph models take (contract.served_runtime) on `threads` threads: the AOTInductor package
+    from AOTI_MIN_ROWS rows and AOTI_MIN_THREADS threads (in slices of AOTI_SLICE_ROWS, full slices on the slice
+    package where exported), ONNX Runtime for the rest, in process: numpy in, numpy out."""
 
-    def __init__(self, ort: "OrtRunner", aoti: AotiRunner, sliced: AotiRunner | None = None):
-        self.ort, self.aoti, self.sliced = ort, aoti, sliced
+    def __init__(self, ort: "OrtRunner", aoti: AotiRunner, sliced: AotiRunner | None, threads: int):
+        self.ort, self.aoti, self.sliced, self.threads = ort, aoti, sliced, threads
 
     def prepare(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return feeds
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if served_runtime("aoti", call_rows(feeds)) == "aoti":
+        if served_runtime("aoti", call_rows(feeds), self.threads) == "aoti":
             full = None if self.sliced is None else (lambda f: self.sliced(self.sliced.prepare(f)))
             return run_in_slices(lambda f: self.aoti(self.aoti.prepare(f)), feeds, full=full)
         return self.ort(feeds)

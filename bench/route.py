@@ -42,8 +42,8 @@ def route_rates(ckpt: Path, repo: Path, rows: int, reps: int, threads: int, turn
         ort = OrtRunner(ort_session(str(here / "model.onnx"), OrtOptions(threads=threads, spinning=False)))
         package = AotiRunner(here / PACKAGE_FILE, spec, threads)
         runners = {"compile": CompiledRunner(GRAPH_MODULES[graph](plain), spec), "onnxruntime": ort,
-                   "served_one_package": ServedRunner(ort, package),
-                   "served": ServedRunner(ort, package, AotiRunner(here / SLICE_PACKAGE_FILE, spec, threads))}
+                   "served_one_package": ServedRunner(ort, package, None, threads),
+                   "served": ServedRunner(ort, package, AotiRunner(here / SLICE_PACKAGE_FILE, spec, threads), threads)}
         feeds = example_inputs(spec, plain, rows, seed=rows)
         prepared = {k: r.prepare(feeds) for k, r in runners.items()}  # torch.compile compiles in its prepare
         seconds = alternated_medians({k: (lambda r=r, f=prepared[k]: r(f)) for k, r in runners.items()}, reps, turn)

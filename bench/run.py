@@ -161,8 +161,8 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
             ort = OrtRunner(_ort_session(graphs[case.graph], cfg, work, exported_serving(repo).spinning)[0])
             sliced = package.parent / SLICE_PACKAGE_FILE
             runners["served"] = ServedRunner(ort, runners.get("aoti") or AotiRunner(package, spec, cfg.threads),
-                                             AotiRunner(sliced, spec, cfg.threads) if sliced.is_file() else None) \
-                if package.is_file() else ort
+                                             AotiRunner(sliced, spec, cfg.threads) if sliced.is_file() else None,
+                                             cfg.threads) if package.is_file() else ort
         if "ort_elu_native" in cfg.backends:
             native = _elu_native_copy(graphs[case.graph], work)
             runners["ort_elu_native"] = OrtRunner(_ort_session(native, cfg, work)[0])

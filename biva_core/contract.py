@@ -53,8 +53,13 @@ SLICE_PACKAGE_FILE = "model_slice.pt2"
 AOTI_THREADS_PARAMETER = "aoti_threads"  # intra-op threads of a graph model's package (0: as ONNX Runtime's)
 PACKAGE_ISA_PARAMETER = "aoti_isa"  # the CPU the package was compiled on: {"cpu": name, "flags": [cpuinfo flags]}
 # the aoti runtime keeps ONNX Runtime for calls of fewer rows, where it leads (docs/speed.md: the row threshold,
-# measured on an AMD EPYC and an Intel Xeon)
+# measured on an AMD EPYC and an Intel Xeon with 2 threads)
 AOTI_MIN_ROWS = 8
+# and for every call of an instance with fewer package threads: on one thread ONNX Runtime led the package at every
+# row count (package / ONNX Runtime 0.73-1.01 over 1-64 rows, and 18 / 10 / 5% faster than the slice package on
+# 32-row sampler / encoder / scorer calls on an AMD EPYC; docs/speed.md: the row threshold). Two instances of one
+# thread each are the default layout on a 2-core machine; more cores per instance serve the packages.
+AOTI_MIN_THREADS = 2
 DETECTOR_FILE = "detector.json"  # beside biva_detect's model.py: the fitted detector (biva_core.stats.Detector)
 REPORT = "export_report.json"  # written by biva-export at the repository's root
 
@@ -492,21 +497,25 @@ def run_in_slices(run: Run, feeds: dict[str, np.ndarray], rows: int = AOTI_SLICE
 
 
 def served_ranges(runtime: str, max_batch: int, slice_package: bool) -> list[dict]:
-    """What a graph model runs each call size on (for the export report): row ranges -> runtime and file."""
+    """What a graph model runs each call size on (for the export report): row ranges -> runtime and file, and the
+    package threads per instance each range needs (served_runtime)."""
+    onnx = {"rows": f"1-{max_batch}", "runtime": "onnxruntime", "file": "model.onnx"}
     if runtime != "aoti":
-        return [{"rows": f"1-{max_batch}", "runtime": "onnxruntime", "file": "model.onnx"}]
-    out = [{"rows": f"1-{AOTI_MIN_ROWS - 1}", "runtime": "onnxruntime", "file": "model.onnx"},
-           {"rows": f"{AOTI_MIN_ROWS}-{max_batch}", "runtime": "aoti", "file": PACKAGE_FILE,
+        return [onnx]
+    few, many = f"below {AOTI_MIN_THREADS}", f"{AOTI_MIN_THREADS} or more"  # package threads per instance
+    out = [{**onnx, "threads": few},
+           {"rows": f"1-{AOTI_MIN_ROWS - 1}", "threads": many, "runtime": "onnxruntime", "file": "model.onnx"},
+           {"rows": f"{AOTI_MIN_ROWS}-{max_batch}", "threads": many, "runtime": "aoti", "file": PACKAGE_FILE,
             "slices_of_rows": AOTI_SLICE_ROWS}]
     if slice_package:
-        out[1]["full_slices"] = {"images": AOTI_SLICE_ROWS, "file": SLICE_PACKAGE_FILE}
+        out[2]["full_slices"] = {"images": AOTI_SLICE_ROWS, "file": SLICE_PACKAGE_FILE}
     return out
 
 
-def served_runtime(runtime: str, rows: int) -> str:
-    """What a graph model runs a call of `rows` rows on: the package from AOTI_MIN_ROWS rows with the aoti runtime,
-    ONNX Runtime otherwise."""
-    return "aoti" if runtime == "aoti" and rows >= AOTI_MIN_ROWS else "onnxruntime"
+def served_runtime(runtime: str, rows: int, threads: int) -> str:
+    """What a graph model whose package runs on `threads` threads runs a call of `rows` rows on: with the aoti
+    runtime, the package from AOTI_MIN_ROWS rows and AOTI_MIN_THREADS threads; ONNX Runtime otherwise."""
+    return "aoti" if runtime == "aoti" and rows >= AOTI_MIN_ROWS and threads >= AOTI_MIN_THREADS else "onnxruntime"
 
 
 def check_graph_inputs(graph: str, feeds: dict[str, np.ndarray], meta: ModelMeta) -> None:
@@ -767,8 +776,9 @@ class ServingConfig:
     # OpenMP's threads asleep when idle (OMP_WAIT_POLICY=PASSIVE) the package itself ran 1.2-2x slower
     # (docs/speed.md: threads)
     aoti_threads: int = 0
-    # what runs the python backend's graphs: "aoti", the AOTInductor packages from AOTI_MIN_ROWS rows and ONNX Runtime
-    # below (the fastest measured: docs/speed.md), or "onnxruntime" alone (export in seconds instead of minutes)
+    # what runs the python backend's graphs: "aoti", the AOTInductor packages from AOTI_MIN_ROWS rows on instances of
+    # AOTI_MIN_THREADS package threads or more and ONNX Runtime for the rest (the fastest measured: docs/speed.md), or
+    # "onnxruntime" alone (export in seconds instead of minutes)
     runtime: str = "aoti"
     spinning: bool = False  # idle ONNX Runtime intra-op threads busy-wait for work (ORT's default; no faster
     #                         served, measured: docs/speed.md)

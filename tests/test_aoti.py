@@ -13,8 +13,8 @@ from biva_core.checkpoint import load_model
 from biva_core.data import load_for_model
 from biva_core.noise import NoiseStream
 from biva_core.objectives import evaluate_bounds
-from biva_core.contract import (AOTI_MIN_ROWS, AOTI_SLICE_ROWS, PACKAGE_FILE, REPORT, SLICE_PACKAGE_FILE,
-                                served_ranges)
+from biva_core.contract import (AOTI_MIN_ROWS, AOTI_MIN_THREADS, AOTI_SLICE_ROWS, PACKAGE_FILE, REPORT,
+                                SLICE_PACKAGE_FILE, served_ranges, served_runtime)
 from biva_export.pipeline import ExportConfig, ExportError, run_export
 from biva_core.contract import ServingConfig
 from biva_export.repository import parse_config
@@ -41,7 +41,8 @@ def aoti_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def aoti_repo(tiny_ckpt, tmp_path_factory, aoti_cache):
     out = tmp_path_factory.mktemp("aoti") / "triton_models"
-    serving = ServingConfig(runtime="aoti", max_batch=64, threads=1)
+    # two package threads per instance: one-thread instances serve ONNX Runtime alone (contract.AOTI_MIN_THREADS)
+    serving = ServingConfig(runtime="aoti", max_batch=64, threads=1, aoti_threads=2)
     run_export(tiny_ckpt, out, ExportConfig(serving=serving), log=lambda *_: None)
     return out
 
@@ -68,8 +69,12 @@ def test_packages_are_validated_and_written_beside_the_graphs(aoti_repo):
         assert sliced["ok"] and sliced["batches"] == [AOTI_SLICE_ROWS] * 3 and sliced["isa"] == isa
         assert (aoti_repo / name / "1" / SLICE_PACKAGE_FILE).stat().st_size == sliced["bytes"] > 0
         assert report["graphs"][name]["serves"] == served_ranges("aoti", 64, slice_package=True)
-    assert report["graphs"][name]["serves"][0] == {"rows": f"1-{AOTI_MIN_ROWS - 1}", "runtime": "onnxruntime",
-                                                   "file": "model.onnx"}
+    few, small, large = report["graphs"][name]["serves"]  # one-thread instances: ONNX Runtime alone
+    assert few == {"rows": "1-64", "threads": f"below {AOTI_MIN_THREADS}", "runtime": "onnxruntime",
+                   "file": "model.onnx"}
+    assert small == {"rows": f"1-{AOTI_MIN_ROWS - 1}", "threads": f"{AOTI_MIN_THREADS} or more",
+                     "runtime": "onnxruntime", "file": "model.onnx"}
+    assert large["rows"] == f"{AOTI_MIN_ROWS}-64" and large["runtime"] == "aoti" and large["file"] == PACKAGE_FILE
 
 
 @pytest.mark.slow
@@ -124,7 +129,7 @@ def test_no_slice_packages_exports_the_general_package_alone(aoti_repo, tiny_ckp
         assert entry["package"]["cached"] and "slice_package" not in entry, name
         assert (out / name / "1" / PACKAGE_FILE).is_file() and not (out / name / "1" / SLICE_PACKAGE_FILE).exists()
         assert entry["serves"] == served_ranges("aoti", 64, slice_package=False)
-        assert "full_slices" not in entry["serves"][1]
+        assert "full_slices" not in entry["serves"][2]
 
 
 def test_a_package_for_another_processor_is_refused_in_one_line(tmp_path) -> None:
@@ -180,6 +185,16 @@ def test_served_packages_give_pytorch_numbers(aoti_server, tiny_ckpt):
     ref = evaluate_bounds(model, torch.from_numpy(x), NoiseStream(12), 1, tuple(ks))
     assert np.abs(elbo - ref.elbo.numpy()).max() <= NATS_TOL
     assert np.abs(lgk - np.stack([ref.l_gt_k[k].numpy() for k in ks], axis=1)).max() <= NATS_TOL
+
+
+def test_the_route_by_rows_and_package_threads() -> None:
+    """The packages serve from AOTI_MIN_ROWS rows on instances of AOTI_MIN_THREADS package threads or more; one-thread
+    instances (two per graph on a 2-core machine) and the onnxruntime runtime run ONNX Runtime at every size."""
+    assert AOTI_MIN_THREADS == 2 and AOTI_MIN_ROWS == 8
+    for rows, threads, want in ((1, 2, "onnxruntime"), (7, 8, "onnxruntime"), (8, 2, "aoti"), (1024, 16, "aoti"),
+                                (8, 1, "onnxruntime"), (1024, 1, "onnxruntime")):
+        assert served_runtime("aoti", rows, threads) == want, (rows, threads)
+        assert served_runtime("onnxruntime", rows, threads) == "onnxruntime"
 
 
 def test_full_slices_go_to_the_slice_package() -> None:

@@ -1,6 +1,7 @@
 """Triton python-backend model serving one exported graph: the ONNX graph in ONNX Runtime, or (config
-parameter runtime "aoti") from AOTI_MIN_ROWS rows the AOTInductor package compiled from the same graph, with torch,
-in slices of AOTI_SLICE_ROWS (full slices on the package compiled for that batch, where exported).
+parameter runtime "aoti", on an instance of AOTI_MIN_THREADS package threads or more) from AOTI_MIN_ROWS rows the
+AOTInductor package compiled from the same graph, with torch, in slices of AOTI_SLICE_ROWS (full slices on the
+package compiled for that batch, where exported).
 
 biva-export writes this file into the model repository with biva_core/contract.py beside it; it depends only on
 numpy, onnxruntime (and torch for "aoti") and Triton's triton_python_backend_utils. The
@@ -15,7 +16,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from biva_core.contract import (AOTI_THREADS_PARAMETER, ARENA_KEEP_ROWS, CANCEL_DIR_ENV, META_PARAMETER,
+from biva_core.contract import (AOTI_MIN_ROWS, AOTI_THREADS_PARAMETER, ARENA_KEEP_ROWS, CANCEL_DIR_ENV, META_PARAMETER,
                                 ONNX_FILE_PARAMETER, PACKAGE_FILE, PACKAGE_ISA_PARAMETER, RUNTIME_PARAMETER,
                                 SLICE_PACKAGE_FILE, SPINNING_PARAMETER, THREADS_PARAMETER, InFlight, ModelMeta,
                                 OrtOptions, RequestError, aoti_runner, call_rows, check_graph_inputs,
@@ -54,9 +55,12 @@ class TritonPythonModel:
         shrink = ort_shrinking_run()  # a large call's arena memory goes back to the system after it
         self.ort = lambda feeds: session.run(self.outputs, feeds, shrink if call_rows(feeds) > ARENA_KEEP_ROWS else None)
         self.run = self.ort
-        if self.runtime == "aoti":  # the AOTInductor package of the same graph (export/aoti.py) from AOTI_MIN_ROWS
+        aoti_threads = int(_param(config, AOTI_THREADS_PARAMETER, "0")) or threads
+        if self.runtime == "aoti":
             check_package_isa(self.name, json.loads(_param(config, PACKAGE_ISA_PARAMETER, "{}")))
-            aoti_threads = int(_param(config, AOTI_THREADS_PARAMETER, "0")) or threads
+        if served_runtime(self.runtime, AOTI_MIN_ROWS, aoti_threads) == "aoti":
+            # the AOTInductor package of the same graph (export/aoti.py) from AOTI_MIN_ROWS rows; an instance of fewer
+            # than AOTI_MIN_THREADS package threads runs ONNX Runtime alone and loads no package
             package = aoti_runner(os.path.join(here, PACKAGE_FILE), aoti_threads)
             on_package = lambda f: package(*(f[n] for n in self.inputs))  # noqa: E731
             on_slice = None  # full slices on the package compiled for exactly that many images, when exported
@@ -64,7 +68,7 @@ class TritonPythonModel:
                 sliced = aoti_runner(os.path.join(here, SLICE_PACKAGE_FILE), aoti_threads)
                 on_slice = lambda f: sliced(*(f[n] for n in self.inputs))  # noqa: E731
             self.run = lambda feeds: run_in_slices(on_package, feeds, full=on_slice) \
-                if served_runtime(self.runtime, call_rows(feeds)) == "aoti" else self.ort(feeds)
+                if served_runtime(self.runtime, call_rows(feeds), aoti_threads) == "aoti" else self.ort(feeds)
 
     def _feeds(self, req):
         feeds = {n: pb_utils.get_input_tensor_by_name(req, n).as_numpy().astype(self.dtypes[n], copy=False)
