@@ -56,7 +56,7 @@ PACKAGE_ISA_PARAMETER = "aoti_isa"  # the CPU the package was compiled on: {"cpu
 # measured on an AMD EPYC and an Intel Xeon with 2 threads)
 AOTI_MIN_ROWS = 8
 # and for every call of an instance with fewer package threads: on one thread ONNX Runtime led the package at every
-# row count (package / ONNX Runtime 0.73-1.01 over 1-64 rows, and 18 / 10 / 5% faster than the slice package on
+# row count (package / ONNX Runtime 0.73-1.01 over 1-64 rows, and 18 / 17 / 5% faster than the slice package on
 # 32-row sampler / encoder / scorer calls on an AMD EPYC; docs/speed.md: the row threshold). Two instances of one
 # thread each are the default layout on a 2-core machine; more cores per instance serve the packages.
 AOTI_MIN_THREADS = 2
