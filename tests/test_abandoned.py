@@ -206,7 +206,7 @@ def test_clients_faults_get_a_4xx_naming_the_field(server) -> None:
 
 @pytest.mark.slow
 def test_one_stub_death_is_one_reload_and_not_ready_until_served(server) -> None:
-    from biva_serving.supervisor import list_stubs
+    from biva_serving.supervisor import _stat, list_stubs
 
     def stubs() -> dict[int, object]:
         triton = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == server.process.pid]
@@ -221,7 +221,15 @@ def test_one_stub_death_is_one_reload_and_not_ready_until_served(server) -> None
         before = now
     assert len(before) == 2  # the exported two instances
     log_before = server.log_path.read_text(errors="replace").count("died; reloading biva_graph_scorer")
-    os.kill(next(iter(before)), signal.SIGKILL)
+    victim = next(iter(before))
+    os.kill(victim, signal.SIGKILL)
+    # the death as the supervisor can see it: the stub has exited (a SIGKILLed process still runs until the kernel
+    # schedules its exit, slow on 2 busy cores), and the supervisor's last look at the stubs (at most every 50 ms)
+    # came after that; on CI a ready call made sooner once got 200 for the stub still exiting
+    t0 = time.monotonic()
+    while (st := _stat(str(victim))) is not None and st[0] != "Z" and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    time.sleep(0.06)
     t0, codes = time.monotonic(), []
     while time.monotonic() - t0 < 60:  # not ready from the death until a request is served again
         code = _ready(server)
