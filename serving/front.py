@@ -1,36 +1,34 @@
 """The HTTP front: what every HTTP request to the default deployment passes before it reaches Triton.
 
-Triton 2.51's own HTTP endpoint dies on an infer request whose JSON is nested about 40,000 levels deep,
-lets a declared shape whose element count overflows 64 bits through to the python-backend stub (which it
-kills), has no body-size limit, and serves the shared-memory, repository, logging and trace APIs. The
-launcher therefore starts Triton's HTTP endpoint on a private loopback port, restricted to callers that
-send a per-start secret header, and serves the public HTTP port from this front, which
+Triton 2.51's own HTTP endpoint dies on an infer request whose JSON is nested about 40,000 levels deep, lets a
+declared shape whose element count overflows 64 bits through to the python-backend stub (which it kills), has no
+body-size limit, and serves the shared-memory, repository, logging and trace APIs. The launcher therefore starts
+Triton's HTTP endpoint on a private loopback port, restricted to callers that send a per-start secret header, and
+serves the public HTTP port from this front. HTTP/1.1 framing, both towards the client and towards Triton, is
+h11's (the sans-IO parser under httpcore and uvicorn); this module owns the I/O, the timeouts and the policy:
 
-- allows only the health, metadata, config, statistics and inference paths (403 for the others);
-- bounds the header block and the body (431 / 413), and the time to send them (408: slowloris);
-- for infer requests, bounds the JSON nesting depth of the JSON part before parsing it, then checks each
-  input's declared shape against its data: element counts computed exactly (no overflow), byte sizes within
-  the body limit, `binary_data_size` equal to shape x element size, the binary parts adding up to the body,
-  JSON `data` holding exactly the declared number of elements (400 naming the input otherwise);
-- refuses a header block with a bare LF or CR, or two Content-Length headers (400): Triton would drop the
-  connection, or read another length than this front;
-- checks the values of JSON `data`: integers within their type's range, finite floats (400 naming the input;
-  Triton's parser would answer 500);
-- answers not-ready (503) on the ready endpoints while the supervisor reloads a model whose stub died, and 503
-  with Retry-After (not Triton's 500) for a request that reached a dead stub;
-- answers 429 with Retry-After (busy, retry later) wherever Triton or a served model says busy: a full queue, a
-  request that waited out the queue timeout, heavy requests filling their slots;
+- allows only the health, metadata, config, statistics and inference paths (403 for the others), GET and POST;
+- bounds the request head and the body (431 / 413), and the time to send them (408: slowloris);
+- refuses a request head with a bare LF (400): h11 accepts one as a line end, as RFC 9112 allows; we do not;
+- checks every infer request (validate.py: shapes against data, caps, values, JSON depth) off the event loop for
+  large bodies, so health and readiness answer within milliseconds whatever else arrives;
+- answers not-ready (503) on the ready endpoints while the supervisor reloads a model whose stub died or while
+  the replica drains, and 503 with Retry-After (not Triton's 500) for a request that reached a dead stub;
+- answers 429 with Retry-After (busy, retry later) wherever Triton or a served model says busy;
 - names every infer request with a token (the request parameter contract.TOKEN_PARAMETER) and, when the client
   hangs up before the answer, writes the token into the cancel folder, where the front models see it and stop;
+- drains on request (`drain()`, on SIGTERM): ready endpoints answer 503 at once, new infer requests 503 with
+  Retry-After and `Connection: close` (a load balancer retries them on another replica), requests already
+  forwarded finish; `idle()` tells when none is left;
 - answers 404 naming the new name for a model the project renamed (contract.RENAMED).
 
-Everything else is relayed unchanged over one keep-alive upstream connection per client connection.
+Everything else is relayed over one keep-alive upstream connection per client connection.
 """
 from __future__ import annotations
 
 import asyncio
+import http
 import json
-import math
 import re
 import secrets
 import time
@@ -38,22 +36,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
+import h11
 
-from biva_core.contract import BUSY_PREFIX, RENAMED, RETRY_AFTER_S, TOKEN_PARAMETER
+from biva_core.contract import BUSY_PREFIX, RENAMED, RETRY_AFTER_S
 
-DTYPE_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2, "UINT32": 4,
-               "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
+from .validate import Limits, Refused, Validator, check_tensor, json_depth  # noqa: F401 - the fronts' checks
+
 ALLOWED_PATH = re.compile(rb"^/v2(/health/(live|ready)|/models/stats|/models/[A-Za-z0-9_.-]+(/versions/[0-9]+)?"
                           rb"(/ready|/config|/stats|/infer)?)?/?$")
 READY_PATH = re.compile(rb"^/v2(/health/ready|/models/([A-Za-z0-9_.-]+)(/versions/[0-9]+)?/ready)/?$")
 HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"upgrade",
                b"proxy-connection", b"te", b"trailer", b"expect"}
-STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
-REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-           411: "Length Required",
-           413: "Payload Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-           502: "Bad Gateway", 503: "Service Unavailable"}
+BARE_LF = re.compile(rb"(?<!\r)\n")
+BUSY_MARKS = (b"Exceeds maximum queue size", b"Request timeout expired", BUSY_PREFIX.encode())
+DRAIN_MESSAGE = "this replica is shutting down; retry on another replica"
+READ_BYTES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -71,10 +68,9 @@ class FrontConfig:
     max_open_streams: int = 64  # gRPC: ModelStreamInfer streams open at once (the rest of the RPC limit stays free)
     stream_idle_s: float = 30.0  # gRPC: a stream that sends nothing for this long is ended
 
-
-INT_RANGES = {"INT8": 8, "INT16": 16, "INT32": 32, "INT64": 64, "UINT8": -8, "UINT16": -16, "UINT32": -32,
-              "UINT64": -64}  # bits; negative: unsigned
-BUSY_MARKS = (b"Exceeds maximum queue size", b"Request timeout expired", BUSY_PREFIX.encode())
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_body_bytes, self.max_json_depth, dict(self.model_bytes or {}))
 
 
 def mark_abandoned(cancel_dir: str | None, token: str | None) -> None:
@@ -94,229 +90,225 @@ def new_token() -> str:
     return secrets.token_hex(8)
 
 
-class Refused(Exception):
-    def __init__(self, status: int, message: str, close: bool = False):
-        super().__init__(message)
-        self.status, self.close = status, close
+class InFlight:
+    """Requests a front has forwarded and not yet answered; `idle()` waits until there are none."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __enter__(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.count -= 1
+        if not self.count:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
 
 
-def json_depth(text: bytes) -> int:
-    """Deepest nesting of [ and { outside strings (vectorised: no recursion, no per-byte Python)."""
-    a = np.frombuffer(STRINGS.sub(b"", text), np.uint8)
-    if not a.size:
-        return 0
-    step = np.isin(a, (ord("["), ord("{"))).astype(np.int64) - np.isin(a, (ord("]"), ord("}")))
-    return int(np.cumsum(step).max())
+@dataclass
+class _Request:
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]  # end-to-end headers, names lowercased
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for k, v in self.headers if k == name), None)
 
 
-def _leaves(data) -> list:
-    out, stack = [], [data]
-    while stack:
-        d = stack.pop()
-        if isinstance(d, list):
-            stack.extend(d)
-        else:
-            out.append(d)
-    return out
+@dataclass
+class _Answer:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
 
 
-def check_values(name: str, dtype: str, values: list) -> None:
-    """Refused(400) unless JSON values fit their type: integers within its range, finite floats (Triton's JSON
-    parser answers 500 "Unable to parse 'data'" otherwise)."""
-    bits = INT_RANGES.get(dtype)
-    for v in values:
-        if bits is not None:
-            lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if bits > 0 else (0, 2 ** -bits - 1)
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise Refused(400, f"input {name}: value {str(v)[:40]} is not an integer in {dtype}'s range "
-                                   f"{lo}..{hi}")
-        elif dtype in ("FP16", "FP32", "FP64", "BF16"):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise Refused(400, f"input {name}: value {str(v)[:40]} is not a finite number")
-
-
-def check_tensor(name: str, shape, dtype: str, limit: int, source: str, *, nbytes: int | None = None,
-                 values: int | None = None) -> int:
-    """Bytes an input's declared `shape` of `dtype` holds, computed exactly (Python integers: a shape whose element
-    count overflows 64 bits cannot wrap to 0); Refused(400) naming the input, the shape and what was expected
-    unless the shape is at most 8 integers >= 0, within `limit` bytes, and matches the data that came with it:
-    `nbytes` bytes (checked for fixed-size types) or `values` values, as found in `source`. Both fronts' check."""
-    name = str(name)[:64]
-    if (not isinstance(shape, (list, tuple)) or len(shape) > 8
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise Refused(400, f"input {name}: shape must be a list of at most 8 integers >= 0, got {str(shape)[:80]}")
-    shape = list(shape)
-    elements = int(np.prod(shape, dtype=object)) if shape else 1
-    size = elements * DTYPE_BYTES.get(dtype, 1)
-    if size > limit:
-        raise Refused(400, f"input {name}: shape {shape} declares {size} bytes, more than the body limit of {limit}")
-    if nbytes is not None and dtype in DTYPE_BYTES and nbytes != size:
-        raise Refused(400, f"input {name}: {source} is {nbytes} bytes but shape {shape} of {dtype} is {size} bytes")
-    if values is not None and values != elements:
-        raise Refused(400, f"input {name}: {source} holds {values} values, shape {shape} declares {elements}")
-    return size
-
-
-def check_caps(model: str, declared: list[tuple[str, int]], cfg: FrontConfig) -> None:
-    """Refused(400) when the inputs' declared bytes ([(name, bytes)]) exceed what the model's caps allow (nothing
-    that large reaches the stub's memory)."""
-    limit = (cfg.model_bytes or {}).get(model)
-    total = sum(size for _, size in declared)
-    if limit is not None and total > 2 * limit + 4096:
-        names = ", ".join(name[:32] for name, _ in declared)
-        raise Refused(400, f"{model}: inputs {names} declare {total} bytes, more than the model's caps allow ({limit})")
-
-
-def _check_input(inp, limit: int) -> tuple[str, int, int]:
-    """(name, declared bytes, bytes of the binary part: 0 for JSON data) of one JSON input; Refused on any lie."""
-    if not isinstance(inp, dict):
-        raise Refused(400, "inputs: each input must be a JSON object")
-    name, shape, dtype = str(inp.get("name"))[:64], inp.get("shape"), inp.get("datatype")
-    params = inp.get("parameters") or {}
-    binary = params.get("binary_data_size") if isinstance(params, dict) else None
-    if binary is not None:
-        if not isinstance(binary, int) or isinstance(binary, bool) or binary < 0:
-            raise Refused(400, f"input {name}: binary_data_size must be an integer >= 0")
-        return name, check_tensor(name, shape, dtype, limit, "binary_data_size", nbytes=binary), binary
-    if "data" not in inp:
-        raise Refused(400, f"input {name}: no data and no binary_data_size")
-    values = _leaves(inp["data"])
-    size = check_tensor(name, shape, dtype, limit, "data", values=len(values))
-    check_values(name, str(dtype), values)
-    return name, size, 0
-
-
-def check_infer(body: bytes, header_length: bytes | None, cfg: FrontConfig, model: str = "") -> tuple[dict, int]:
-    """Refused(400) unless the infer body's JSON part is shallow, every declared shape matches its data, and the
-    declared tensors fit in what the model's caps allow (nothing that large reaches the stub's memory). Returns
-    the JSON part, parsed, and its length."""
+def _reason(status: int) -> bytes:
     try:
-        n = int(header_length) if header_length is not None else len(body)
+        return http.HTTPStatus(status).phrase.encode()
     except ValueError:
-        raise Refused(400, "Inference-Header-Content-Length must be an integer") from None
-    if not 0 <= n <= len(body):
-        raise Refused(400, f"Inference-Header-Content-Length {n} outside the body of {len(body)} bytes")
-    head = body[:n]
-    depth = json_depth(head)
-    if depth > cfg.max_json_depth:
-        raise Refused(400, f"request JSON nests {depth} levels, more than {cfg.max_json_depth}")
-    try:
-        req = json.loads(head)
-    except (ValueError, RecursionError):
-        raise Refused(400, "request body is not valid JSON") from None
-    inputs = req.get("inputs") if isinstance(req, dict) else None
-    if not isinstance(inputs, list):
-        raise Refused(400, "request JSON has no list of inputs")
-    checked = [_check_input(inp, cfg.max_body_bytes) for inp in inputs]
-    check_caps(model, [(name, size) for name, size, _ in checked], cfg)
-    binary = sum(b for _, _, b in checked)
-    if n + binary != len(body):
-        raise Refused(400, f"body is {len(body)} bytes, the JSON part and binary_data_size values add up to "
-                           f"{n + binary}")
-    return req, n
+        return b""
 
 
-def with_token(req: dict, n: int, body: bytes, raw: list[bytes], token: str) -> tuple[bytes, list[bytes]]:
-    """The infer body with the token among its request parameters, and the header lines with the JSON part's new
-    length (unchanged when the request's parameters are not an object: such a request gets no token)."""
-    params = req.setdefault("parameters", {})
-    if not isinstance(params, dict):
-        return body, raw
-    params[TOKEN_PARAMETER] = token
-    head = json.dumps(req, separators=(",", ":")).encode()
-    raw = [ln for ln in raw if ln.partition(b":")[0].strip().lower() != b"inference-header-content-length"]
-    if n < len(body):  # binary parts follow the JSON part
-        raw.append(b"Inference-Header-Content-Length: " + str(len(head)).encode())
-    return head + body[n:], raw
+def _error(status: int, message: str, extra: list[tuple[bytes, bytes]] = ()) -> _Answer:
+    return _Answer(status, [(b"content-type", b"application/json"), *extra], json.dumps({"error": message}).encode())
 
 
-# ---- HTTP plumbing --------------------------------------------------------------------------------
+class _Upstream:
+    """One keep-alive HTTP/1.1 connection to Triton's private port, framed by h11."""
 
+    def __init__(self, port: int):
+        self.port = port
+        self.conn: h11.Connection | None = None
+        self.reader = self.writer = None
 
-def _response(status: int, message: str, close: bool) -> bytes:
-    body = json.dumps({"error": message}).encode()
-    return (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{'Connection: close' if close else 'Connection: keep-alive'}\r\n\r\n"
-            ).encode() + body
+    @property
+    def open(self) -> bool:
+        return self.conn is not None
 
+    async def connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=1 << 20)
 
-async def _read_head(reader: asyncio.StreamReader, limit: int, timeout: float) -> bytes | None:
-    try:
-        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    except asyncio.IncompleteReadError as e:
-        if e.partial.strip():
-            raise Refused(400, "incomplete request head", close=True) from None
-        return None
-    except asyncio.LimitOverrunError:
-        raise Refused(431, f"request head over {limit} bytes", close=True) from None
-    except asyncio.TimeoutError:
-        raise Refused(408, "request head not received in time", close=True) from None
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.conn = self.reader = self.writer = None
 
+    async def send(self, request: _Request, secret: tuple[bytes, bytes]) -> None:
+        headers = [*request.headers, (b"host", b"127.0.0.1"), secret, (b"content-length", b"%d" % len(request.body))]
+        data = self.conn.send(h11.Request(method=request.method, target=request.target, headers=headers))
+        data += self.conn.send(h11.Data(data=request.body)) if request.body else b""
+        self.writer.write(data + self.conn.send(h11.EndOfMessage()))
+        await self.writer.drain()
 
-def _parse_head(head: bytes) -> tuple[bytes, bytes, dict[bytes, bytes], list[bytes]]:
-    lines = head[:-4].split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-        raise Refused(400, "malformed request line", close=True)
-    headers, raw = {}, []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name.strip():
-            raise Refused(400, "malformed header line", close=True)
-        if b"\n" in line or b"\r" in line:
-            raise Refused(400, f"header {name.strip()[:40].decode(errors='replace')}: a bare LF or CR; lines end "
-                               "with CRLF", close=True)
-        key = name.strip().lower()
-        if key in headers and key in (b"content-length", b"inference-header-content-length", b"transfer-encoding"):
-            raise Refused(400, f"header {key.decode()} given twice; send it once", close=True)
-        headers[key] = value.strip()
-        if key not in HOP_HEADERS:
-            raw.append(line)
-    return parts[0], parts[1], headers, raw
-
-
-async def _read_body(reader: asyncio.StreamReader, headers: dict[bytes, bytes], cfg: FrontConfig) -> bytes:
-    if b"transfer-encoding" in headers:
-        raise Refused(411, "chunked request bodies are not accepted; send Content-Length", close=True)
-    try:
-        length = int(headers.get(b"content-length", b"0"))
-    except ValueError:
-        raise Refused(400, "Content-Length must be an integer", close=True) from None
-    if length < 0 or length > cfg.max_body_bytes:
-        raise Refused(413, f"body of {length} bytes, the limit is {cfg.max_body_bytes}", close=True)
-    try:
-        return await asyncio.wait_for(reader.readexactly(length), cfg.body_timeout_s)
-    except (asyncio.TimeoutError, asyncio.IncompleteReadError):
-        raise Refused(408, "request body not received in time", close=True) from None
-
-
-async def _read_upstream(up: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    """One response from Triton: (head, body), the body de-chunked if it was chunked."""
-    head = await up.readuntil(b"\r\n\r\n")
-    fields = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n")[1:])}
-    if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
-        parts = []
+    async def receive(self) -> _Answer:
+        """Triton's answer; ConnectionError when Triton closed the connection first."""
+        head, parts = None, []
         while True:
-            size = int((await up.readuntil(b"\r\n")).split(b";")[0], 16)
-            parts.append(await up.readexactly(size + 2))
-            if size == 0:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await self.reader.read(READ_BYTES)
+                if not data and head is None:
+                    raise ConnectionError("Triton closed the connection")
+                self.conn.receive_data(data)
+            elif isinstance(event, h11.Response):
+                head = event
+            elif isinstance(event, h11.Data):
+                parts.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
                 break
-        return head, b"".join(p[:-2] for p in parts)
-    return head, await up.readexactly(int(fields.get(b"content-length", b"0")))
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionError("Triton closed the connection mid-answer")
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+        else:
+            self.close()
+        headers = [(k, v) for k, v in head.headers if k not in HOP_HEADERS]
+        return _Answer(head.status_code, headers, b"".join(parts))
 
 
-def _relay_head(head: bytes, body: bytes, close: bool) -> bytes:
-    """Triton's response head for the client: busy answers as 429 with Retry-After, a dead stub's 500 as 503."""
-    lines = head[:-4].split(b"\r\n")
-    status, extra = lines[0], []
-    code = status.split(b" ")[1] if len(status.split(b" ")) > 1 else b""
-    if code in (b"503", b"500") and any(m in body for m in BUSY_MARKS):
-        status, extra = b"HTTP/1.1 429 Too Many Requests", [b"Retry-After: %d" % RETRY_AFTER_S]
-    elif code == b"500" and b"is not healthy" in body:  # a stub died: the supervisor is reloading it
-        status, extra = b"HTTP/1.1 503 Service Unavailable", [b"Retry-After: 2"]
-    keep = [ln for ln in lines[1:] if ln.partition(b":")[0].strip().lower() not in HOP_HEADERS] + extra
-    keep += [b"Content-Length: " + str(len(body)).encode(), b"Connection: " + (b"close" if close else b"keep-alive")]
-    return b"\r\n".join([status, *keep]) + b"\r\n\r\n"
+def _relay(answer: _Answer) -> _Answer:
+    """Triton's answer for the client: busy answers as 429 with Retry-After, a dead stub's 500 as 503."""
+    if answer.status in (500, 503) and any(m in answer.body for m in BUSY_MARKS):
+        return _Answer(429, [*answer.headers, (b"retry-after", b"%d" % RETRY_AFTER_S)], answer.body)
+    if answer.status == 500 and b"is not healthy" in answer.body:  # a stub died: the supervisor is reloading it
+        return _Answer(503, [*answer.headers, (b"retry-after", b"2")], answer.body)
+    return answer
+
+
+class _Client:
+    """One client connection: h11 frames it; requests are read, checked and answered one at a time."""
+
+    def __init__(self, front: Front, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.front, self.cfg, self.reader, self.writer = front, front.cfg, reader, writer
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.cfg.max_header_bytes)
+        self.method = b""  # of the request being answered: a HEAD answer carries no body
+
+    async def _read(self, deadline: float, what: str) -> bytes:
+        """More bytes from the client before `deadline` (b"" when it closed); Refused(408) naming `what` after it."""
+        try:
+            return await asyncio.wait_for(self.reader.read(READ_BYTES), max(deadline - time.monotonic(), 0))
+        except asyncio.TimeoutError:
+            raise Refused(408, f"{what} not received in time", close=True) from None
+
+    async def read_request(self) -> _Request | None:
+        """The next request, or None when the client has gone (or an idle keep-alive connection timed out);
+        Refused for what h11 or our limits reject."""
+        deadline, head = time.monotonic() + self.cfg.header_timeout_s, bytearray(self.conn.trailing_data[0])
+        event = self.conn.next_event()
+        while event is h11.NEED_DATA:  # the head, within its size and time
+            try:
+                data = await self._read(deadline, "request head")
+            except Refused:
+                if not head:
+                    return None
+                raise
+            if not data and not head:
+                return None
+            head += data
+            self.conn.receive_data(data)
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError:
+                if head.find(b"\r\n\r\n") > self.cfg.max_header_bytes:  # too large first, whatever else is wrong
+                    raise Refused(431, f"request head over {self.cfg.max_header_bytes} bytes", close=True) from None
+                raise
+            if event is h11.NEED_DATA and len(head) > self.cfg.max_header_bytes:
+                raise Refused(431, f"request head over {self.cfg.max_header_bytes} bytes", close=True)
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        head = bytes(head[:len(head) - len(self.conn.trailing_data[0])])
+        if len(head) > self.cfg.max_header_bytes:
+            raise Refused(431, f"request head over {self.cfg.max_header_bytes} bytes", close=True)
+        lf = BARE_LF.search(head.rstrip(b"\r\n"))
+        if lf:
+            line = head[:lf.start()].rsplit(b"\n", 1)[-1].partition(b":")[0]
+            raise Refused(400, f"header {line.strip()[:40].decode(errors='replace')}: a bare LF; lines end with CRLF",
+                          close=True)
+        self.method = event.method
+        if event.method not in (b"GET", b"POST"):
+            raise Refused(405, f"method {event.method.decode(errors='replace')[:16]} not allowed", close=True)
+        length = next((v for k, v in event.headers if k == b"content-length"), None)
+        if length is not None and int(length) > self.cfg.max_body_bytes:
+            raise Refused(413, f"body of {int(length)} bytes, the limit is {self.cfg.max_body_bytes}", close=True)
+        if self.conn.they_are_waiting_for_100_continue:  # curl's large bodies wait for this
+            self.writer.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
+        body = await self._body(time.monotonic() + self.cfg.body_timeout_s)
+        return _Request(event.method, event.target, [(k, v) for k, v in event.headers if k not in HOP_HEADERS], body)
+
+    async def _body(self, deadline: float) -> bytes:
+        parts, size = [], 0
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self._read(deadline, "request body"))
+                continue
+            if isinstance(event, h11.EndOfMessage):
+                return b"".join(parts)
+            if isinstance(event, h11.ConnectionClosed):
+                raise Refused(408, "request body not received in time", close=True)
+            size += len(event.data)
+            if size > self.cfg.max_body_bytes:
+                raise Refused(413, f"body over {self.cfg.max_body_bytes} bytes, the limit", close=True)
+            parts.append(bytes(event.data))
+
+    async def answer(self, answer: _Answer, close: bool = False) -> bool:
+        """Send the answer; True when the connection must close after it."""
+        if close or self.front.draining:
+            answer.headers.append((b"connection", b"close"))
+        headers = [*answer.headers, (b"content-length", b"%d" % len(answer.body))]
+        try:
+            data = self.conn.send(h11.Response(status_code=answer.status, headers=headers, reason=_reason(answer.status)))
+            data += self.conn.send(h11.Data(data=answer.body)) if answer.body else b""
+            data += self.conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            return True
+        self.writer.write(data)
+        await self.writer.drain()
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+            return False
+        return True
+
+    def refusal(self, e: Refused) -> bytes:
+        """The bytes of a refusal that closes the connection (h11 lets a server answer a request it could not
+        read); b"" when a response is already under way."""
+        body = json.dumps({"error": str(e)}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                   (b"connection", b"close")]
+        try:
+            data = self.conn.send(h11.Response(status_code=e.status, headers=headers, reason=_reason(e.status)))
+            data += b"" if self.method == b"HEAD" else self.conn.send(h11.Data(data=body))
+            return data + self.conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            return b""
 
 
 class Front:
@@ -325,94 +317,113 @@ class Front:
     def __init__(self, cfg: FrontConfig, not_ready: Callable[[str | None], bool]):
         self.cfg, self.not_ready = cfg, not_ready
         self.connections = 0
+        self.draining = False
+        self.in_flight: InFlight | None = None  # made in the event loop
+        self.validator = Validator(cfg.limits)
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.secret = tuple(p.strip().lower() if i == 0 else p.strip()
+                            for i, p in enumerate(cfg.secret_header.split(b":", 1)))
 
     async def serve(self, host: str, port: int) -> asyncio.base_events.Server:
+        self.in_flight = InFlight()
         return await asyncio.start_server(self._client, host, port, limit=self.cfg.max_header_bytes,
                                           reuse_address=True)
 
+    def drain(self) -> None:
+        """From now on: not ready, new infer requests refused with 503 (retry elsewhere); forwarded ones finish."""
+        self.draining = True
+
+    def close_connections(self) -> None:
+        """Close every client connection (and with it its upstream one: Triton waits for open ones at exit)."""
+        for writer in list(self._writers):
+            writer.close()
+        self.validator.close()
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        client, up = _Client(self, reader, writer), _Upstream(self.cfg.upstream_port)
         self.connections += 1
+        self._writers.add(writer)
         try:
             if self.connections > self.cfg.max_connections:
                 raise Refused(503, "too many connections", close=True)
             while True:
-                close, up = await self._one(reader, writer, up)
-                if close:
+                request = await client.read_request()
+                if request is None or await self._one(client, up, request):
                     break
         except Refused as e:
-            writer.write(_response(e.status, str(e), True))
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            writer.write(client.refusal(e))
+        except h11.RemoteProtocolError as e:
+            status = e.error_status_hint if e.error_status_hint >= 400 else 400
+            writer.write(client.refusal(Refused(status, f"malformed request: {str(e).lower()}")))
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
         finally:
             self.connections -= 1
-            for w in (writer, up[1] if up else None):
-                if w is not None:
-                    w.close()
+            self._writers.discard(writer)
+            up.close()
+            writer.close()
 
-    async def _one(self, reader, writer, up):
-        """Serve one request; returns (close the connection, upstream connection)."""
-        head = await _read_head(reader, self.cfg.max_header_bytes, self.cfg.header_timeout_s)
-        if head is None:
-            return True, up
-        method, target, headers, raw = _parse_head(head)
-        if method not in (b"GET", b"POST"):
-            raise Refused(405, f"method {method.decode(errors='replace')[:16]} not allowed", close=True)
-        if headers.get(b"expect", b"").lower() == b"100-continue":  # curl's large bodies wait for this
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = await _read_body(reader, headers, self.cfg)
-        close = headers.get(b"connection", b"").lower() == b"close"
-        path = target.split(b"?", 1)[0]
-        try:
-            infer = self._admit(method, path, body, headers)
-        except Refused as e:
-            writer.write(_response(e.status, str(e), close or e.close))
-            await writer.drain()
-            return close or e.close, up
-        token = new_token() if infer is not None and self.cfg.cancel_dir else None
-        if token:
-            body, raw = with_token(*infer, body, raw, token)
-        request = b"\r\n".join([method + b" " + target + b" HTTP/1.1", *raw, b"Host: 127.0.0.1", self.cfg.secret_header,
-                                b"Content-Length: " + str(len(body)).encode()]) + b"\r\n\r\n" + body
-        up, answer = await self._forward(reader, up, request, token)
-        if answer is None:  # the client hung up (its request is marked abandoned), or Triton closed the connection
-            if not reader.at_eof():
-                writer.write(_response(502, "the server closed the connection", True))
-            return True, up
-        rhead, rbody = answer
-        if b" 500 " in rhead.split(b"\r\n", 1)[0] + b" " and b"is not healthy" in rbody:
-            self.not_ready(None)  # the supervisor looks at the stubs now, not at its next poll
-        writer.write(_relay_head(rhead, rbody, close) + rbody)
-        await writer.drain()
-        return close, up
-
-    async def _forward(self, reader, up, request: bytes, token: str | None):
-        """(upstream connection, Triton's (head, body)); the answer is None when the client hung up first (then its
-        token is marked abandoned and the upstream connection dropped) or Triton closed the connection twice."""
-        for attempt in (0, 1):  # a kept-alive upstream connection Triton has since closed: once more, fresh
-            reused = up is not None
-            if up is None:
-                up = await asyncio.open_connection("127.0.0.1", self.cfg.upstream_port, limit=1 << 20)
+    async def _one(self, client: _Client, up: _Upstream, request: _Request) -> bool:
+        """Serve one request; True when the connection must close."""
+        close = request.header(b"connection") == b"close"
+        token = None
+        with self.in_flight:  # from admission on: a drain waits for it
             try:
-                up[1].write(request)
-                await up[1].drain()
-                answer = asyncio.ensure_future(_read_upstream(up[0]))
+                model = self._admit(request)
+                if model is not None:  # an infer request
+                    token = new_token() if self.cfg.cancel_dir else None
+                    request.body = await self._checked(request, model, token)
+            except Refused as e:
+                extra = [(b"retry-after", b"1")] if e.status == 503 else []
+                return await client.answer(_error(e.status, str(e), extra), close or e.close)
+            answer = await self._forward(client, up, request, token)
+        if answer is None:  # the client hung up (its request is marked abandoned), or Triton closed twice
+            if not client.reader.at_eof():
+                await client.answer(_error(502, "the server closed the connection"), True)
+            return True
+        if answer.status == 500 and b"is not healthy" in answer.body:
+            self.not_ready(None)  # the supervisor looks at the stubs now, not at its next poll
+        return await client.answer(_relay(answer), close)
+
+    async def _checked(self, request: _Request, model: str, token: str | None) -> bytes:
+        """The infer body, checked (off the loop when large) and named with the token."""
+        length = request.header(b"inference-header-content-length")
+        try:
+            n = int(length) if length is not None else None
+        except ValueError:
+            raise Refused(400, "Inference-Header-Content-Length must be an integer") from None
+        body, n = await self.validator.http(request.body, n, model, token)
+        request.headers = [(k, v) for k, v in request.headers if k != b"inference-header-content-length"]
+        if n is not None:
+            request.headers.append((b"inference-header-content-length", b"%d" % n))
+        return body
+
+    async def _forward(self, client: _Client, up: _Upstream, request: _Request, token: str | None) -> _Answer | None:
+        """Triton's answer; None when the client hung up first (its token is marked abandoned and the upstream
+        connection dropped) or Triton closed the connection twice."""
+        for attempt in (0, 1):  # a kept-alive upstream connection Triton has since closed: once more, fresh
+            reused = up.open
+            try:
+                if not up.open:
+                    await up.connect()
+                await up.send(request, self.secret)
+                answer = asyncio.ensure_future(up.receive())
                 while not (await asyncio.wait({answer}, timeout=0.2))[0]:
-                    if reader.at_eof() or reader.exception() is not None:  # the client has gone
+                    if client.reader.at_eof() or client.reader.exception() is not None:  # the client has gone
                         answer.cancel()
                         mark_abandoned(self.cfg.cancel_dir, token)
-                        up[1].close()
-                        return None, None
-                return up, answer.result()
-            except (asyncio.IncompleteReadError, ConnectionError, ValueError):
-                up[1].close()
-                up = None
+                        up.close()
+                        return None
+                return answer.result()
+            except (ConnectionError, h11.ProtocolError, OSError):
+                up.close()
                 if not reused or attempt:
-                    return None, None
-        return None, None
+                    return None
+        return None
 
-    def _admit(self, method: bytes, path: bytes, body: bytes, headers: dict[bytes, bytes]) -> tuple[dict, int] | None:
-        """Refused unless the request may pass; for an infer request its JSON part and that part's length."""
+    def _admit(self, request: _Request) -> str | None:
+        """Refused unless the request may pass; the model's name for an infer request, else None."""
+        path = request.target.split(b"?", 1)[0]
         if not ALLOWED_PATH.match(path):
             raise Refused(403, f"{path.decode(errors='replace')[:80]} is not allowed on this port (the shared-memory, "
                                "repository, logging and trace APIs are closed)")
@@ -421,8 +432,12 @@ class Front:
         if model in RENAMED:
             raise Refused(404, f"model {model} is now {RENAMED[model]}")
         ready = READY_PATH.match(path)
+        if ready and self.draining:
+            raise Refused(503, "not ready: " + DRAIN_MESSAGE)
         if ready and self.not_ready(ready.group(2).decode() if ready.group(2) else None):
             raise Refused(503, "not ready: a model is being reloaded after its backend process died")
-        if method == b"POST" and path.endswith(b"/infer"):
-            return check_infer(body, headers.get(b"inference-header-content-length"), self.cfg, model or "")
+        if request.method == b"POST" and path.rstrip(b"/").endswith(b"/infer"):
+            if self.draining:
+                raise Refused(503, DRAIN_MESSAGE, close=True)
+            return model or ""
         return None

@@ -11,11 +11,11 @@ loop beside the HTTP front), which
 - refuses messages over the HTTP front's body limit (RESOURCE_EXHAUSTED, answered by gRPC itself);
 - relays health, metadata, config and statistics, and refuses the shared-memory, repository, logging and
   trace RPCs (PERMISSION_DENIED);
-- answers not ready on ServerReady / ModelReady while the supervisor reloads a model whose stub died;
-- checks every ModelInfer request, and every message of a ModelStreamInfer stream, before forwarding it: each
-  input's declared shape against its raw or typed contents, in exact integers, and the declared total against
-  the model's caps (front.check_tensor and check_caps, the HTTP front's checks); INVALID_ARGUMENT naming the
-  input otherwise (a bad message ends its stream).
+- answers not ready on ServerReady / ModelReady while the supervisor reloads a model whose stub died, or while
+  the replica drains (then new infer calls get UNAVAILABLE, which clients retry elsewhere; running ones finish);
+- checks every ModelInfer request, and every message of a ModelStreamInfer stream, before forwarding it
+  (validate.py, the HTTP front's checks on gRPC's fields, off the event loop for large messages);
+  INVALID_ARGUMENT naming the input otherwise (a bad message ends its stream).
 
 - bounds the ModelStreamInfer streams open at once (FrontConfig.max_open_streams: RESOURCE_EXHAUSTED beyond, so
   the rest of the RPC limit stays free for unary calls and health) and ends a stream whose client sends nothing for
@@ -35,59 +35,20 @@ import asyncio
 from typing import Callable
 
 import grpc
-from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
-from biva_core.contract import RENAMED, TOKEN_PARAMETER
+from biva_core.contract import RENAMED
 
-from .front import FrontConfig, Refused, check_caps, check_tensor, check_values, mark_abandoned, new_token
+from .front import DRAIN_MESSAGE, FrontConfig, InFlight, mark_abandoned, new_token
+from .validate import Refused, Validator, parse
 
 SERVICE = "/inference.GRPCInferenceService/"
 RELAYED = ("ServerLive", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelStatistics")
 CLOSED = ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "SystemSharedMemoryStatus",
           "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
           "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings")
-TYPED = tuple(pb.InferTensorContents.DESCRIPTOR.fields_by_name)  # bool_contents, ..., bytes_contents
 DROPPED_METADATA = ("user-agent", "content-type", "te")
 RESTRICTED_PREFIX = "triton-grpc-protocol-"  # Triton reads --grpc-restricted-protocol's key from this header
-
-
-def check_request(req: pb.ModelInferRequest, cfg: FrontConfig) -> None:
-    """Refused(400) unless every input's declared shape matches its raw or typed contents and the inputs'
-    declared bytes fit within the body limit and the model's caps (the HTTP front's checks, on gRPC's fields)."""
-    if req.model_name in RENAMED:
-        raise Refused(404, f"model {req.model_name} is now {RENAMED[req.model_name]}")
-    raw = req.raw_input_contents
-    if raw and len(raw) != len(req.inputs):
-        raise Refused(400, f"raw_input_contents holds {len(raw)} tensors for {len(req.inputs)} inputs")
-    declared = []
-    for i, inp in enumerate(req.inputs):
-        if "shared_memory_region" in inp.parameters:
-            raise Refused(400, f"input {inp.name[:64]}: shared-memory inputs are not accepted on this port")
-        if raw:
-            size = check_tensor(inp.name, list(inp.shape), inp.datatype, cfg.max_body_bytes,
-                                f"raw_input_contents[{i}]", nbytes=len(raw[i]))
-        else:
-            size = check_tensor(inp.name, list(inp.shape), inp.datatype, cfg.max_body_bytes, "contents",
-                                values=sum(len(getattr(inp.contents, f)) for f in TYPED))
-            if inp.datatype.startswith(("FP", "BF")):  # typed ints come in their proto's range already
-                check_values(inp.name, inp.datatype, [v for f in ("fp32_contents", "fp64_contents")
-                                                      for v in getattr(inp.contents, f)])
-        declared.append((inp.name, size))
-    check_caps(req.model_name, declared, cfg)
-
-
-def with_token(req: pb.ModelInferRequest, token: str) -> bytes:
-    """The request, serialised, with the token among its parameters."""
-    req.parameters[TOKEN_PARAMETER].string_param = token
-    return req.SerializeToString()
-
-
-def _parse(message_type, raw: bytes):
-    try:
-        return message_type.FromString(raw)
-    except DecodeError:
-        raise Refused(400, f"the message is not a {message_type.__name__}") from None
 
 
 class GrpcFront:
@@ -102,9 +63,13 @@ class GrpcFront:
         self._channel: grpc.aio.Channel | None = None
         self._calls: dict[str, Callable] = {}
         self.open_streams = 0
+        self.draining = False
+        self.in_flight: InFlight | None = None  # made in the event loop
+        self.validator = Validator(cfg.limits)
 
     async def serve(self, host: str, port: int) -> grpc.aio.Server:
         """Listen on host:port (OSError when it cannot) and relay to Triton's private port."""
+        self.in_flight = InFlight()
         self._channel = grpc.aio.insecure_channel(self.upstream, options=[
             ("grpc.max_send_message_length", self.cfg.max_body_bytes), ("grpc.max_receive_message_length", -1)])
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.cfg.max_body_bytes),
@@ -141,32 +106,44 @@ class GrpcFront:
         except grpc.aio.AioRpcError as e:
             await ctx.abort(e.code(), e.details() or "")
 
+    def drain(self) -> None:
+        """From now on: not ready, new infer calls refused with UNAVAILABLE (retry elsewhere); running ones finish."""
+        self.draining = True
+
+    async def _refuse_when_draining(self, ctx: grpc.aio.ServicerContext) -> None:
+        if self.draining:
+            await ctx.abort(grpc.StatusCode.UNAVAILABLE, DRAIN_MESSAGE)
+
     async def server_ready(self, raw: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        if self.not_ready(None):
+        if self.draining or self.not_ready(None):
             return pb.ServerReadyResponse(ready=False).SerializeToString()
         return await self.relay("ServerReady", raw, ctx)
 
     async def model_ready(self, raw: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         try:
-            name = _parse(pb.ModelReadyRequest, raw).name
+            name = parse(pb.ModelReadyRequest, raw).name
         except Refused as e:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if name in RENAMED:
             await ctx.abort(grpc.StatusCode.NOT_FOUND, f"model {name} is now {RENAMED[name]}")
-        if self.not_ready(name):
+        if self.draining or self.not_ready(name):
             return pb.ModelReadyResponse(ready=False).SerializeToString()
         return await self.relay("ModelReady", raw, ctx)
 
     async def infer(self, raw: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        await self._refuse_when_draining(ctx)
+        with self.in_flight:  # from admission on: a drain waits for it
+            return await self._infer(raw, ctx)
+
+    async def _infer(self, raw: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        token = new_token() if self.cfg.cancel_dir else None
         try:
-            req = _parse(pb.ModelInferRequest, raw)
-            check_request(req, self.cfg)
+            raw = await self.validator.grpc(raw, token)
         except Refused as e:
             await ctx.abort(_code(e), str(e))
-        token = new_token() if self.cfg.cancel_dir else None
         answered = False
         try:
-            out = await self.relay("ModelInfer", with_token(req, token) if token else raw, ctx)
+            out = await self.relay("ModelInfer", raw, ctx)
             answered = True
             return out
         finally:
@@ -176,6 +153,7 @@ class GrpcFront:
     async def stream_infer(self, requests, ctx: grpc.aio.ServicerContext):
         """ModelStreamInfer: at most max_open_streams at once; each message checked (and given a token) before it is
         written upstream; the first bad or late one ends the stream (INVALID_ARGUMENT / DEADLINE_EXCEEDED)."""
+        await self._refuse_when_draining(ctx)
         if self.open_streams >= self.cfg.max_open_streams:
             await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.open_streams} streams are open, the limit "
                                                                 "is " + str(self.cfg.max_open_streams))
@@ -190,8 +168,9 @@ class GrpcFront:
             ended: list[Refused] = []
             pump = asyncio.ensure_future(self._pump(first, requests, ctx, call, ended, tokens))
             try:
-                async for response in call:
-                    yield response
+                with self.in_flight:
+                    async for response in call:
+                        yield response
             except grpc.aio.AioRpcError as e:
                 await ctx.abort(e.code(), e.details() or "")
             except asyncio.CancelledError:  # grpc.aio raises this for an upstream call we cancelled
@@ -220,11 +199,10 @@ class GrpcFront:
     async def _pump(self, raw: bytes, requests, ctx, call, ended: list[Refused], tokens: list[str]) -> None:
         try:
             while raw is not None:
-                req = _parse(pb.ModelInferRequest, raw)
-                check_request(req, self.cfg)
-                if self.cfg.cancel_dir:
-                    tokens.append(new_token())
-                    raw = with_token(req, tokens[-1])
+                token = new_token() if self.cfg.cancel_dir else None
+                raw = await self.validator.grpc(raw, token)
+                if token:
+                    tokens.append(token)
                 await call.write(raw)
                 try:
                     raw = await asyncio.wait_for(requests.__anext__(), self.cfg.stream_idle_s)
@@ -243,7 +221,8 @@ class GrpcFront:
 
 def _code(e: Refused) -> grpc.StatusCode:
     """The gRPC status of a refusal by its HTTP status."""
-    return {404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED}.get(
+    return {404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
+            503: grpc.StatusCode.UNAVAILABLE}.get(
         e.status, grpc.StatusCode.INVALID_ARGUMENT)
 
 

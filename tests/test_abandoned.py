@@ -184,12 +184,13 @@ def test_clients_faults_get_a_4xx_naming_the_field(server) -> None:
     big_seed = (b'{"inputs": [{"name": "n", "shape": [1], "datatype": "INT64", "data": [2]}, {"name": "seed", '
                 b'"shape": [1], "datatype": "INT64", "data": [18446744073709551616]}]}')
     cases = [
-        (b"POST /v2/models/biva_sample/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(big_seed) + big_seed,
+        (b"POST /v2/models/biva_sample/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(big_seed) + big_seed,
          400, "seed"),
-        (b"GET /v2/health/ready HTTP/1.1\r\nX-A: 1\nX-B: 2\r\n\r\n", 400, "bare LF"),
-        (b"POST /v2/models/biva_sample/infer HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400,
-         "content-length"),
-        (b"GET /v2/models/biva_sampler/ready HTTP/1.1\r\n\r\n", 404, "biva_graph_sampler"),
+        (b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-A: 1\nX-B: 2\r\n\r\n", 400, "bare LF"),
+        (b"POST /v2/models/biva_sample/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+         400, "content-length"),
+        (b"GET /v2/models/biva_sampler/ready HTTP/1.1\r\nHost: x\r\n\r\n", 404, "biva_graph_sampler"),
+        (b"GET /v2/health/ready HTTP/1.1\r\n\r\n", 400, "host"),  # HTTP/1.1 requires Host (RFC 9112)
     ]
     for raw, status, word in cases:
         with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:

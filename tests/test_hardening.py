@@ -20,7 +20,8 @@ import tritonclient.http as thttp
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from biva_serving.front import FrontConfig, Refused, check_tensor, json_depth
+from biva_serving.front import FrontConfig
+from biva_serving.validate import Refused, check_tensor, json_depth
 from serving_helpers import i64, infer
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
