@@ -17,10 +17,17 @@ $(VENV)/.stamp: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[cpu,test]'
 	touch $@
 
+# Debian packages, each installed only when missing (CI: a fresh Debian 12, as root), with one apt-get update:
+# Fashion-MNIST; haproxy (the local load balancer, deploy/); prometheus for promtool (the recording rules' unit test,
+# deploy/prometheus/rules_test.yml). kubectl is not a Debian package: tests needing it skip without it.
 data:
-	@if [ ! -f $(FMNIST) ]; then \
-	  echo "installing Debian's dataset-fashion-mnist"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	@pkgs=""; \
+	[ -f $(FMNIST) ] || pkgs="$$pkgs dataset-fashion-mnist"; \
+	command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || pkgs="$$pkgs haproxy"; \
+	command -v promtool >/dev/null || pkgs="$$pkgs prometheus"; \
+	if [ -n "$$pkgs" ]; then \
+	  echo "installing Debian's$$pkgs"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs; \
 	fi
 
 test: install
