@@ -1,0 +1,1 @@
+"""BIVA: the model, its training and evaluation, and the numpy-only serving contract (contract.py, stats.py)."""

@@ -76,11 +76,15 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
               help="Check every graph against PyTorch before writing anything.")
 @click.option("--atol-scale", default=1.0, show_default=True,
               help="Multiply every validation tolerance (1e-3 nats, 1e-4 for images); 0 demands exact equality.")
+@click.option("--publish", "publish_url", default=None, metavar="s3://BUCKET/PREFIX",
+              help="After the export validated, publish OUT there (as biva-publish does: every file, then the "
+                   "manifest last); AWS_ENDPOINT_URL and the credentials come from the environment.")
 @click.option("--force", is_flag=True, help="Replace OUT even if it was not written by biva-export.")
 @click.option("--verbose", is_flag=True, help="Show the ONNX exporter's own output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(ckpt, out, backend, runtime, slice_packages, opset, exporter, elu, max_batch_size, instances, queue_delay_us,
-         preferred, front_instances, threads, spinning, detector, validate, atol_scale, force, verbose, debug):
+         preferred, front_instances, threads, spinning, detector, validate, atol_scale, publish_url, force, verbose,
+         debug):
     """Export a BIVA checkpoint to ONNX, validate it, and write the Triton model repository."""
     from biva_core.checkpoint import CheckpointError
 
@@ -92,8 +96,18 @@ def main(ckpt, out, backend, runtime, slice_packages, opset, exporter, elu, max_
     cfg = ExportConfig(opset=opset, exporter=exporter, elu=elu, validate=validate, atol_scale=atol_scale, force=force,
                        quiet=not verbose, serving=serving, slice_packages=slice_packages,
                        detector=None if detector.lower() == "none" else ("auto" if detector == "auto" else Path(detector)))
-    with one_line_errors(debug, ExportError, CheckpointError, ValueError):
+    from biva_core.storage import StorageError, parse_url
+
+    with one_line_errors(debug, ExportError, CheckpointError, ValueError, StorageError):
+        if publish_url is not None:
+            parse_url(publish_url)  # a bad URL fails now, not after the export's minutes
+            if not validate:
+                raise StorageError("--publish needs a validated export; drop --no-validate")
         run_export(ckpt, out, cfg, log=click.echo)
+        if publish_url is not None:
+            from .publish import publish
+
+            publish(out, publish_url, log=click.echo)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,32 @@ from .binary import resolve
 from .net import DIRECT_FLAG, take_flag
 
 
+def fetch_s3_repositories(args: Sequence[str]) -> tuple[list[str], str | None]:
+    """The arguments with every `--model-repository s3://...` fetched (fetch.py: checked against its manifest)
+    into a local cache folder and replaced by that folder; or a one-line complaint. gs://, as:// and Triton's own
+    s3://HOST:PORT/BUCKET/PATH form are left to Triton."""
+    out, i, args = [], 0, list(args)
+    while i < len(args):
+        a, value, n = args[i], "", 1
+        if a == "--model-repository" and i + 1 < len(args):
+            value, n = args[i + 1], 2
+        elif a.startswith("--model-repository="):
+            value = a.split("=", 1)[1]
+        if value.startswith("s3://") and ":" not in value[5:].split("/", 1)[0]:  # not Triton's s3://HOST:PORT/...
+            from biva_core.storage import StorageError
+
+            from .fetch import cache_dir, fetch
+            try:
+                local = fetch(value, cache_dir(value), log=lambda m: print(f"tritonserver: {m}", flush=True))
+            except StorageError as e:
+                return args, str(e)
+            out.append(f"--model-repository={local}")
+        else:
+            out.extend(args[i:i + n])
+        i += n
+    return out, None
+
+
 def check_repository(args: Sequence[str]) -> str | None:
     """A one-line complaint when --model-repository names a local folder that is not there (or no folder)."""
     repo, _ = take_flag(list(args), "--model-repository", "")
@@ -53,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = list(sys.argv[1:] if argv is None else argv)
     direct = DIRECT_FLAG in args
     args = [a for a in args if a != DIRECT_FLAG]
-    complaint = check_repository(args)
+    args, complaint = fetch_s3_repositories(args)
+    complaint = complaint or check_repository(args)
     if complaint:
         print(f"tritonserver: {complaint}", file=sys.stderr)
         raise SystemExit(2)

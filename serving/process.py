@@ -123,12 +123,12 @@ def _exited_unreaped(pid: int) -> bool:
         return True
 
 
-def _launch(repo: Path, extra_args: Sequence[str], log_path: Path, env: dict | None,
+def _launch(repo: Path | str, extra_args: Sequence[str], log_path: Path, env: dict | None,
             ports: Sequence[int] | None = None) -> ServerHandle:
     http, grpc, metrics = ports if ports else free_ports(3)
     cmd = [
         sys.executable, "-m", "biva_serving.launcher",
-        f"--model-repository={Path(repo).resolve()}",
+        f"--model-repository={repo if '://' in str(repo) else Path(repo).resolve()}",  # s3://: the launcher fetches
         f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
         *(f"{flag}={LOOPBACK}" for flag in ADDRESS_FLAGS),  # also for a system binary
         *extra_args,
@@ -140,7 +140,7 @@ def _launch(repo: Path, extra_args: Sequence[str], log_path: Path, env: dict | N
 
 
 def start_server(
-    repo: Path,
+    repo: Path | str,
     *,
     extra_args: Sequence[str] = (),
     log_path: Path | None = None,
