@@ -11,8 +11,8 @@ loop beside the HTTP front), which
 - refuses messages over the HTTP front's body limit (RESOURCE_EXHAUSTED, answered by gRPC itself);
 - relays health, metadata, config and statistics, and refuses the shared-memory, repository, logging and
   trace RPCs (PERMISSION_DENIED);
-- answers not ready on ServerReady / ModelReady while the supervisor reloads a model whose stub died, or while
-  the replica drains (then new infer calls get UNAVAILABLE, which clients retry elsewhere; running ones finish);
+- answers not ready on ServerReady / ModelReady while the supervisor reloads a model whose stub died;
+- drains on SIGTERM with gRPC's graceful stop (GOAWAY: new calls go elsewhere; running ones finish);
 - checks every ModelInfer request, and every message of a ModelStreamInfer stream, before forwarding it
   (validate.py, the HTTP front's checks on gRPC's fields, off the event loop for large messages);
   INVALID_ARGUMENT naming the input otherwise (a bad message ends its stream).
@@ -66,12 +66,17 @@ class GrpcFront:
         self.draining = False
         self.in_flight: InFlight | None = None  # made in the event loop
         self.validator = Validator(cfg.limits)
+        self._stopping: asyncio.Future | None = None
 
     async def serve(self, host: str, port: int) -> grpc.aio.Server:
         """Listen on host:port (OSError when it cannot) and relay to Triton's private port."""
         self.in_flight = InFlight()
+        # Triton's gRPC port opens seconds after this channel exists; gRPC's default reconnect backoff (1 s, growing
+        # to 120 s) failed calls fast ("failed to connect to all addresses") after readiness said 200
         self._channel = grpc.aio.insecure_channel(self.upstream, options=[
-            ("grpc.max_send_message_length", self.cfg.max_body_bytes), ("grpc.max_receive_message_length", -1)])
+            ("grpc.max_send_message_length", self.cfg.max_body_bytes), ("grpc.max_receive_message_length", -1),
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 500)])
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.cfg.max_body_bytes),
                                           ("grpc.so_reuseport", 0)],
                                  maximum_concurrent_rpcs=self.cfg.max_connections)
@@ -88,6 +93,7 @@ class GrpcFront:
 
     async def close(self, server: grpc.aio.Server) -> None:
         await server.stop(None)
+        self.validator.close()
         if self._channel is not None:
             await self._channel.close()
 
@@ -96,19 +102,23 @@ class GrpcFront:
                 if not k.startswith((":", "grpc-", RESTRICTED_PREFIX)) and k not in DROPPED_METADATA]
         return (*keep, self.secret)
 
-    async def relay(self, method: str, raw: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-        """One unary call forwarded as bytes; Triton's status and message come back unchanged."""
+    async def relay(self, method: str, raw: bytes, ctx: grpc.aio.ServicerContext, wait: bool = False) -> bytes:
+        """One unary call forwarded as bytes; Triton's status and message come back unchanged. With `wait`, the call
+        waits (within its deadline) for a connection to Triton rather than failing at once without one."""
         call = self._calls.get(method)
         if call is None:
             call = self._calls[method] = self._channel.unary_unary(SERVICE + method)
         try:
-            return await call(raw, metadata=self._metadata(ctx), timeout=ctx.time_remaining())
+            return await call(raw, metadata=self._metadata(ctx), timeout=ctx.time_remaining(), wait_for_ready=wait)
         except grpc.aio.AioRpcError as e:
             await ctx.abort(e.code(), e.details() or "")
 
-    def drain(self) -> None:
-        """From now on: not ready, new infer calls refused with UNAVAILABLE (retry elsewhere); running ones finish."""
+    def drain(self, server: grpc.aio.Server, grace: float) -> None:
+        """From now on no new calls: gRPC's own graceful stop sends GOAWAY, so clients and balancers open their next
+        call elsewhere (HAProxy retries a refused connection; it cannot retry a gRPC error, which travels as HTTP 200),
+        and running calls finish within `grace` s. A call that slips in meanwhile gets UNAVAILABLE."""
         self.draining = True
+        self._stopping = asyncio.ensure_future(server.stop(grace))
 
     async def _refuse_when_draining(self, ctx: grpc.aio.ServicerContext) -> None:
         if self.draining:
@@ -143,7 +153,7 @@ class GrpcFront:
             await ctx.abort(_code(e), str(e))
         answered = False
         try:
-            out = await self.relay("ModelInfer", raw, ctx)
+            out = await self.relay("ModelInfer", raw, ctx, wait=True)
             answered = True
             return out
         finally:
@@ -163,8 +173,8 @@ class GrpcFront:
             first = await self._next(requests, ctx)
             if first is None:
                 return
-            call = self._channel.stream_stream(SERVICE + "ModelStreamInfer")(metadata=self._metadata(ctx),
-                                                                              timeout=ctx.time_remaining())
+            call = self._channel.stream_stream(SERVICE + "ModelStreamInfer")(
+                metadata=self._metadata(ctx), timeout=ctx.time_remaining(), wait_for_ready=True)
             ended: list[Refused] = []
             pump = asyncio.ensure_future(self._pump(first, requests, ctx, call, ended, tokens))
             try:

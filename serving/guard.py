@@ -16,8 +16,8 @@ every infer request with a token and write it there when its client goes away.
 
 Shutdown, as an orchestrator sends it:
 - SIGTERM (a rolling update, a scale-down, `docker stop`): the replica drains. Both fronts answer not ready at once
-  and refuse new infer requests (HTTP 503 with Retry-After and `Connection: close`, gRPC UNAVAILABLE: a load
-  balancer or biva-client retries them on another replica); the requests already forwarded finish, for up to the
+  and refuse new infer requests (HTTP 503 with Retry-After and `Connection: close`; gRPC stops gracefully, GOAWAY:
+  a load balancer or biva-client sends them to another replica); the requests already forwarded finish, for up to the
   drain deadline (`--exit-timeout-secs`, default DRAIN_S = 20 s: under Kubernetes' default grace period of 30 s);
   then the shutdown mark stops whatever still runs (those answer 429), and Triton exits. A second SIGTERM skips the
   rest of the wait.
@@ -106,7 +106,7 @@ async def _run(proc: subprocess.Popen, sup: Supervisor, fronts: _Fronts, cancel_
             draining[0].cancel()
             stop_triton(signal.SIGTERM)
             return
-        fronts.drain()
+        fronts.drain(drain_s)
         draining.append(loop.create_task(drain()))
 
     loop.add_signal_handler(signal.SIGINT, stop_triton, signal.SIGINT)
@@ -189,10 +189,10 @@ class _Fronts:
             if front is not None:
                 front.not_ready = not_ready
 
-    def drain(self) -> None:
-        for front in (self.http, self.grpc):
-            if front is not None:
-                front.drain()
+    def drain(self, grace: float) -> None:
+        self.http.drain()
+        if self.grpc is not None and len(self.servers) > 1:
+            self.grpc.drain(self.servers[1], grace)
 
     def in_flight(self) -> int:
         return sum(f.in_flight.count for f in (self.http, self.grpc) if f is not None and f.in_flight is not None)
