@@ -32,15 +32,6 @@ def _is_ready(url: str) -> bool:
         return False
 
 
-def wait_ready(url: str, timeout: float) -> None:
-    """Poll `url` ("127.0.0.1:PORT" or "http://...") until /v2/health/ready answers 200."""
-    deadline = time.monotonic() + timeout
-    while not _is_ready(url):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Triton at {url} not ready after {timeout:.0f} s")
-        time.sleep(0.2)
-
-
 def _tail(path: Path, n: int = 20) -> str:
     try:
         with path.open(errors="replace") as f:

@@ -2,6 +2,7 @@
 functions, so a test module can build its own module-scoped server from them)."""
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 
 from biva_core.contract import wire_type
+from biva_serving.net import free_ports
+from biva_serving.process import _is_ready
 
 PROTOCOLS = {"http": thttp, "grpc": tgrpc}
 
@@ -53,3 +56,17 @@ def infer(server, protocol: str, model: str, inputs: dict[str, np.ndarray], outp
 
 def i64(v) -> np.ndarray:
     return np.array(v if isinstance(v, list) else [v], np.int64)
+
+
+def free_port() -> int:
+    """A port free on loopback now (a test's "nothing listens here" address, or one port to hand to a tool)."""
+    return free_ports(1)[0]
+
+
+def wait_ready(url: str, timeout: float) -> None:
+    """Poll `url` ("127.0.0.1:PORT" or "http://...") until /v2/health/ready answers 200."""
+    deadline = time.monotonic() + timeout
+    while not _is_ready(url):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Triton at {url} not ready after {timeout:.0f} s")
+        time.sleep(0.2)

@@ -269,7 +269,7 @@ def _ppid(pid: str) -> int:
 
 
 def test_the_client_refuses_over_cap_samples_and_a_missing_server_fast(server) -> None:
-    from biva_serving.net import free_port
+    from serving_helpers import free_port
 
     cli = [sys.executable, "-m", "biva_client.cli"]
     t = time.monotonic()
@@ -287,7 +287,7 @@ def test_a_model_that_kept_a_bursts_memory_is_loaded_again_once_idle(tiny_repo, 
     """With a slack of 1 MB per stub, a burst of large requests leaves the graph models holding more than after
     loading: once idle, the supervisor loads them again (no death, no reload), their stubs are new, and they serve
     the same numbers."""
-    from biva_bench.memory import tree_rss_mb
+    from studies.memory import tree_rss_mb
     from biva_serving.process import start_server
 
     env = {**os.environ, "BIVA_MEMORY_SLACK_MB": "1"}

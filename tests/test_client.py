@@ -438,7 +438,7 @@ def test_wrong_image_shape_fails_before_any_request(endpoint, tiny_server) -> No
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_unreachable_server_is_one_line(protocol) -> None:
-    from biva_serving.net import free_port
+    from serving_helpers import free_port
 
     r = invoke(["--url", f"127.0.0.1:{free_port()}", "--protocol", protocol, "--retries", 1, "sample", "--n", 4])
     assert r.exit_code == 4

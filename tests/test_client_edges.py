@@ -11,7 +11,7 @@ import pytest
 
 from biva_client import BivaClient, InputError, ServerError
 from biva_client.api import EXIT_INPUT, EXIT_UNAVAILABLE, check_url
-from biva_serving.net import free_port
+from serving_helpers import free_port
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -17,6 +17,7 @@ import biva_serving.net as net
 import biva_serving.process as process
 from biva_serving.binary import ADDRESS_FLAGS, build_argv, find_system_tritonserver
 from biva_serving.process import start_server
+from serving_helpers import wait_ready
 
 MODEL = "double"
 
@@ -313,7 +314,7 @@ def test_start_server_retries_when_a_port_is_taken(
     try:
         with start_server(write_double_model(model_repo), log_path=tmp_path / "log.txt") as handle:
             assert len(calls) == 2 and handle.http_port != taken
-            process.wait_ready(handle.http_url, timeout=5)
+            wait_ready(handle.http_url, timeout=5)
     finally:
         busy.close()
 
@@ -336,7 +337,7 @@ def test_console_script_serves_from_another_directory(model_repo: Path, tmp_path
     )
     handle = process.ServerHandle(proc, http, grpc, metrics, tmp_path / "log.txt", log)
     try:
-        process.wait_ready(handle.http_url, timeout=120)
+        wait_ready(handle.http_url, timeout=120)
         assert listening_addresses(http) == {"127.0.0.1"}
     finally:
         code = handle.stop()

@@ -14,7 +14,7 @@ from biva_core.config import preset
 from biva_core.noise import NoiseStream
 from biva_core.objectives import evaluate_bounds
 from biva_core.train import TrainConfig, train
-from biva_serving.net import free_port
+from serving_helpers import free_port
 
 torch.set_num_threads(1)
 
