@@ -1,7 +1,8 @@
-"""Issue 30: one replica as a kubelet and a load balancer see it (SIGKILL and restarts of replicas behind a balancer:
-tests/test_deploy_local.py). SIGTERM drains (not ready at once, in-flight requests answered 200, new ones refused with a status a
-balancer retries, exit within the drain deadline); health and readiness answer within a small bound while large
-bodies arrive and while scoring saturates the machine. Real `tritonserver` processes on loopback."""
+"""Issue 30: one replica as a kubelet and a load balancer see it (SIGKILL and restarts of replicas behind a
+balancer: tests/test_deploy_local.py). SIGTERM drains (not ready at once, in-flight requests answered 200, new ones
+refused with a status a balancer retries, exit within the drain deadline); health and readiness answer within a
+small bound while large bodies arrive and while scoring saturates the machine; the autoscaling counters rise.
+Real `tritonserver` processes on loopback."""
 from __future__ import annotations
 
 import http.client
