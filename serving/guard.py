@@ -51,7 +51,7 @@ from biva_core.contract import CANCEL_DIR_ENV, SHUTDOWN_MARK, read_meta
 from .front import Front, FrontConfig
 from .grpc_front import GrpcFront
 from .net import LOOPBACK, free_ports, take_flag
-from .supervisor import Supervisor, become_subreaper, list_stubs, reap_children
+from .supervisor import Settings, Supervisor, become_subreaper, list_stubs, reap_children
 
 SECRET_HEADER = "biva-admin-key"
 DRAIN_S = 20.0  # SIGTERM: how long in-flight requests may finish (--exit-timeout-secs overrides)
@@ -287,8 +287,9 @@ def serve(binary: Path, args: Sequence[str], env: dict[str, str]) -> int:
             return 1
         secret = fronts.http.cfg.secret_header.decode().split(":", 1)[1].strip()
         sup = Supervisor(proc.pid, f"http://{LOOPBACK}:{fronts.http.cfg.upstream_port}", (SECRET_HEADER, secret),
-                         reload=can_reload, cancel_dir=str(cancel_dir), log=_say,
-                         memory_slack_mb=float(os.environ.get(MEMORY_SLACK_ENV, Supervisor.memory_slack_mb)))
+                         Settings(reload=can_reload, cancel_dir=str(cancel_dir),
+                                  memory_slack_mb=float(os.environ.get(MEMORY_SLACK_ENV, Settings.memory_slack_mb))),
+                         log=_say)
         fronts.watch(sup.not_ready)
         _say(f"biva front: {fronts.describe()}; Triton's whole log: {full_log}")
         try:
