@@ -381,8 +381,6 @@ class Front:
             if not client.reader.at_eof():
                 await client.answer(_error(502, "the server closed the connection"), True)
             return True
-        if answer.status == 500 and b"is not healthy" in answer.body:
-            self.not_ready(None)  # the supervisor looks at the stubs now, not at its next poll
         return await client.answer(_relay(answer), close)
 
     async def _checked(self, request: _Request, model: str, token: str | None) -> bytes:
