@@ -798,6 +798,13 @@ class ServingConfig:
     graph_queue: int = 256  # requests waiting per graph model (front models' slices and direct callers)
 
 
+def package_threads(sc: ServingConfig, cores: int) -> int:
+    """The package threads each graph instance of this layout runs on a machine of `cores` usable cores, as the graph
+    model works them out at load: aoti_threads, else the ONNX Runtime threads, else the cores shared out between the
+    instances. Below AOTI_MIN_THREADS the instance serves ONNX Runtime alone (served_runtime)."""
+    return sc.aoti_threads or sc.threads or max(1, cores // max(1, sc.instances))
+
+
 # ---- runtimes -----------------------------------------------------------------------------------
 
 ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",

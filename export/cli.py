@@ -37,8 +37,9 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
                    "onnxruntime: native onnxruntime_onnx configs on KIND_GPU with TensorRT, for NVIDIA's container.")
 @click.option("--runtime", type=click.Choice(["aoti", "onnxruntime"]), default=None,
               help="What runs the graphs in the python backend. aoti [default with --backend python]: AOTInductor "
-                   "packages compiled from the same graphs, from 8 rows a call, ONNX Runtime below (the fastest route "
-                   "measured; the export compiles for a minute or two, or reuses its cache). onnxruntime [default "
+                   "packages compiled from the same graphs, from 8 rows a call on instances of 2 or more threads, "
+                   "ONNX Runtime for the rest (the fastest route measured; the packages are compiled only where the "
+                   "layout runs them, see --target-threads: a minute or two, or their cache). onnxruntime [default "
                    "with --backend onnxruntime]: ONNX Runtime alone (export in seconds).")
 @click.option("--slice-packages/--no-slice-packages", default=True, show_default=True,
               help="With --runtime aoti: also a package per graph for exactly 32 images, which full 32-image slices "
@@ -66,6 +67,13 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
 @click.option("--front-instances", default=2, show_default=True, help="Instances per front (API) model.")
 @click.option("--threads", default=0, show_default=True,
               help="ONNX Runtime intra-op threads per python-backend graph instance (0: the cores / --instances).")
+@click.option("--target-threads", default=0, show_default=True, type=click.IntRange(0),
+              help="Threads per graph instance on the machine the repository will serve on (0: this machine's "
+                   "layout, its cores / --instances, or --threads). The AOTInductor packages are compiled and "
+                   "validated only when that is 2 or more: instances of fewer threads serve ONNX Runtime at every "
+                   "size (the default layout on 2 cores). For bigger machines, the cores per pod / "
+                   "--instances: 4 for 8-core pods with 2 instances; the Kubernetes deployment's 2-CPU pods need "
+                   "none.")
 @click.option("--spinning/--no-spinning", default=False, show_default=True,
               help="Idle ONNX Runtime intra-op threads of the graph models busy-wait for work (ONNX Runtime's "
                    "default; it burns cores other processes could use, and served no faster here) or sleep.")
@@ -83,8 +91,8 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
 @click.option("--verbose", is_flag=True, help="Show the ONNX exporter's own output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(ckpt, out, backend, runtime, slice_packages, opset, exporter, elu, max_batch_size, instances, queue_delay_us,
-         preferred, front_instances, threads, spinning, detector, validate, atol_scale, publish_url, force, verbose,
-         debug):
+         preferred, front_instances, threads, target_threads, spinning, detector, validate, atol_scale, publish_url,
+         force, verbose, debug):
     """Export a BIVA checkpoint to ONNX, validate it, and write the Triton model repository."""
     from biva_core.checkpoint import CheckpointError
 
@@ -95,6 +103,7 @@ def main(ckpt, out, backend, runtime, slice_packages, opset, exporter, elu, max_
                             (ServingConfig.preferred if backend == "python" else ()), queue_delay_us=queue_delay_us)
     cfg = ExportConfig(opset=opset, exporter=exporter, elu=elu, validate=validate, atol_scale=atol_scale, force=force,
                        quiet=not verbose, serving=serving, slice_packages=slice_packages,
+                       target_threads=target_threads,
                        detector=None if detector.lower() == "none" else ("auto" if detector == "auto" else Path(detector)))
     from biva_core.storage import StorageError, parse_url
 

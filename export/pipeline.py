@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import tempfile
@@ -19,8 +20,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from biva_core.contract import (AOTI_SLICE_ROWS, DEFAULT_ESTIMATOR, DETECT, DETECTOR_FILE, PACKAGE_FILE, REPORT,
-                                SLICE_PACKAGE_FILE, Caps, ModelMeta, ServingConfig, served_ranges)
+from biva_core.contract import (AOTI_MIN_ROWS, AOTI_MIN_THREADS, AOTI_SLICE_ROWS, DEFAULT_ESTIMATOR, DETECT,
+                                DETECTOR_FILE, PACKAGE_FILE, REPORT, SLICE_PACKAGE_FILE, Caps, ModelMeta,
+                                ServingConfig, package_threads, served_ranges)
 
 from biva_core.checkpoint import binarization, sha256_file
 
@@ -48,6 +50,42 @@ class ExportConfig:
     # with the aoti runtime, also a package per graph for exactly AOTI_SLICE_ROWS images (models of small weights:
     # aoti.wants_slice_package), which full slices run on
     slice_packages: bool = True
+    # package threads per graph instance on the machine the repository will serve on (0: the layout on this machine,
+    # its usable cores / the instances, or the serving config's fixed threads). The aoti runtime's packages are
+    # compiled only when that is AOTI_MIN_THREADS or more: instances of fewer threads serve ONNX Runtime at every size
+    target_threads: int = 0
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: what a graph instance served here shares out (graph_model.py)."""
+    return len(os.sched_getaffinity(0))
+
+
+def package_plan(cfg: ExportConfig, cores: int | None = None) -> tuple[bool, int, str]:
+    """Whether the export compiles the aoti runtime's packages, the package threads per instance it plans for, and
+    why, in one line (the export's log and report). Raises ExportError when --target-threads contradicts the
+    threads the serving config fixes on every machine."""
+    sc = cfg.serving
+    fixed = sc.aoti_threads or sc.threads
+    if sc.runtime != "aoti":
+        return False, 0, f"none: --runtime {sc.runtime} serves ONNX Runtime alone"
+    if fixed and cfg.target_threads and cfg.target_threads != fixed:
+        raise ExportError(f"--target-threads {cfg.target_threads} contradicts the {fixed} threads per graph instance "
+                          "the serving config fixes on every machine (--threads); drop one of them")
+    if fixed:
+        threads, where = fixed, "fixed by the serving config: --threads"
+    elif cfg.target_threads:
+        threads, where = cfg.target_threads, "--target-threads"
+    else:
+        cores = cores or usable_cores()
+        threads, where = package_threads(sc, cores), f"{cores} cores / {sc.instances} instances here"
+    if threads < AOTI_MIN_THREADS:
+        return False, threads, (f"none: instances run {threads} package thread{'s' * (threads != 1)} ({where}), "
+                                f"fewer than the {AOTI_MIN_THREADS} the packages need, so ONNX Runtime serves every "
+                                f"size; for instances of {AOTI_MIN_THREADS} or more threads: biva-export "
+                                "--target-threads N")
+    return True, threads, (f"compiled for instances of {threads} package threads ({where}): the packages serve from "
+                           f"{AOTI_MIN_ROWS} rows")
 
 
 def elu_form(cfg: ExportConfig) -> str:
@@ -117,8 +155,8 @@ def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig
             if builds.slice_batch is not None:
                 files[name][SLICE_PACKAGE_FILE], entry["slice_package"] = _package(spec, model, builds, cfg, log, out,
                                                                                    builds.slice_batch)
-        entry["serves"] = served_ranges(cfg.serving.runtime, cfg.serving.max_batch,
-                                        builds is not None and builds.slice_batch is not None)
+        entry["serves"] = served_ranges(cfg.serving.runtime if builds is not None else "onnxruntime",
+                                        cfg.serving.max_batch, builds is not None and builds.slice_batch is not None)
         entries[name] = entry
     return files, entries
 
@@ -187,9 +225,10 @@ def fit_to_memory(cfg: ExportConfig, latent_dim: int, noise_dim: int, image_shap
                    caps=replace(cfg.caps, max_images=min(cfg.caps.max_images, images)))
 
 
-def _package_builds(ckpt: Path, model, graphs: list[str], tmp: Path, cfg: ExportConfig, log):
-    """The aoti runtime's packages, started now in worker processes (None for the onnxruntime runtime)."""
-    if cfg.serving.runtime != "aoti":
+def _package_builds(ckpt: Path, model, graphs: list[str], tmp: Path, cfg: ExportConfig, log, build: bool):
+    """The aoti runtime's packages, started now in worker processes (None for the onnxruntime runtime, or where the
+    layout serves no package: `build` False, package_plan)."""
+    if not build:
         return None
     from .aoti import PackageBuilds, wants_slice_package
 
@@ -247,6 +286,7 @@ def run_export(ckpt: Path, out: Path, cfg: ExportConfig = ExportConfig(), log: C
                           f"got --backend {cfg.serving.backend}")
     if written_by_others(out, REPORT) and not cfg.force:
         raise ExportError(f"{out} exists and was not written by biva-export; pass --force to replace it")
+    build, threads, why = package_plan(cfg)
     model, data_meta = load_model(ckpt)
     fitted = fit_to_memory(cfg, model.latent_dim, model.noise_dim, model.cfg.image_shape)
     if fitted != cfg:
@@ -256,11 +296,15 @@ def run_export(ckpt: Path, out: Path, cfg: ExportConfig = ExportConfig(), log: C
     plain = inference_copy(model)
     specs = graph_specs(plain)
     report = _report_head(ckpt, cfg, source)
+    if cfg.serving.backend == "python":
+        report["packages"] = {"built": build, "threads_per_instance": threads, "target_threads": cfg.target_threads,
+                              "why": why}
+        log(f"AOTInductor packages: {why}")
     meta = model_meta(model, data_meta, cfg, sha256_file(ckpt))
     det_path = detector_file(ckpt, cfg, source)
     detector = load_detector(det_path, meta) if det_path else None
     with tempfile.TemporaryDirectory(prefix="biva-onnx-") as tmp:
-        builds = _package_builds(ckpt, model, list(specs), Path(tmp), cfg, log)
+        builds = _package_builds(ckpt, model, list(specs), Path(tmp), cfg, log, build)
         try:
             graph_files, report["graphs"] = _export_and_validate(model, plain, specs, Path(tmp), cfg, log, out, builds)
         finally:

@@ -96,14 +96,17 @@ def test_the_packages_loops_take_their_thread_count_at_run_time(aoti_repo):
 
 @pytest.mark.slow
 def test_a_second_export_takes_the_packages_from_the_cache_and_validates_them(aoti_repo, tiny_ckpt, tmp_path):
-    """Same checkpoint, same machine: no compiling (seconds, not minutes), the same validated packages."""
+    """Same checkpoint, same machine: no compiling (seconds, not minutes), the same validated packages. Built for a
+    bigger target (target_threads, biva-export --target-threads) whatever this machine's layout."""
     import time
 
     t = time.monotonic()
-    report = run_export(tiny_ckpt, tmp_path / "again", ExportConfig(serving=ServingConfig(runtime="aoti", max_batch=64,
-                                                                                          threads=1)),
+    report = run_export(tiny_ckpt, tmp_path / "again", ExportConfig(serving=ServingConfig(runtime="aoti", max_batch=64),
+                                                                    target_threads=2),
                         log=lambda *_: None)
     took = time.monotonic() - t
+    assert report["packages"]["built"] and report["packages"]["threads_per_instance"] == 2
+    assert "--target-threads" in report["packages"]["why"]
     for name, entry in report["graphs"].items():
         assert entry["package"]["cached"] and entry["package"]["ok"], name
         assert entry["slice_package"]["cached"] and entry["slice_package"]["ok"], name
@@ -114,15 +117,15 @@ def test_a_second_export_takes_the_packages_from_the_cache_and_validates_them(ao
 
 @pytest.mark.slow
 def test_no_slice_packages_exports_the_general_package_alone(aoti_repo, tiny_ckpt, tmp_path):
-    """biva-export --no-slice-packages: each graph's package for every batch size (from the cache) and no slice
-    package; the report says every full slice runs on model.pt2."""
+    """biva-export --target-threads 2 --no-slice-packages: each graph's package for every batch size (from the cache)
+    and no slice package; the report says every full slice runs on model.pt2."""
     from click.testing import CliRunner
 
     from biva_export.cli import main
 
     out = tmp_path / "no_slices"
     res = CliRunner().invoke(main, ["--ckpt", str(tiny_ckpt), "--out", str(out), "--max-batch-size", "64",
-                                    "--threads", "1", "--no-slice-packages"])
+                                    "--target-threads", "2", "--no-slice-packages"])
     assert res.exit_code == 0, res.output
     report = json.loads((out / REPORT).read_text())
     for name, entry in report["graphs"].items():
@@ -130,6 +133,174 @@ def test_no_slice_packages_exports_the_general_package_alone(aoti_repo, tiny_ckp
         assert (out / name / "1" / PACKAGE_FILE).is_file() and not (out / name / "1" / SLICE_PACKAGE_FILE).exists()
         assert entry["serves"] == served_ranges("aoti", 64, slice_package=False)
         assert "full_slices" not in entry["serves"][2]
+
+
+@pytest.fixture(scope="module")
+def bare_repo(tiny_ckpt, tmp_path_factory):
+    """The default export on the project's 2-core machine (two one-thread graph instances): no package compiled
+    (aoti.PackageBuilds is not even started); the repository and the export's log lines."""
+    from biva_export import aoti, pipeline
+
+    def no_builds(*_a, **_k):
+        raise AssertionError("the default layout on 2 cores compiles no package")
+
+    out, lines = tmp_path_factory.mktemp("bare") / "triton_models", []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "usable_cores", lambda: 2)
+        mp.setattr(aoti, "PackageBuilds", no_builds)
+        run_export(tiny_ckpt, out, ExportConfig(serving=ServingConfig(max_batch=64)), log=lines.append)
+    return out, lines
+
+
+def test_the_default_layout_on_two_cores_exports_no_package_and_says_why(bare_repo):
+    """Two one-thread instances serve ONNX Runtime at every size, so the export compiles nothing for them (seconds,
+    not minutes) and its log and report say why in one line; the configs keep the aoti route for bigger instances."""
+    repo, lines = bare_repo
+    report = json.loads((repo / REPORT).read_text())
+    assert report["serving"]["runtime"] == "aoti"
+    packages = report["packages"]
+    assert packages == {"built": False, "threads_per_instance": 1, "target_threads": 0, "why": packages["why"]}
+    why = packages["why"]
+    assert why.startswith("none: instances run 1 package thread (2 cores / 2 instances here), fewer than the 2") and \
+        "--target-threads" in why and "\n" not in why
+    assert [line for line in lines if "AOTInductor" in line] == [f"AOTInductor packages: {why}"]
+    for name in ("biva_graph_sampler", "biva_graph_encoder", "biva_graph_scorer"):
+        entry = report["graphs"][name]
+        assert "package" not in entry and "slice_package" not in entry
+        assert entry["serves"] == served_ranges("onnxruntime", 64, slice_package=False)
+        assert not list((repo / name / "1").glob("*.pt2"))
+        cfg = parse_config((repo / name / "config.pbtxt").read_text())
+        assert cfg.parameters["runtime"].string_value == "aoti" and "aoti_isa" not in cfg.parameters
+
+
+def test_package_plan_follows_the_layout_the_target_runs() -> None:
+    """Packages are compiled where the served layout runs them (2 or more package threads per instance: more cores,
+    --threads, --target-threads), not for one-thread instances nor --runtime onnxruntime; a target that contradicts
+    the threads the config fixes is refused."""
+    from biva_export.pipeline import package_plan
+
+    plan = lambda cores=2, target=0, **sc: package_plan(ExportConfig(serving=ServingConfig(**sc),  # noqa: E731
+                                                                     target_threads=target), cores)[:2]
+    assert plan() == (False, 1) and plan(cores=3) == (False, 1)
+    assert plan(cores=8) == (True, 4) and plan(cores=8, instances=4) == (True, 2)
+    assert plan(threads=2) == (True, 2) and plan(threads=1, aoti_threads=2) == (True, 2)
+    assert plan(target=4) == (True, 4) and plan(target=1, cores=16) == (False, 1)
+    assert plan(threads=4, target=4) == (True, 4)
+    assert plan(runtime="onnxruntime", target=4) == (False, 0)
+    with pytest.raises(ExportError, match="--target-threads 4 contradicts the 1 threads"):
+        plan(threads=1, target=4)
+
+
+def test_target_threads_against_threads_fails_in_one_line_before_exporting(tiny_ckpt, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from biva_export.cli import main
+
+    res = CliRunner().invoke(main, ["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "r"), "--threads", "1",
+                                    "--target-threads", "4"])
+    assert res.exit_code == 1 and res.output.startswith("Error: --target-threads 4 contradicts") and \
+        res.output.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+class _FakeLogger:
+    lines: list = []
+
+    @staticmethod
+    def log_warn(msg):
+        _FakeLogger.lines.append(msg)
+
+
+def _load_graph_model(repo, name: str, monkeypatch, threads: str):
+    """The repository's graph model.py in this process, behind a stand-in for triton_python_backend_utils, with its
+    config's thread parameter edited to `threads`; returns (module, config as Triton passes it)."""
+    import importlib.util
+    import sys
+    import types
+
+    from google.protobuf import json_format
+
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.Logger = _FakeLogger
+    pb.triton_string_to_numpy = lambda t: {"TYPE_FP32": np.float32, "TYPE_INT64": np.int64}[t]
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    spec = importlib.util.spec_from_file_location(f"served_{name}", repo / name / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = json_format.MessageToDict(parse_config((repo / name / "config.pbtxt").read_text()),
+                                       preserving_proto_field_name=True)
+    config["parameters"]["intra_op_threads"]["string_value"] = threads
+    return module, config
+
+
+def test_a_repository_without_packages_served_on_more_threads_says_so_once_and_serves_onnx_runtime(
+        bare_repo, tiny_ckpt, monkeypatch) -> None:
+    """The config's thread parameter edited to 2 (or a bigger machine's share of its cores): the graph model's first
+    instance says in one line that the repository has no package and serves ONNX Runtime, at every size, with
+    PyTorch's numbers; its other instances load quietly. Left at one thread, nothing is said."""
+    from biva_export.graphs import graph_specs, inference_copy
+    from biva_export.onnx_export import compare_with_torch
+
+    repo, _ = bare_repo
+    name = "biva_graph_scorer"
+    model, _ = load_model(tiny_ckpt)
+    plain = inference_copy(model)
+    for threads, first_says in (("2", True), ("1", False)):
+        module, config = _load_graph_model(repo, name, monkeypatch, threads)
+        _FakeLogger.lines.clear()
+        instances = []
+        for i in range(2):
+            inst = module.TritonPythonModel()
+            inst.initialize({"model_config": json.dumps(config), "model_repository": str(repo / name),
+                             "model_version": "1", "model_instance_kind": "CPU",
+                             "model_instance_name": f"{name}_0_{i}"})
+            instances.append(inst)
+        if first_says:
+            assert len(_FakeLogger.lines) == 1, _FakeLogger.lines
+            line = _FakeLogger.lines[0]
+            assert line.startswith(f"{name}: instances of 2 threads would run the AOTInductor package") and \
+                "has none" in line and "serving ONNX Runtime" in line and "--target-threads 2" in line
+            assert "\n" not in line
+        else:
+            assert _FakeLogger.lines == []
+        for inst in instances:
+            assert inst.runtime == "onnxruntime"
+            rep = compare_with_torch(graph_specs(plain)[name], plain, inst.run, batches=(1, 8, 33))
+            assert rep.ok, rep.summary()
+
+
+@pytest.mark.server
+def test_a_served_repository_without_packages_on_two_threads_says_so_once_per_graph_and_serves(bare_repo, tiny_ckpt,
+                                                                                               tmp_path):
+    """tritonserver on the package-less repository with each graph's thread parameter edited to 2: one line per graph
+    model in the server's log, and biva_sample serves PyTorch's images."""
+    import re
+    import shutil
+
+    from biva_serving.process import start_server
+
+    repo = tmp_path / "repo"
+    shutil.copytree(bare_repo[0], repo)
+    for name in ("biva_graph_sampler", "biva_graph_encoder", "biva_graph_scorer"):
+        cfg = repo / name / "config.pbtxt"
+        text = cfg.read_text()
+        edited = text.replace('key: "intra_op_threads" value: { string_value: "0" }',
+                              'key: "intra_op_threads" value: { string_value: "2" }')
+        assert edited != text
+        cfg.write_text(edited)
+    handle = start_server(repo, log_path=tmp_path / "server.log")
+    try:
+        images, = infer(handle, "grpc", "biva_sample", {"n": i64(16), "seed": i64(5)}, ["images"])
+    finally:
+        handle.stop()
+    model, _ = load_model(tiny_ckpt)
+    with torch.no_grad():
+        want = model.sample(NoiseStream(5).take((16, model.latent_dim))).x_mean.numpy()
+    assert np.abs(images - want).max() <= IMAGE_TOL
+    said = [line for line in (tmp_path / "server.log").read_text().splitlines()
+            if "would run the AOTInductor package" in line]
+    assert sorted(re.search(r"(biva_graph_\w+): instances of 2 threads", line)[1] for line in said) == \
+        ["biva_graph_encoder", "biva_graph_sampler", "biva_graph_scorer"], said
 
 
 def test_a_package_for_another_processor_is_refused_in_one_line(tmp_path) -> None:
@@ -257,11 +428,11 @@ def test_bench_runs_the_packages_in_process(aoti_repo, tiny_ckpt, tiny_repo, tmp
 
 @pytest.mark.slow
 def test_route_bench_times_every_runtime_alternately(aoti_repo, tiny_ckpt):
-    """python -m biva_bench.route: each graph's runtimes on the same 33 images (one full slice and a rest), with
+    """python -m studies.route: each graph's runtimes on the same 33 images (one full slice and a rest), with
     their ratios to torch.compile; an ONNX-only repository is refused in one line."""
     import click
 
-    from biva_bench.route import route_rates
+    from studies.route import route_rates
 
     res = route_rates(tiny_ckpt, aoti_repo, rows=33, reps=2, threads=1, turn=2)
     for graph in ("biva_graph_sampler", "biva_graph_encoder", "biva_graph_scorer"):

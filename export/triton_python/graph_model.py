@@ -1,7 +1,9 @@
 """Triton python-backend model serving one exported graph: the ONNX graph in ONNX Runtime, or (config
 parameter runtime "aoti", on an instance of AOTI_MIN_THREADS package threads or more) from AOTI_MIN_ROWS rows the
 AOTInductor package compiled from the same graph, with torch, in slices of AOTI_SLICE_ROWS (full slices on the
-package compiled for that batch, where exported).
+package compiled for that batch, where exported). A repository exported without packages (biva-export compiles
+them only for instances of AOTI_MIN_THREADS threads or more) and served on more threads per instance says so in
+one line at load and serves ONNX Runtime.
 
 biva-export writes this file into the model repository with biva_core/contract.py beside it; it depends only on
 numpy, onnxruntime (and torch for "aoti") and Triton's triton_python_backend_utils. The
@@ -12,19 +14,30 @@ error, never a 200. Input and output names come from the model's config.pbtxt (g
 """
 import json
 import os
+import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from biva_core.contract import (AOTI_MIN_ROWS, AOTI_THREADS_PARAMETER, ARENA_KEEP_ROWS, CANCEL_DIR_ENV, META_PARAMETER,
-                                ONNX_FILE_PARAMETER, PACKAGE_FILE, PACKAGE_ISA_PARAMETER, RUNTIME_PARAMETER,
-                                SLICE_PACKAGE_FILE, SPINNING_PARAMETER, THREADS_PARAMETER, InFlight, ModelMeta,
-                                OrtOptions, RequestError, aoti_runner, call_rows, check_graph_inputs,
-                                check_package_isa, ort_session, ort_shrinking_run, run_in_slices, served_runtime)
+from biva_core.contract import (AOTI_MIN_ROWS, AOTI_MIN_THREADS, AOTI_THREADS_PARAMETER, ARENA_KEEP_ROWS,
+                                CANCEL_DIR_ENV, META_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_FILE,
+                                PACKAGE_ISA_PARAMETER, RUNTIME_PARAMETER, SLICE_PACKAGE_FILE, SPINNING_PARAMETER,
+                                THREADS_PARAMETER, InFlight, ModelMeta, OrtOptions, RequestError, aoti_runner,
+                                call_rows, check_graph_inputs, check_package_isa, ort_session, ort_shrinking_run,
+                                run_in_slices, served_runtime)
 
 
 def _param(config, key, default):
     return config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+
+def _warn(msg):
+    """One line into Triton's log (the python backend's Logger), or onto stderr where there is none."""
+    logger = getattr(pb_utils, "Logger", None)
+    if logger is not None:
+        logger.log_warn(msg)
+    else:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _error(msg, invalid):
@@ -56,8 +69,18 @@ class TritonPythonModel:
         self.ort = lambda feeds: session.run(self.outputs, feeds, shrink if call_rows(feeds) > ARENA_KEEP_ROWS else None)
         self.run = self.ort
         aoti_threads = int(_param(config, AOTI_THREADS_PARAMETER, "0")) or threads
-        if self.runtime == "aoti":
+        packaged = os.path.isfile(os.path.join(here, PACKAGE_FILE))
+        if self.runtime == "aoti" and packaged:
             check_package_isa(self.name, json.loads(_param(config, PACKAGE_ISA_PARAMETER, "{}")))
+        elif self.runtime == "aoti":  # biva-export compiled no package: ONNX Runtime at every size
+            # exported for instances of fewer threads, served on more: say so once per model (its first instance)
+            if served_runtime(self.runtime, AOTI_MIN_ROWS, aoti_threads) == "aoti" and \
+                    args.get("model_instance_name", "_0").endswith("_0"):
+                _warn(f"{self.name}: instances of {aoti_threads} threads would run the AOTInductor package from "
+                      f"{AOTI_MIN_ROWS} rows, but the repository has none (exported for instances of fewer than "
+                      f"{AOTI_MIN_THREADS} threads); serving ONNX Runtime at every size (export with biva-export "
+                      f"--target-threads {aoti_threads} for the packages)")
+            self.runtime = "onnxruntime"
         if served_runtime(self.runtime, AOTI_MIN_ROWS, aoti_threads) == "aoti":
             # the AOTInductor package of the same graph (export/aoti.py) from AOTI_MIN_ROWS rows; an instance of fewer
             # than AOTI_MIN_THREADS package threads runs ONNX Runtime alone and loads no package
