@@ -20,8 +20,8 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 import torch
 
-from biva_core.contract import (ENCODE, ENCODER, SAMPLE, SAMPLER, SCORE, SCORER, GraphSpec, ScoreRequest, T, call_rows,
-                                noise_rng, run_in_slices, run_score, served_runtime)
+from biva_core.contract import (DETECT, ENCODE, ENCODER, SAMPLE, SAMPLER, SCORE, SCORER, GraphSpec, ScoreRequest, T,
+                                call_rows, noise_rng, run_in_slices, run_score, served_runtime)
 
 from .loadgen import infer_inputs
 
@@ -38,15 +38,26 @@ class Case:
     rows_per_image: int  # scorer rows per image: 1, or the score request's cost (ScoreRequest.rows)
     triton_model: str  # model the Triton clients call: the graph model, or the biva_score front model
     score: ScoreRequest | None = None  # the biva_score request of a score case
+    # the case's own settings, which the bench loop reads instead of testing its name
+    batches: str = "batches"  # the BenchConfig field holding its images per request
+    measure: str = "measure"  # the BenchConfig field holding its measurement windows
+    alternated: bool = True  # served and torch.compile timed in turn too (not for calls of seconds)
+    encoder_rows_flops: bool = False  # FLOPs also counted as rows_per_image whole encoder passes (IW: the route before)
+    network_timeout_s: float = 60.0  # the blocking clients' timeout (the http client's default)
 
 
 def make_cases(iw: int, n_layers: int) -> dict[str, Case]:
     ks = tuple(range(1, n_layers)) or (1,)
-    scored = {"scorer_iw": ScoreRequest("sample", 1, iw, ()), "ood_mode": ScoreRequest("mode", 1, 1, ks, False),
-              **{f"ood_mean{s}": ScoreRequest("mean", s, 1, ks, False) for s in OOD_SAMPLES}}
+    ood = {"ood_mode": ScoreRequest("mode", 1, 1, ks, False),
+           **{f"ood_mean{s}": ScoreRequest("mean", s, 1, ks, False) for s in OOD_SAMPLES}}
+    iw_request = ScoreRequest("sample", 1, iw, ())
     return {"sampler": Case("sampler", SAMPLER, 1, SAMPLER), "encoder": Case("encoder", ENCODER, 1, ENCODER),
             "scorer_k1": Case("scorer_k1", SCORER, 1, SCORER),
-            **{n: Case(n, SCORER, r.rows(1), SCORE, r) for n, r in scored.items()}}
+            # K = 1000 calls take tens of seconds on 2 cores: windows of their own, no calls in turn
+            "scorer_iw": Case("scorer_iw", SCORER, iw_request.rows(1), SCORE, iw_request, batches="iw_batches",
+                              measure="iw_measure", alternated=False, encoder_rows_flops=True,
+                              network_timeout_s=900.0),
+            **{n: Case(n, SCORER, r.rows(1), SCORE, r, batches="ood_batches") for n, r in ood.items()}}
 
 
 # ---- in process: PyTorch eager, torch.compile and ONNX Runtime ------------------------------------
@@ -235,3 +246,40 @@ def sync_call(client, client_mod, model: str, bodies: list[list[Any]], outputs: 
 def async_call(client, model: str, bodies: list[list[Any]]) -> Callable[[int], Awaitable[Any]]:
     """tritonclient.grpc.aio infer, for closed-loop concurrent clients."""
     return lambda i: client.infer(model, bodies[i % len(bodies)])
+
+
+# ---- the API sweep: requests as users send them, through the fronts --------------------------------
+
+@dataclass(frozen=True)
+class ApiLoad:
+    """One request of the API sweep: `images` images in (biva_score, biva_detect) or out (biva_sample's n) per
+    request to the API model `model`; `case` is the in-process case whose work it is (its best in-process rate
+    of what the graph models run is this request's ceiling) and, for biva_score, whose ScoreRequest it sends."""
+
+    name: str
+    model: str
+    images: int
+    case: Case
+    outputs: tuple[str, ...]
+
+
+def api_loads(cases: dict[str, Case], score_images: tuple[int, ...], sample_n: tuple[int, ...],
+              detect: bool) -> list[ApiLoad]:
+    """biva_score with the OOD estimator (the ood_mode case's request: mode, every k of 1..L-1) on each of
+    `score_images` images, biva_sample with each n of `sample_n`, and biva_detect on one image where `detect`."""
+    ood, sampler = cases["ood_mode"], cases["sampler"]
+    score_out = (T.elbo, T.l_gt_k, T.kl)  # what biva-client ood score asks for
+    return ([ApiLoad(f"score_ood_b{b}", SCORE, b, ood, score_out) for b in score_images]
+            + [ApiLoad(f"sample_n{n}", SAMPLE, n, sampler, (T.images,)) for n in sample_n]
+            + ([ApiLoad("detect_b1", DETECT, 1, ood, (T.ood_score, T.ood_flag))] if detect else []))
+
+
+def api_load_feeds(load: ApiLoad, make_inputs: Callable[[int, int], dict[str, np.ndarray]],
+                   seed: int) -> list[dict[str, np.ndarray]]:
+    """POOL requests of `load`, as biva_client forms them (make_inputs(rows, seed)[images]: binary images)."""
+    if load.model == SCORE:
+        return request_feeds(load.case, make_inputs, load.images, seed)
+    if load.model == SAMPLE:
+        return api_feeds(load.case, make_inputs, load.images, seed)
+    return [{T.images: make_inputs(load.images, seed + j)[T.images], T.seed: np.array([seed + j], np.int64)}
+            for j in range(POOL)]

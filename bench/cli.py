@@ -1,8 +1,12 @@
-"""`biva-bench --ckpt model.pt`: PyTorch (eager and torch.compile) vs ONNX Runtime vs Triton (HTTP, gRPC), a
-concurrency sweep with and without dynamic batching, and the achieved fraction of the machine's fp32 GEMM rate.
+"""`biva-bench --ckpt model.pt`: PyTorch (eager and torch.compile) vs ONNX Runtime vs Triton (HTTP, gRPC), the API
+sweep (the API models' requests through the fronts, as users send them, at 1 to 64 clients over gRPC and HTTP), the
+graph sweep (batch-1 requests straight to a graph model, with and without dynamic batching), and the achieved
+fraction of the machine's fp32 GEMM rate.
 
     biva-bench --ckpt models/default28.pt                  full run (the README's figures)
     biva-bench --ckpt models/default28.pt --quick          tiny sizes, seconds (what the tests run)
+    biva-bench --ckpt models/ood28.pt --repo R --sweep api --cases sampler,ood_mode --backends ort,served
+                                                           the API sweep and the in-process ceilings it is held to
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ import click
 
 from biva_core.contract import AOTI_MIN_ROWS
 
-from .config import ALTERNATED, ALTERNATED_API, BACKENDS, CASES, EXTRA_BACKENDS, LOADS, ORT_LEVELS, PRESETS, SMALL_TURN
+from .config import (ALTERNATED, ALTERNATED_API, BACKENDS, CASES, EXTRA_BACKENDS, LOADS, ORT_LEVELS, PRESETS,
+                     SMALL_TURN, SWEEPS)
 from .triton import Variant, parse_layout
 
 
@@ -56,7 +61,14 @@ def _layouts(text: str | None) -> tuple[Variant, ...]:
 @click.option("--batches", default=None, help="Images per request, comma-separated [full: 1,8,64,256].")
 @click.option("--iw", type=int, default=None, help="Importance samples per image for scorer_iw [full: 1000].")
 @click.option("--iw-batches", default=None, help="Images per request for scorer_iw [full: 1,8].")
-@click.option("--concurrency", default=None, help="Clients in the sweep, comma-separated [full: 1,4,16,64].")
+@click.option("--concurrency", default=None, help="Clients in the sweeps, comma-separated [full: 1,4,16,64].")
+@click.option("--sweep", "sweeps", default=None,
+              help=f"Concurrency sweeps, some of {','.join(SWEEPS)} [both]: api, the API models through the fronts "
+                   "(tritonserver as users start it); graph, batch-1 requests straight to the graph model "
+                   "(--biva-direct).")
+@click.option("--api-protocols", default=None, help="API sweep: protocols, some of grpc,http [both].")
+@click.option("--api-client-procs", type=click.IntRange(0), default=None,
+              help="API sweep: client processes, the clients spread over them as coroutines (0: one per client) [2].")
 @click.option("--backends", default=None, help=f"Subset of {','.join(BACKENDS)} (the default), and "
               f"{','.join(EXTRA_BACKENDS)}.")
 @click.option("--cases", default=None, help=f"Subset of {','.join(CASES)}.")
@@ -96,7 +108,8 @@ def _layouts(text: str | None) -> tuple[Variant, ...]:
 @click.option("--alternated-turn", type=click.IntRange(1), default=1, show_default=True,
               help="Calls in a row per backend in each alternated round.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurrency, backends, cases, window_s,
+def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurrency, sweeps, api_protocols,
+         api_client_procs, backends, cases, window_s,
          max_windows, ort_level, ort_saved_graph, instances, instance_threads, ort_spinning, layouts, layout_rounds,
          load, client_procs, neighbour, queue_delay_us, preferred_batch, alternated_reps, alternated_turn, debug):
     """Benchmark the exported BIVA graphs: PyTorch eager and torch.compile, ONNX Runtime in process, Triton over
@@ -115,7 +128,9 @@ def main(ckpt, repo, out_dir, quick, threads, batches, iw, iw_batches, concurren
             measure = replace(measure, max_windows=max_windows)
         overrides = {"batches": _ints(batches), "iw": iw, "iw_batches": _ints(iw_batches),
                      "concurrency": _ints(concurrency), "backends": _names(backends, BACKENDS + EXTRA_BACKENDS),
-                     "cases": _names(cases, CASES), "threads": threads, "alternated_reps": alternated_reps}
+                     "cases": _names(cases, CASES), "threads": threads, "alternated_reps": alternated_reps,
+                     "sweeps": _names(sweeps, SWEEPS), "api_protocols": _names(api_protocols, ("grpc", "http")),
+                     "api_client_procs": api_client_procs}
         spinning = None if ort_spinning is None else ort_spinning == "on"
         cfg = replace(cfg, measure=measure, ort_level=ort_level, ort_saved_graph=ort_saved_graph, load=load,
                       client_procs=client_procs,

@@ -25,6 +25,8 @@ SMALL_TURN = 8  # below AOTI_MIN_ROWS, each turn is at least this many calls in 
 CASES = ("sampler", "encoder", "scorer_k1", "scorer_iw", "ood_mode", "ood_mean1", "ood_mean4", "ood_mean16")
 ORT_LEVELS = tuple(_ORT_LEVELS)
 LOADS = ("processes", "async")
+SWEEPS = ("api", "graph")  # api: the API models through the fronts, as users send requests (tritonserver as users
+#                            start it); graph: batch-1 requests straight to the graph model (--biva-direct, no fronts)
 
 
 def default_threads() -> int:
@@ -38,7 +40,7 @@ class BenchConfig:
     iw: int  # importance samples per image of the scorer_iw case (the paper's K = 1000)
     iw_batches: tuple[int, ...]  # images per request for scorer_iw (K x B graph rows each)
     ood_batches: tuple[int, ...]  # images per request of the OOD cases (ood_mode, ood_mean<S>)
-    concurrency: tuple[int, ...]  # closed-loop clients in the sweep, each sending batch-1 requests
+    concurrency: tuple[int, ...]  # closed-loop clients in the sweeps (graph: batch-1 requests; api: each request)
     sweep_case: str  # the case whose graph model the sweep calls directly
     measure: MeasureConfig  # windows for every cell but scorer_iw
     iw_measure: MeasureConfig  # windows for scorer_iw, whose calls take seconds
@@ -59,6 +61,12 @@ class BenchConfig:
     neighbour: bool = False  # sweeps (processes load): a 1-thread GEMM loop runs beside the server, its rate reported
     alternated_reps: int = 21  # ALTERNATED, when both run: rounds of calls in turn per case and batch (0: none)
     alternated_turn: int = 1  # calls in a row per backend in each round
+    sweeps: tuple[str, ...] = SWEEPS  # the concurrency sweeps run (SWEEPS)
+    api_score_images: tuple[int, ...] = (1, 16)  # API sweep: images per biva_score request (the OOD estimator)
+    api_sample_n: tuple[int, ...] = (1, 64)  # API sweep: n per biva_sample request
+    api_protocols: tuple[str, ...] = ("grpc", "http")  # API sweep: each request over each of these
+    api_client_procs: int = 2  # API sweep: client processes, the clients spread over them as coroutines (0: one
+    #                            per client); one per core keeps the clients' CPU bounded beside the server
     seed: int = 20240601
 
     def __post_init__(self) -> None:
@@ -83,6 +91,12 @@ class BenchConfig:
         if self.alternated_reps < 0 or self.alternated_turn < 1:
             raise ValueError(f"alternated_reps must be >= 0 and alternated_turn >= 1, got {self.alternated_reps} and "
                              f"{self.alternated_turn}")
+        bad = set(self.sweeps) - set(SWEEPS)
+        if bad:
+            raise ValueError(f"unknown sweeps {sorted(bad)}; expected some of {list(SWEEPS)}")
+        bad = set(self.api_protocols) - {"grpc", "http"}
+        if bad or not self.api_protocols:
+            raise ValueError(f"api_protocols must be some of grpc, http, got {list(self.api_protocols)}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 

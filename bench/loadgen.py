@@ -2,21 +2,23 @@
 
 The bench's first sweep ran every client as a coroutine of the bench process itself: one interpreter,
 on one core at a time, beside the server. Here the clients run in their own processes (spawned, each
-with its own tritonclient.grpc.aio client and channel): one process per client by default, as
-perf_analyzer's concurrency mode gives each client its own thread, or fewer processes with several
-coroutine clients each (`procs`). Each client sends its next batch-1 request when the previous answer
-arrives.
+with its own tritonclient aio client per protocol: one gRPC channel, or one HTTP connection pool): one
+process per client by default, as perf_analyzer's concurrency mode gives each client its own thread, or
+fewer processes with several coroutine clients each (`procs`). Each client sends its next request when the
+previous answer arrives; a busy answer (the fronts' queue is full) is sent again after the wait it asks for, as
+biva_client does. A load holds one or more targets (model, request bodies, gRPC or HTTP), and each level sends
+to one of them, so a sweep over several API requests and both protocols starts its processes once.
 
     controller (this process)                    client process w (spawned)
-    start the processes  --------------------->  connect, one untimed call, "ready"
-    ("run", start time, clients)  ------------>  at the start time, its clients call back to back;
+    start the processes  --------------------->  connect, one untimed call per target, "ready"
+    ("run", start, clients, target)  --------->  at the start time, its clients call the target back to back;
                                                  every FLUSH_S it sends (completion time, latency,
     windows by the controller's clock, server    client) records and "seen up to" the flush time
     snapshot at every boundary; a window is
     counted once every process has reported
     past its end
     ("stop")  -------------------------------->  finish the calls in flight, "stopped" with its CPU
-                                                 seconds and calls over the level
+                                                 seconds, calls and busy answers over the level
 
 Completion times and windows share one clock: time.perf_counter is CLOCK_MONOTONIC on Linux, the same in
 every process. The processes live for a whole sweep: a level runs its first N clients, so a sweep to 64
@@ -27,6 +29,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -54,54 +57,121 @@ def infer_inputs(client_mod, feeds: dict[str, np.ndarray]) -> list[Any]:
     return body
 
 
-def _worker(wid: int, url: str, model: str, bodies: list[dict[str, np.ndarray]], procs: int, commands,
-            results) -> None:
+@dataclass(frozen=True)
+class Target:
+    """What a load's clients send: POOL-style request inputs (rotated) to `model` at `url` over `protocol`
+    ("grpc" or "http"), asking for `outputs` (binary over HTTP; empty: every output)."""
+
+    url: str
+    model: str
+    bodies: list[dict[str, np.ndarray]]
+    protocol: str = "grpc"
+    outputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+
+
+PROTOCOLS = ("grpc", "http")
+
+
+def busy_wait(exc: BaseException) -> float | None:
+    """The seconds a user's client waits before sending again after `exc` (a busy answer: HTTP 429, a full
+    queue, the fronts' "busy:" refusals, as biva_client.api classifies them), or None for any other error."""
+    from tritonclient.utils import InferenceServerException
+
+    from biva_client.api import _busy, _retry_after
+
+    if not isinstance(exc, InferenceServerException):
+        return None
+    msg = (exc.message() or str(exc)).splitlines()[0] if (exc.message() or str(exc)) else ""
+    return _retry_after(msg) if _busy(str(exc.status() or ""), msg) else None
+
+
+def _worker(wid: int, targets: list[Target], procs: int, commands, results) -> None:
     """Client process `wid` of `procs`: clients wid, wid + procs, ... as coroutines sharing one
-    tritonclient.grpc.aio client (one channel)."""
+    tritonclient aio client (one gRPC channel, or one HTTP connection pool) per protocol."""
     import asyncio
 
     try:
-        asyncio.run(_worker_main(wid, url, model, bodies, procs, commands, results))
+        asyncio.run(_worker_main(wid, targets, procs, commands, results))
     except Exception as exc:  # reported to the controller, which raises it
         results.put(("error", wid, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
 
 
-async def _worker_main(wid: int, url: str, model: str, bodies: list[dict[str, np.ndarray]], procs: int, commands,
-                       results) -> None:
+class _Sender:
+    """One target's calls from one process: its request bodies and outputs built once for its protocol."""
+
+    def __init__(self, client, mod, target: Target):
+        self.client, self.model = client, target.model
+        self.inputs = [infer_inputs(mod, feeds) for feeds in target.bodies]
+        http = target.protocol == "http"
+        self.outputs = [mod.InferRequestedOutput(o, binary_data=True) if http else mod.InferRequestedOutput(o)
+                        for o in target.outputs] or None
+
+    async def __call__(self, i: int) -> None:
+        await self.client.infer(self.model, self.inputs[i % len(self.inputs)], outputs=self.outputs)
+
+
+async def _worker_main(wid: int, targets: list[Target], procs: int, commands, results) -> None:
     import asyncio
 
-    import tritonclient.grpc.aio as aioclient
+    import tritonclient.grpc.aio as grpc_aio
+    import tritonclient.http.aio as http_aio
 
-    client = aioclient.InferenceServerClient(url)
+    mods = {"grpc": grpc_aio, "http": http_aio}
+    clients: dict[tuple[str, str], Any] = {}
     try:
-        inputs = [infer_inputs(aioclient, feeds) for feeds in bodies]
-        await client.infer(model, inputs[0])  # connected and answered once before any timing
+        senders = []
+        for t in targets:
+            if (t.protocol, t.url) not in clients:
+                clients[t.protocol, t.url] = mods[t.protocol].InferenceServerClient(t.url)
+            senders.append(_Sender(clients[t.protocol, t.url], mods[t.protocol], t))
+        for send in senders:  # connected and answered once before any timing (a busy answer counts too)
+            try:
+                await send(0)
+            except Exception as exc:
+                if busy_wait(exc) is None:
+                    raise
         results.put(("ready", wid, None))
         loop = asyncio.get_running_loop()
         while True:
             cmd = await loop.run_in_executor(None, commands.recv)
             if cmd[0] != "run":
                 break
-            _, start, clients = cmd
-            await _run(client, model, inputs, [wid + procs * j for j in range(clients)], start, commands, results, wid)
+            _, start, clients_n, target = cmd
+            await _run(senders[target], [wid + procs * j for j in range(clients_n)], start, commands, results, wid)
     finally:
-        await client.close()
+        for c in clients.values():
+            await c.close()
 
 
-async def _run(client, model: str, inputs: list, ids: list[int], start: float, commands, results, wid: int) -> None:
-    """Clients `ids` call back to back from `start` until "stop" arrives; records go out every FLUSH_S."""
+async def _run(send: _Sender, ids: list[int], start: float, commands, results, wid: int) -> None:
+    """Clients `ids` call back to back from `start` until "stop" arrives; records go out every FLUSH_S. A busy
+    answer is retried after the wait it asks for, as biva_client does: the record's latency is the user's, from
+    the first try to the answer, and the refusals are counted."""
     import asyncio
 
     await asyncio.sleep(max(0.0, start - time.perf_counter()))
     records: list[tuple[float, float, int]] = []  # (completion time, latency, client)
     stop = asyncio.Event()
-    cpu, calls = time.process_time(), [0]
+    cpu, calls, refused = time.process_time(), [0], [0]
 
     async def one(cid: int) -> None:
         i = cid
         while not stop.is_set():
             s = time.perf_counter()
-            await client.infer(model, inputs[i % len(inputs)])
+            while True:
+                try:
+                    await send(i)
+                    break
+                except Exception as exc:
+                    wait = busy_wait(exc)
+                    if wait is None:
+                        raise
+                    refused[0] += 1
+                    await asyncio.sleep(wait)
             e = time.perf_counter()
             records.append((e, e - s, cid))
             i += 1
@@ -119,22 +189,22 @@ async def _run(client, model: str, inputs: list, ids: list[int], start: float, c
     commands.recv()  # the "stop"
     stop.set()
     await asyncio.gather(*tasks)
-    # this process's CPU seconds (all its threads) over the level, and its calls
-    results.put(("stopped", wid, (float("inf"), records, time.process_time() - cpu, calls[0])))
+    # this process's CPU seconds (all its threads) over the level, its calls and the busy answers they met
+    results.put(("stopped", wid, (float("inf"), records, time.process_time() - cpu, calls[0], refused[0])))
 
 
 class ProcessLoad:
-    """`clients` closed-loop clients in `procs` processes (0: one process per client) against `model` at
-    `url`, alive for one sweep (a context manager)."""
+    """`clients` closed-loop clients in `procs` processes (0: one process per client), alive for one sweep (a
+    context manager); each level sends to one of `targets` (models, request bodies, protocols)."""
 
-    def __init__(self, url: str, model: str, bodies: list[dict[str, np.ndarray]], clients: int, procs: int = 0):
+    def __init__(self, targets: list[Target], clients: int, procs: int = 0):
         ctx = mp.get_context("spawn")  # not fork: the bench process holds torch's and gRPC's threads
-        self.clients, procs = clients, min(procs or clients, clients)
+        self.targets, self.clients, procs = list(targets), clients, min(procs or clients, clients)
         self.results = ctx.Queue()
         self.commands, self.procs = [], []
         for w in range(procs):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(w, url, model, bodies, procs, child, self.results), daemon=True,
+            p = ctx.Process(target=_worker, args=(w, self.targets, procs, child, self.results), daemon=True,
                             name=f"biva-bench-client-{w}")
             p.start()
             self.commands.append(parent)
@@ -183,24 +253,28 @@ class ProcessLoad:
         return kind, wid, payload
 
     def measure(self, concurrency: int, images_per_call: int, cfg: MeasureConfig,
-                boundary: Callable[[], Any] | None = None) -> tuple[Any, list[Any]]:
-        """The first `concurrency` clients, closed-loop: warm-up, windows until 3 agree within cfg.stability
-        or cfg.max_windows, as measure_sync / measure_async; returns (Measurement, snapshots at every window
-        boundary)."""
+                boundary: Callable[[], Any] | None = None, target: int = 0) -> tuple[Any, list[Any]]:
+        """The first `concurrency` clients, closed-loop, sending to targets[target]: warm-up, windows until 3
+        agree within cfg.stability or cfg.max_windows, as measure_sync / measure_async; returns (Measurement,
+        snapshots at every window boundary)."""
         if not 1 <= concurrency <= self.clients:
             raise ValueError(f"concurrency {concurrency}: this load has {self.clients} clients")
+        if not 0 <= target < len(self.targets):
+            raise ValueError(f"target {target}: this load has {len(self.targets)} targets")
         procs = len(self.procs)
         active = {w: len(range(w, concurrency, procs)) for w in range(min(procs, concurrency))}
         start = time.perf_counter() + START_DELAY_S
         for w, clients in active.items():
-            self.commands[w].send(("run", start, clients))
+            self.commands[w].send(("run", start, clients, target))
         run = _Collector(self, list(active), concurrency)
         m, snaps = run.windows(start, images_per_call, cfg, boundary)  # on an error, close() ends the workers
         for w in active:
             self.commands[w].send(("stop",))
         run.until_stopped()
-        m.load = {**m.load, "client_processes": len(active),
-                  "client_cpu_us_per_call": run.cpu_s / run.level_calls * 1e6 if run.level_calls else None}
+        m.load = {**m.load, "client_processes": len(active), "protocol": self.targets[target].protocol,
+                  "client_cpu_us_per_call": run.cpu_s / run.level_calls * 1e6 if run.level_calls else None,
+                  "busy_answers": run.refused,  # over the whole level, each retried after its Retry-After
+                  "busy_per_call": run.refused / run.level_calls if run.level_calls else None}
         return m, snaps
 
 
@@ -211,13 +285,14 @@ class _Collector:
         self.load, self.n = load, clients
         self.records: list[tuple[float, float, int]] = []  # (completion time, latency, client)
         self.seen = {w: float("-inf") for w in procs}
-        self.cpu_s, self.level_calls = 0.0, 0
+        self.cpu_s, self.level_calls, self.refused = 0.0, 0, 0
 
     def _take(self, timeout: float) -> None:
         kind, wid, (seen, recs, *usage) = self.load._get(timeout)
-        if usage:  # the process stopped: CPU seconds and calls over the whole level
+        if usage:  # the process stopped: CPU seconds, calls and busy answers over the whole level
             self.cpu_s += usage[0]
             self.level_calls += usage[1]
+            self.refused += usage[2]
         self.records += recs
         self.seen[wid] = seen
 

@@ -25,6 +25,7 @@ GRPC_OVER_SERVED = (64, 0.85)  # Triton gRPC against the same route in process (
 DYNAMIC_BATCHING = (16, 1, 4.0)  # clients, against clients, target
 CEILING_FRACTION = 0.90  # 16 clients' images/s >= 90% of the ceiling (best in-process rate, CEILING_BACKENDS)
 CEILING_BACKENDS = ("ort", "served")  # what the graph models run: ONNX Runtime, or the served route when measured
+API_CLIENTS = 16  # the API sweep's level whose images/s are held against the ceiling (CEILING_FRACTION)
 PEAK_FRACTION = ("scorer_k1", 64, 0.40)
 IW_PEAK_FRACTION = ("scorer_iw", 1, 0.70)  # the IW likelihood (K = 1000), batch 1, >= 70% of the GEMM rate
 
@@ -107,9 +108,7 @@ def _batching_ratios(result: dict[str, Any]) -> dict[str, Any]:
     out = {"dynamic_batching_scaling": _ratio(sweep.get(str(hi), {}).get("images_per_s"), one, t,
                                               f"{hi} clients / {lo} client throughput, dynamic batching on")}
     # Batching can at best reach the best in-process rate over the batches measured: the scaling's ceiling.
-    measured = result["graphs"].get(conc.get("case", ""), {}).get("results", {})
-    best = max((m["images_per_s"] for b in CEILING_BACKENDS for m in measured.get(b, {}).values()
-                if "images_per_s" in m), default=None)
+    best = ceiling(result, conc.get("case", ""))
     out["dynamic_batching_scaling"]["ceiling"] = best / one if best and one else None
     out["dynamic_batching_of_ceiling"] = _ratio(
         sweep.get(str(hi), {}).get("images_per_s"), best, CEILING_FRACTION,
@@ -127,6 +126,29 @@ def _batching_ratios(result: dict[str, Any]) -> dict[str, Any]:
                  "of_ceiling": _ratio(run["sweep"].get(str(hi), {}).get("images_per_s"), best, CEILING_FRACTION,
                                       f"{hi} clients / the ceiling, layout {layout}")}
         for layout, run in conc.get("layouts", {}).items()}
+    return out
+
+
+def ceiling(result: dict[str, Any], case: str) -> float | None:
+    """The best in-process images/s of `case` on what the graph models run (CEILING_BACKENDS), over its batches."""
+    measured = result["graphs"].get(case, {}).get("results", {})
+    return max((m["images_per_s"] for b in CEILING_BACKENDS for m in measured.get(b, {}).values()
+                if "images_per_s" in m), default=None)
+
+
+def _api_ratios(result: dict[str, Any]) -> dict[str, dict]:
+    """Each API request's images/s at API_CLIENTS clients over its ceiling (the best in-process rate of its case),
+    per protocol."""
+    sweep = result.get("api_sweep", {})
+    out = {}
+    for name, load in sweep.get("loads", {}).items():
+        best = ceiling(result, load["ceiling_case"])
+        out[name] = {proto: {**_ratio(load.get(proto, {}).get(str(API_CLIENTS), {}).get("images_per_s"), best,
+                                      CEILING_FRACTION,
+                                      f"{load['model']}, {load['images_per_request']} image(s) per request, "
+                                      f"{API_CLIENTS} {proto} clients through the fronts / the ceiling "
+                                      f"({load['ceiling_case']} in process)"), "ceiling": best}
+                     for proto in sweep["protocols"]}
     return out
 
 
@@ -151,6 +173,7 @@ def compute_ratios(result: dict[str, Any]) -> dict[str, Any]:
               "triton_grpc_over_ort", "served_over_compile", "triton_grpc_over_served", "triton_grpc_api_over_served")
     ratios: dict[str, Any] = {g: {case: per_case[case][g] for case in graph_cases} for g in groups}
     ratios.update(_batching_ratios(result))
+    ratios["api_of_ceiling"] = _api_ratios(result)
     ratios["scorer_peak_fraction"] = _scorer_peak_fraction(result)
     ratios["iw_peak_fraction"] = _iw_peak_fraction(result)
     return ratios
@@ -226,16 +249,55 @@ def markdown(result: dict[str, Any]) -> str:
         if entry.get("compile_s"):
             lines += ["", compile_summary(entry["compile_s"])]
         lines.append("")
-    lines += _concurrency_lines(result.get("concurrency")) + _limit_and_target_lines(result)
+    lines += _api_lines(result) + _concurrency_lines(result.get("concurrency")) + _limit_and_target_lines(result)
     if result.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
 
 
+def _api_lines(result: dict[str, Any]) -> list[str]:
+    """The API sweep: each request through the fronts, per protocol and clients, with Triton's view of it."""
+    sweep = result.get("api_sweep")
+    if not sweep:
+        return []
+    lines = [f"## API sweep: requests through the fronts ({sweep['server']})", "",
+             "Closed-loop clients in "
+             f"{sweep['client_processes'] or 'one process each'} client processes; a busy answer is sent again "
+             "after its Retry-After, as biva_client does (latency from the first try; busy = busy answers per "
+             "request). Triton's statistics per request over the reported windows: the API model's queue and "
+             "compute (its whole execution, the graph calls included), the graph model's queue, compute and the "
+             "mean rows per execution (inference_count / execution_count). Ceiling: the best in-process rate of "
+             "the request's case on what the graph models run.", "",
+             "| request | protocol | clients | images/s | of ceiling | p50 ms | p90 ms | p99 ms | busy | API queue us "
+             "| API compute us | graph queue us | graph compute us | graph calls / request | graph mean batch |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, load in sweep["loads"].items():
+        best = ceiling(result, load["ceiling_case"])
+        api, graph = load["model"], load["graphs"][-1]
+        for proto in sweep["protocols"]:
+            for n, m in load.get(proto, {}).items():
+                s, g, lat = m["server"].get(api, {}), m["server"].get(graph, {}), m["latency_ms"]
+                per = g.get("requests", 0) / s["requests"] if s.get("requests") else None
+                of = m["images_per_s"] / best if best else None
+                lines.append(
+                    f"| {name} | {proto} | {n} | {m['images_per_s']:.1f}{'' if m['stable'] else '*'} | "
+                    f"{_fmt(of, '.2f')} | {lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | "
+                    f"{_fmt((m.get('load') or {}).get('busy_per_call'), '.2f')} | "
+                    f"{_fmt(s.get('queue_us'), '.0f')} | {_fmt(s.get('compute_infer_us'), '.0f')} | "
+                    f"{_fmt(g.get('queue_us'), '.0f')} | {_fmt(g.get('compute_infer_us'), '.0f')} | "
+                    f"{_fmt(per, '.1f')} | {_fmt(g.get('mean_batch_rows'), '.1f')} |")
+    ceilings = {load["ceiling_case"]: ceiling(result, load["ceiling_case"]) for load in sweep["loads"].values()}
+    lines += ["", "Ceilings: " + ", ".join(f"{c} {_fmt(v)} images/s" for c, v in ceilings.items()) + "."]
+    if sweep.get("note"):
+        lines += ["", sweep["note"] + "."]
+    return lines + [""]
+
+
 def _concurrency_lines(conc: dict | None) -> list[str]:
     if not conc:
         return []
-    lines = [f"## Concurrency sweep: {conc['model']} over gRPC, batch-1 requests", "",
+    lines = [f"## Concurrency sweep: {conc['model']} over gRPC, batch-1 requests, direct to the graph model "
+             "(--biva-direct, no fronts)", "",
              "| clients | dynamic batching | images/s | p50 ms | p90 ms | p99 ms | queue us | compute us | "
              "mean batch |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     sweeps = [(conc.get("dynamic_batching", {}), "on"), (conc.get("no_dynamic_batching", {}), "off")]
@@ -275,6 +337,9 @@ def _limit_and_target_lines(result: dict[str, Any]) -> list[str]:
         x = r[key]
         why = f" ({x['why_above_1']})" if x.get("why_above_1") else ""
         lines.append(f"| {x['what']}{why} | {_fmt(x['value'], '.2f')} | {x['target']} | {_met(x)} |")
+    for per in r.get("api_of_ceiling", {}).values():
+        for x in per.values():
+            lines.append(f"| {x['what']} | {_fmt(x['value'], '.2f')} | {x['target']} | {_met(x)} |")
     for per in r.get("dynamic_batching_layouts", {}).values():
         for x in per.values():
             lines.append(f"| {x['what']} | {_fmt(x['value'], '.2f')} | {x['target']} | {_met(x)} |")
@@ -326,7 +391,8 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_xlabel("images per request")
         ax.set_ylabel("images/s")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if axes[0][0].get_legend_handles_labels()[0]:  # nothing in process measured (an API sweep alone): no legend
+        axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     paths.append(out_dir / "throughput_vs_batch.png")
     fig.savefig(paths[-1], dpi=110)

@@ -27,12 +27,13 @@ from typing import Any, Callable
 import torch
 
 from biva_core.checkpoint import sha256_file
-from biva_core.contract import (AOTI_MIN_ROWS, ENCODE, ENCODER, IW_CALL_ROWS, KS, PACKAGE_FILE, REPORT, SAMPLE, SAMPLES,
-                                SLICE_PACKAGE_FILE, OrtOptions, T, ort_session, read_meta, score_plan)
+from biva_core.contract import (AOTI_MIN_ROWS, DETECT, ENCODE, ENCODER, FRONT_GRAPHS, IW_CALL_ROWS, KS, PACKAGE_FILE,
+                                REPORT, SAMPLE, SAMPLES, SCORER, SLICE_PACKAGE_FILE, OrtOptions, T, ort_session,
+                                read_meta, score_plan)
 
 from .backends import (POOL, AotiRunner, Case, CompiledRunner, OrtRunner, ServedRunner, TorchRunner,
-                       alternated_medians, api_case, api_feeds, async_call, inprocess_call, make_cases, request_feeds,
-                       sync_call, triton_inputs)
+                       alternated_medians, api_case, api_feeds, api_load_feeds, api_loads, async_call, inprocess_call,
+                       make_cases, request_feeds, sync_call, triton_inputs)
 from .config import ALTERNATED, ALTERNATED_API, SMALL_TURN, BenchConfig
 from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
 from .loadgen import infer_inputs
@@ -109,11 +110,11 @@ def _graph_files(repo: Path, specs: dict) -> dict[str, Path]:
 
 
 def _batches(cfg: BenchConfig, case: Case) -> tuple[int, ...]:
-    return cfg.iw_batches if case.name == "scorer_iw" else (cfg.ood_batches if case.score else cfg.batches)
+    return getattr(cfg, case.batches)
 
 
 def _mcfg(cfg: BenchConfig, case: Case) -> MeasureConfig:
-    return cfg.iw_measure if case.name == "scorer_iw" else cfg.measure
+    return getattr(cfg, case.measure)
 
 
 def _line(case: str, backend: str, batch: int, m: dict) -> str:
@@ -136,7 +137,7 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
     graphs, graph_max = _graph_files(repo, specs), read_meta(repo).graph_max_batch
     load_s: dict[str, float] = {}
     served_calls: dict[tuple[str, int], Callable] = {}
-    compiled: dict[str, CompiledRunner] = {}  # one per graph: scorer_iw reuses the scorer's
+    compiled: dict[str, CompiledRunner] = {}  # one per graph: the score cases reuse the scorer's
     for name, case in cases.items():
         spec = specs[case.graph]
         make = lambda rows, seed, samples=1, ks=1, spec=spec: example_inputs(  # noqa: E731
@@ -172,7 +173,7 @@ def bench_inprocess(cfg: BenchConfig, cases: dict[str, Case], repo: Path, plain,
             m, _ = measure_sync(call, b, _mcfg(cfg, case))
             results[name]["results"].setdefault(backend, {})[str(b)] = m.to_dict()
             log(_line(name, backend, b, m.to_dict()))
-        if all(be in runners for be in ALTERNATED) and cfg.alternated_reps and case.name != "scorer_iw":
+        if all(be in runners for be in ALTERNATED) and cfg.alternated_reps and case.alternated:
             results[name]["alternated"] = {str(b): _alternated({be: calls[be, b] for be in ALTERNATED}, b, cfg, name,
                                                                log) for b in _batches(cfg, case)}
         if "served" in runners:
@@ -203,12 +204,14 @@ def _alternated(calls: dict[str, Callable[[int], Any]], b: int, cfg: BenchConfig
 
 
 @contextlib.contextmanager
-def _server(repo: Path, log_path: Path):
+def _server(repo: Path, log_path: Path, direct: bool = True):
+    """tritonserver on `repo`: with `direct`, Triton's own endpoints (--biva-direct, as the graph sweep and the
+    per-case cells were measured before the fronts existed; studies/front_latency.py measures the fronts), else
+    as users start it (the HTTP and gRPC fronts and the supervisor)."""
     from biva_serving.net import DIRECT_FLAG
     from biva_serving.process import start_server
 
-    # Triton's own endpoints, as measured before the HTTP front existed (bench/front_latency.py measures the front)
-    handle = start_server(repo, log_path=log_path, extra_args=[DIRECT_FLAG])
+    handle = start_server(repo, log_path=log_path, extra_args=[DIRECT_FLAG] if direct else [])
     try:
         yield handle
     finally:
@@ -232,8 +235,8 @@ def bench_triton_sync(cfg: BenchConfig, cases: dict[str, Case], server, repo: Pa
     version, plain, specs, log = "", run.plain, run.specs, run.log
     for backend, mod, url in protocols:
         api = backend == "triton_grpc_api"
-        # scorer_iw calls at K = 1000 take tens of seconds on 2 cores; the http client's default timeout is 60 s
-        client = mod.InferenceServerClient(url, network_timeout=900.0) if mod is httpclient \
+        timeout = max(c.network_timeout_s for c in cases.values())  # the slowest case's (Case.network_timeout_s)
+        client = mod.InferenceServerClient(url, network_timeout=timeout) if mod is httpclient \
             else mod.InferenceServerClient(url)
         try:
             version = version or _server_version(client)
@@ -335,14 +338,14 @@ def _sweep_processes(url: str, case: Case, feeds: list[dict], cfg: BenchConfig, 
     levels, mcfg, procs, neighbour = cfg.concurrency, cfg.measure, cfg.client_procs, cfg.neighbour
     import tritonclient.grpc as grpcclient
 
-    from .loadgen import Neighbour, ProcessLoad
+    from .loadgen import Neighbour, ProcessLoad, Target
 
     client = grpcclient.InferenceServerClient(url)  # the server's statistics only
     snap = lambda: stats_snapshot(client.get_inference_statistics(case.triton_model, as_json=True),  # noqa: E731
                                   case.triton_model)
     out = {}
     try:
-        with ProcessLoad(url, case.triton_model, feeds, max(levels), procs) as load, \
+        with ProcessLoad([Target(url, case.triton_model, feeds)], max(levels), procs) as load, \
                 (Neighbour() if neighbour else contextlib.nullcontext()) as nb:
             for n in levels:
                 alone = _neighbour_alone(nb, mcfg) if nb else None  # just before each level: load drifts
@@ -384,6 +387,66 @@ def bench_sweep(cfg: BenchConfig, case: Case, server, plain, specs, label: str, 
     return _sweep_processes(server.grpc_url, case, request_feeds(case, make, 1, cfg.seed + 7), cfg, log, label)
 
 
+def bench_api_sweep(cfg: BenchConfig, repo: Path, run: "_Servers") -> dict:
+    """The API sweep: closed-loop clients (loadgen.ProcessLoad, cfg.api_client_procs processes) send the API
+    models' requests (backends.api_loads) through the fronts of `tritonserver` as users start it, over each of
+    cfg.api_protocols, at each of cfg.concurrency clients; Triton's statistics (through the gRPC front) of the API
+    model and the graph models it calls over the reported windows."""
+    import tritonclient.grpc as grpcclient
+
+    from biva_export.onnx_export import example_inputs
+
+    from .loadgen import ProcessLoad, Target
+
+    log, levels = run.log, cfg.concurrency
+    detect = (repo / DETECT / "config.pbtxt").is_file()
+    loads = api_loads(make_cases(cfg.iw, read_meta(repo).n_layers), cfg.api_score_images, cfg.api_sample_n, detect)
+    spec = run.specs[SCORER]
+    make = lambda rows, seed: example_inputs(spec, run.plain, rows, seed)  # noqa: E731
+    out: dict[str, Any] = {"server": "tritonserver as users start it: the HTTP and gRPC fronts, the supervisor",
+                           "protocols": list(cfg.api_protocols), "levels": list(levels),
+                           "client_processes": cfg.api_client_procs, "loads": {}}
+    if not detect:
+        out["note"] = "the repository has no biva_detect (no CKPT.detector.json at export): not measured"
+    log("Triton as users start it (fronts on), API requests:")
+    with _server(repo, run.out_dir / "server_api.log", direct=False) as server:
+        urls = {"grpc": server.grpc_url, "http": server.http_url}
+        cells = [(load, proto) for load in loads for proto in cfg.api_protocols]
+        targets = [Target(urls[proto], load.model, api_load_feeds(load, make, cfg.seed + 11), proto, load.outputs)
+                   for load, proto in cells]
+        client = grpcclient.InferenceServerClient(server.grpc_url)  # the statistics, through the gRPC front
+        try:
+            out["tritonserver"] = _server_version(client)
+            with ProcessLoad(targets, max(levels), cfg.api_client_procs) as pl:
+                for i, (load, proto) in enumerate(cells):
+                    models = (load.model, *FRONT_GRAPHS[load.model])
+                    snap = lambda models=models: {  # noqa: E731
+                        m: stats_snapshot(client.get_inference_statistics(m, as_json=True), m) for m in models}
+                    entry = out["loads"].setdefault(load.name, {
+                        "model": load.model, "images_per_request": load.images, "ceiling_case": load.case.name,
+                        "graphs": list(FRONT_GRAPHS[load.model])})
+                    for n in levels:
+                        m, snaps = pl.measure(n, load.images, cfg.measure, snap, target=i)
+                        cell = m.to_dict()
+                        before, after = snaps[max(0, len(snaps) - 4)], snaps[-1]
+                        cell["server"] = {model: stats_delta(before[model], after[model]) for model in models}
+                        entry.setdefault(proto, {})[str(n)] = cell
+                        log(_api_line(load.name, proto, n, cell, models))
+        finally:
+            client.close()
+    return out
+
+
+def _api_line(name: str, proto: str, n: int, cell: dict, models: tuple[str, ...]) -> str:
+    front, graph = cell["server"].get(models[0], {}), cell["server"].get(models[-1], {})
+    lat = cell["latency_ms"]
+    return (f"  {name:12s} {proto:4s} c={n:<3d} {cell['images_per_s']:9.1f} img/s  p50 {lat['p50']:8.2f}  p99 "
+            f"{lat['p99']:8.2f} ms  busy/call {cell['load'].get('busy_per_call') or 0:.2f}  front queue "
+            f"{front.get('queue_us', 0):7.0f} compute {front.get('compute_infer_us', 0):7.0f} us  graph queue "
+            f"{graph.get('queue_us', 0):7.0f} compute {graph.get('compute_infer_us', 0):7.0f} us  batch "
+            f"{graph.get('mean_batch_rows', 0):.1f}{'' if cell['stable'] else '  (not stable)'}")
+
+
 def _graph_flops(graph: str, path: Path, plain, spec, samples: int, ks: int) -> dict[str, Any]:
     """FLOPs per image of one graph call with `samples` samples and `ks` values of k per image (where the graph
     has those axes), counted on the ONNX graph and on the PyTorch module."""
@@ -423,7 +486,7 @@ def _flops(cases: dict[str, Case], graphs: dict[str, Path], plain, specs, graph_
                      "onnx_count_complete": complete, "flops_per_row_torch": torch_total / c.rows_per_image,
                      "flops_per_image": onnx_total if complete else torch_total,
                      "source": "onnx" if complete else "torch"}
-        if c.name == "scorer_iw":
+        if c.encoder_rows_flops:
             enc = count(ENCODER)
             out[name]["flops_per_image_encoder_rows"] = c.rows_per_image * (
                 enc["onnx"]["total"] if enc["onnx"]["complete"] else enc["torch"])
@@ -447,9 +510,10 @@ def _describe(result: dict, cfg: BenchConfig, cases: dict[str, Case], graph_max:
                            "exporter pruned (the encoder's unused p(x|z) head), which the PyTorch count includes.")
     result["graphs"] = {n: {"graph": c.graph, "triton_model": c.triton_model, "rows_per_image": c.rows_per_image,
                             "batches": list(_batches(cfg, c)), "results": {}} for n, c in cases.items()}
-    if cases.get("scorer_iw") is not None:
+    for c in (c for c in cases.values() if c.encoder_rows_flops):
         result["notes"].append(
-            f"scorer_iw: K = {cfg.iw} importance samples per image, batches {list(cfg.iw_batches)}; in process "
+            f"{c.name}: K = {c.rows_per_image} importance samples per image, batches {list(_batches(cfg, c))}; in "
+            "process "
             f"the scorer graph runs them in the calls biva_score makes (at most {min(IW_CALL_ROWS, graph_max)} "
             "rows of images x samples each, the stages that see x alone once per image and call, the calls "
             "holding sample 0 with its L^{>k} pass for k = 0); Triton gets one biva_score request with iw = K. "
@@ -501,8 +565,12 @@ def run_bench(ckpt: Path, out_dir: Path, cfg: BenchConfig, repo: Path | None = N
         log("in process (no server running):")
         result["meta"]["ort_session_load_s"], served = bench_inprocess(cfg, cases, repo, plain, specs,
                                                                        result["graphs"], work, log)
-        if any(b.startswith("triton") for b in cfg.backends):
-            _bench_servers(cfg, cases, repo, _Servers(work, out_dir, plain, specs, log, served), result)
+        servers = _Servers(work, out_dir, plain, specs, log, served)
+        if any(b.startswith("triton") for b in cfg.backends) or "graph" in cfg.sweeps:
+            _bench_servers(cfg, cases, repo, servers, result)
+        if "api" in cfg.sweeps:
+            result["api_sweep"] = bench_api_sweep(cfg, repo, servers)
+            result["meta"]["system"]["versions"].setdefault("tritonserver", result["api_sweep"]["tritonserver"])
         gemm_end = gemm_rate(cfg.gemm_n, cfg.threads, cfg.gemm_reps)
     log(f"GEMM at the end: {gemm_end['gflops_per_s']:.1f} GFLOP/s")
     _finish(result, cfg, (gemm_start, gemm_end), out_dir, t_start)
@@ -511,6 +579,10 @@ def run_bench(ckpt: Path, out_dir: Path, cfg: BenchConfig, repo: Path | None = N
         if x["value"] is not None:
             why = f"; above 1: {x['why_above_1']}" if "why_above_1" in x else ""
             log(f"{x['what']}: {x['value']:.2f} (target {x['target']}){why}")
+    for name, per in result["ratios"].get("api_of_ceiling", {}).items():
+        for proto, x in per.items():
+            if x["value"] is not None:
+                log(f"{name} over {proto}: {x['what']}: {x['value']:.2f} (target {x['target']})")
     for layout, per in result["ratios"]["dynamic_batching_layouts"].items():
         scaling, of_ceiling = ("-" if per[k]["value"] is None else f"{per[k]['value']:.2f}"
                                for k in ("scaling", "of_ceiling"))  # no 1-client level: no scaling
@@ -528,6 +600,9 @@ def _unstable(result: dict) -> list[str]:
     sweeps |= {f"layouts/{k}": v["sweep"] for k, v in conc.get("layouts", {}).items()}
     for key, runs in sweeps.items():
         out += [f"concurrency/{key}/c{n}" for n, m in runs.items() if m.get("stable") is False]
+    for name, load in result.get("api_sweep", {}).get("loads", {}).items():
+        out += [f"api_sweep/{name}/{proto}/c{n}" for proto in result["api_sweep"]["protocols"]
+                for n, m in load.get(proto, {}).items() if m.get("stable") is False]
     return out
 
 
@@ -544,23 +619,29 @@ def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, run: _S
     on = write_variant(repo, work / "repo_dynamic", models, variant)
     result["meta"]["triton_variant"] = asdict(variant)
     result["meta"]["triton_configs"] = {m: (on / m / "config.pbtxt").read_text() for m in models}
-    result["concurrency"] = {"case": sweep_case.name, "model": sweep_case.triton_model, "protocol": "grpc",
-                             "request_batch": 1, "levels": list(cfg.concurrency)}
-    log("Triton, dynamic batching on:")
+    graph_sweep = "graph" in cfg.sweeps
+    if graph_sweep:
+        result["concurrency"] = {"case": sweep_case.name, "model": sweep_case.triton_model, "protocol": "grpc",
+                                 "request_batch": 1, "levels": list(cfg.concurrency),
+                                 "path": "direct to the graph model (tritonserver --biva-direct, no fronts)"}
+    log("Triton (--biva-direct), dynamic batching on:")
     with _server(on, out_dir / "server_dynamic.log") as server:
-        version = bench_triton_sync(cfg, cases, server, on, run, result["graphs"])
-        result["meta"]["system"]["versions"]["tritonserver"] = version
-        result["concurrency"]["dynamic_batching"] = bench_sweep(cfg, sweep_case, server, plain, specs,
-                                                                "dynamic batching on", log)
+        if any(b.startswith("triton") for b in cfg.backends):
+            version = bench_triton_sync(cfg, cases, server, on, run, result["graphs"])
+            result["meta"]["system"]["versions"]["tritonserver"] = version
+        if graph_sweep:
+            result["concurrency"]["dynamic_batching"] = bench_sweep(cfg, sweep_case, server, plain, specs,
+                                                                    "dynamic batching on", log)
+    if not graph_sweep:
+        return
     off = write_variant(repo, work / "repo_plain", [sweep_case.triton_model],
                         Variant(**{**asdict(variant), "dynamic_batching": False}))
-    log("Triton, dynamic batching off:")
+    log("Triton (--biva-direct), dynamic batching off:")
     with _server(off, out_dir / "server_plain.log") as server:
         result["concurrency"]["no_dynamic_batching"] = bench_sweep(cfg, sweep_case, server, plain, specs,
                                                                    "dynamic batching off", log)
     if cfg.layouts:
-        result["concurrency"]["layouts"] = _bench_layouts(cfg, sweep_case, repo, variant,
-                                                          run)
+        result["concurrency"]["layouts"] = _bench_layouts(cfg, sweep_case, repo, variant, run)
     load = (("one process per client" if not cfg.client_procs else f"at most {cfg.client_procs} processes, "
              "clients spread over them as coroutines") + " (tritonclient.grpc.aio)" if cfg.load == "processes"
             else "coroutines of the bench process (tritonclient.grpc.aio)")
@@ -568,10 +649,10 @@ def _bench_servers(cfg: BenchConfig, cases: dict[str, Case], repo: Path, run: _S
                            "the graph models run (ONNX Runtime with its default thread spinning, or the served "
                            "route when measured; one caller); the served graphs run "
                            f"with spinning {_spin_word(variant.spinning)} unless a layout says otherwise.")
-    result["notes"].append(f"Triton clients (python tritonclient) run on the same cores as the server; the "
-                           f"concurrency sweep's clients: {load}. The servers run with --biva-direct: Triton's "
-                           "own HTTP endpoint, without the HTTP front (python -m biva_bench.front_latency "
-                           "measures what the front adds).")
+    result["notes"].append(f"Triton clients (python tritonclient) run on the same cores as the server; the graph "
+                           f"sweep's clients: {load}. The per-case cells and the graph sweep run with "
+                           "--biva-direct: Triton's own endpoints, without the fronts (python -m "
+                           "studies.front_latency measures what the fronts add); the API sweep goes through them.")
 
 
 def _spin_word(spinning: bool | None) -> str:

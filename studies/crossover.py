@@ -1,6 +1,9 @@
-"""Where the AOTInductor package overtakes ONNX Runtime: the row threshold of the served route.
+"""Study: where the AOTInductor package overtakes ONNX Runtime per row count.
+Fed: contract.AOTI_MIN_ROWS = 8, docs/speed.md "The row threshold".
 
-    python -m biva_bench.crossover --ckpt models/ood28.pt --repo triton_models --json docs/crossover.json
+Where the AOTInductor package overtakes ONNX Runtime: the row threshold of the served route.
+
+    python -m studies.crossover --ckpt models/ood28.pt --repo triton_models --json docs/crossover.json
 
 For each graph and row count, the repository's ONNX graph (ONNX Runtime) and its AOTInductor package are called on
 the same inputs alternately, call by call, `--reps` times after a warm-up, with `--threads` intra-op threads each;
@@ -19,7 +22,7 @@ import torch
 
 from biva_core.contract import GRAPHS, PACKAGE_FILE, OrtOptions, aoti_runner, cpu_info, ort_session
 
-from .backends import alternated_medians
+from biva_bench.backends import alternated_medians
 from .route import packaged_repository
 
 

@@ -1,9 +1,12 @@
-"""What the fronts (serving/front.py for HTTP, serving/grpc_front.py for gRPC) add to a request: the same
+"""Study: what the HTTP and gRPC fronts add to a request.
+Fed: issue 32 (about 1 ms per small request, 2% on a 64-image score).
+
+What the fronts (serving/front.py for HTTP, serving/grpc_front.py for gRPC) add to a request: the same
 requests, one client per server and protocol, keep-alive, to a server started as the user starts it (fronts +
 supervisor) and to one started with --biva-direct (Triton's own endpoints), both up at once, the requests
 alternating between them.
 
-    python -m biva_bench.front_latency --repo triton_models
+    python -m studies.front_latency --repo triton_models
 """
 from __future__ import annotations
 
@@ -15,9 +18,9 @@ import numpy as np
 
 from biva_core.contract import SAMPLE, SCORE, T
 
-from .backends import sync_call
-from .loadgen import infer_inputs
-from .measure import time_calls
+from biva_bench.backends import sync_call
+from biva_bench.loadgen import infer_inputs
+from biva_bench.measure import time_calls
 
 
 def _requests(meta) -> dict[str, tuple[str, dict[str, np.ndarray], list[str]]]:

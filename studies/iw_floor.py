@@ -1,6 +1,9 @@
-"""Where an importance-weighted scorer call's time goes, against the GEMM limit (the 70% target for the IW likelihood).
+"""Study: where an IW scorer call's time goes against the GEMM limit.
+Fed: docs/speed_history.md, the 70% IW target (report.IW_PEAK_FRACTION).
 
-    python -m biva_bench.iw_floor --ckpt models/default28.pt --rows 32 --threads 2
+Where an importance-weighted scorer call's time goes, against the GEMM limit (the 70% target for the IW likelihood).
+
+    python -m studies.iw_floor --ckpt models/default28.pt --rows 32 --threads 2
 
 One scorer call as biva_score makes it for L_K (one image, `rows` importance samples, no L^{>k} pass), four
 figures in one process:
@@ -142,7 +145,7 @@ def scorer_call(ckpt: Path, rows: int, seed: int = 0) -> tuple[nn.Module, tuple[
 
 def floor_report(ckpt: Path, rows: int, threads: int, rounds: int) -> dict:
     """Every figure the CLI prints, as a dict (seconds per call, GFLOP, fractions of the GEMM limit)."""
-    from .flops import gemm_rate
+    from biva_bench.flops import gemm_rate
 
     torch.set_num_threads(threads)
     graph, inputs = scorer_call(ckpt, rows)

@@ -1,6 +1,9 @@
-"""Importance-weighted rows on the scorer vs the encoder graph: why biva_score runs samples 1..K-1 on the scorer.
+"""Study: importance-weighted rows on the scorer vs the encoder graph.
+Fed: biva_score's IW route (contract.iw_calls, IW_CALL_ROWS = 32).
 
-    python -m biva_bench.iw_rows --repo triton_models
+Importance-weighted rows on the scorer vs the encoder graph: why biva_score runs samples 1..K-1 on the scorer.
+
+    python -m studies.iw_rows --repo triton_models
 
 K importance samples of one random binary image, the same noise, in ONNX Runtime, three ways:
 

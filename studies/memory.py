@@ -1,7 +1,10 @@
-"""Memory of a served repository before, during and after a burst of large requests: the resident memory of the
+"""Study: the server's memory before, during and after a burst of large requests.
+Fed: docs/speed.md (memory), the supervisor's recycle slack.
+
+Memory of a served repository before, during and after a burst of large requests: the resident memory of the
 server's whole process tree (launcher, Triton, every python-backend stub), summed from /proc.
 
-    python -m biva_bench.memory --ckpt models/ood28.pt [--repo triton_models] [--rounds 3]
+    python -m studies.memory --ckpt models/ood28.pt [--repo triton_models] [--rounds 3]
 
 The burst: `--rounds` times, biva_sample with n = max_n, biva_encode and biva_score with max_images images
 (biva_score with iw as high as the request's row cap allows). "after" is read `--settle` seconds after the last

@@ -1,10 +1,13 @@
-"""The OOD study: candidate models trained for the same short budget, then scored.
+"""Study: OOD candidate models trained for one budget, then scored.
+Fed: docs/ood.md (the study, models/ood28.pt's recipe, the draw spread).
 
-    python -m biva_bench.ood_study train CANDIDATE --minutes 20 --threads 1    # one candidate, one core
-    python -m biva_bench.ood_study eval --runs runs/study --json study.json     # every candidate's snapshots
-    python -m biva_bench.ood_study progress --run-dir models/ood28_run --out docs/ood_progress.jsonl
-    python -m biva_bench.ood_study curves --progress docs/ood_progress.jsonl --png docs/ood_progress.png
-    python -m biva_bench.ood_study spread --ckpt models/ood28.pt --json docs/ood_spread.json
+The OOD study: candidate models trained for the same short budget, then scored.
+
+    python -m studies.ood_study train CANDIDATE --minutes 20 --threads 1    # one candidate, one core
+    python -m studies.ood_study eval --runs runs/study --json study.json     # every candidate's snapshots
+    python -m studies.ood_study progress --run-dir models/ood28_run --out docs/ood_progress.jsonl
+    python -m studies.ood_study curves --progress docs/ood_progress.jsonl --png docs/ood_progress.png
+    python -m studies.ood_study spread --ckpt models/ood28.pt --json docs/ood_spread.json
 
 Each candidate is a (model config, training config) pair derived from the shipped default28 recipe, so the
 table shows what each lever changes. Training uses Fashion-MNIST train only (validation: 5% held out);

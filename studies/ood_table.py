@@ -1,7 +1,10 @@
-"""The OOD table of the README, through the served path: every estimator x every score (every k), the fitted
+"""Study: the README's OOD table through the served path, every estimator and score.
+Fed: README.md's OOD table, docs/ood.md.
+
+The OOD table of the README, through the served path: every estimator x every score (every k), the fitted
 detector, against each OOD set, with the served seconds per image of each estimator.
 
-    python -m biva_bench.ood_table --ckpt models/ood28.pt --out docs/ood_estimators.json
+    python -m studies.ood_table --ckpt models/ood28.pt --out docs/ood_estimators.json
 
 Exports CKPT (with its fitted detector, CKPT.detector.json, where there is one) into a temporary repository, starts
 tritonserver, and scores `--limit` images of the in-distribution set and of each OOD set with biva-client's library

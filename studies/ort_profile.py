@@ -1,6 +1,9 @@
-"""Where ONNX Runtime spends a graph's time: its own profiler, summed per operator type.
+"""Study: ONNX Runtime's kernel time per operator type.
+Fed: docs/speed_history.md (the torch.compile gap), export/graph_passes.py's ELU form.
 
-    python -m biva_bench.ort_profile --ckpt models/default28.pt --repo triton_models --graph biva_graph_encoder --batch 64
+Where ONNX Runtime spends a graph's time: its own profiler, summed per operator type.
+
+    python -m studies.ort_profile --ckpt models/default28.pt --repo triton_models --graph biva_graph_encoder --batch 64
 
 Runs the served model.onnx in process (the optimisation level the server uses, `threads` intra-op threads)
 on the bench's inputs, a few times after one warm-up, and prints each operator type's share of the kernel

@@ -1,6 +1,9 @@
-"""The served route against torch.compile at one batch, every runtime called alternately: what the slice package buys.
+"""Study: the served route against torch.compile at one batch, runtimes alternated.
+Fed: docs/speed.md "Batch 64, measured alternately" (the slice package).
 
-    python -m biva_bench.route --ckpt models/ood28.pt --repo triton_models --rows 64 --json docs/route_amd.json
+The served route against torch.compile at one batch, every runtime called alternately: what the slice package buys.
+
+    python -m studies.route --ckpt models/ood28.pt --repo triton_models --rows 64 --json docs/route_amd.json
 
 For each graph, on the same inputs (the scorer with one draw and one k, as the bench's scorer_k1): torch.compile
 (static shapes, as biva-bench's compile backend), ONNX Runtime, the served route with the package for every batch
@@ -20,7 +23,7 @@ import torch
 
 from biva_core.contract import GRAPHS, PACKAGE_FILE, SLICE_PACKAGE_FILE, OrtOptions, cpu_info, ort_session
 
-from .backends import AotiRunner, CompiledRunner, OrtRunner, ServedRunner, alternated_medians
+from biva_bench.backends import AotiRunner, CompiledRunner, OrtRunner, ServedRunner, alternated_medians
 
 
 def route_rates(ckpt: Path, repo: Path, rows: int, reps: int, threads: int, turn: int = 1) -> dict:
@@ -53,7 +56,7 @@ def route_rates(ckpt: Path, repo: Path, rows: int, reps: int, threads: int, turn
 
 
 def packaged_repository(command):
-    """The --ckpt and --repo options of the alternated measurements (this one and biva_bench.crossover)."""
+    """The --ckpt and --repo options of the alternated measurements (this one and studies.crossover)."""
     command = click.option("--repo", type=click.Path(file_okay=False, exists=True, path_type=Path),
                            default=Path("triton_models"), show_default=True,
                            help="A repository exported with the AOTInductor packages (biva-export's default).")(command)

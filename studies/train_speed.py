@@ -1,8 +1,11 @@
-"""Training throughput on this CPU: how the shipped model's width and depth were chosen, and what each
+"""Study: training throughput per configuration and speed lever.
+Fed: docs/training.md, docs/ood.md (the shipped model's width and depth).
+
+Training throughput on this CPU: how the shipped model's width and depth were chosen, and what each
 speed lever buys for a study candidate.
 
-    python -m biva_bench.train_speed                       # images/s per default28-like configuration
-    python -m biva_bench.train_speed --levers hvae48       # eager vs compiled, channels-last, batch size, threads
+    python -m studies.train_speed                       # images/s per default28-like configuration
+    python -m studies.train_speed --levers hvae48       # eager vs compiled, channels-last, batch size, threads
 
 One Adamax step on a batch of random binary 28x28 images, warm-up steps first (compilation included there),
 then the median of the timed steps; `--levers` interleaves the levers step by step over rounds, so load on
@@ -117,7 +120,7 @@ def run_levers(cfg: BivaConfig, rounds: int = 10, warmup: int = 3) -> None:
 
 @click.command()
 @click.option("--levers", "candidate", default=None,
-              help="A candidate of the OOD study (python -m biva_bench.ood_study): measure the speed levers on it.")
+              help="A candidate of the OOD study (python -m studies.ood_study): measure the speed levers on it.")
 def main(candidate: str | None) -> None:
     """Training images/s per configuration, or per speed lever for one model."""
     if candidate:

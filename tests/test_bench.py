@@ -259,7 +259,7 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
     # needs packages (tests/test_aoti.py)
     backends = QUICK.backends + ("ort_elu_native",)
     cfg = replace(QUICK, threads=1, measure=replace(QUICK.measure, window_s=0.05, max_windows=3),
-                  backends=backends, load="processes", client_procs=2, neighbour=True,
+                  backends=backends, load="processes", client_procs=2, neighbour=True, sweeps=("graph",),
                   layouts=(Variant(instances=2, threads=1, spinning=False),), layout_rounds=2)
     out = tmp_path / "bench_out"
     lines = []
@@ -340,7 +340,104 @@ def test_quick_bench_writes_every_figure(tmp_path: Path, tiny_ckpt, tiny_repo) -
     f = on_disk["flops"]["scorer_iw"]
     assert 0 < f["flops_per_image"] < f["flops_per_image_encoder_rows"]  # the stages that see x alone: once per call
 
+    assert "api_sweep" not in on_disk and on_disk["ratios"]["api_of_ceiling"] == {}  # not asked for
+    assert "--biva-direct" in conc["path"]
+
     md = (out / "bench.md").read_text()
     assert "## Targets" in md and "## Concurrency sweep" in md and "## Importance-weighted likelihood" in md
+    assert "## API sweep" not in md and "direct to the graph model" in md
     for png in ("throughput_vs_batch.png", "latency_vs_concurrency.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_api_loads_are_the_requests_users_send() -> None:
+    """biva_score with the OOD estimator (the ood_mode case's request: mode, every k), biva_sample's n, biva_detect
+    where the repository has it; each load's feeds as biva_client forms them."""
+    import numpy as np
+
+    from biva_bench.backends import POOL, api_load_feeds, api_loads, make_cases
+    from biva_core.contract import DETECT, SAMPLE, SCORE, T
+
+    cases = make_cases(8, 4)
+    loads = api_loads(cases, (1, 16), (1, 64), detect=True)
+    assert [(x.name, x.model, x.images, x.case.name) for x in loads] == [
+        ("score_ood_b1", SCORE, 1, "ood_mode"), ("score_ood_b16", SCORE, 16, "ood_mode"),
+        ("sample_n1", SAMPLE, 1, "sampler"), ("sample_n64", SAMPLE, 64, "sampler"),
+        ("detect_b1", DETECT, 1, "ood_mode")]
+    assert "detect_b1" not in [x.name for x in api_loads(cases, (1,), (1,), detect=False)]
+    make = lambda rows, seed: {T.images: np.random.default_rng(seed).random((rows, 1, 28, 28), np.float32)}  # noqa
+    score = api_load_feeds(loads[1], make, 5)
+    assert len(score) == POOL and score[0][T.images].shape[0] == 16
+    assert score[0][T.estimator][0] == b"mode" and list(score[0][T.ks]) == [1, 2, 3]
+    assert len({int(f[T.seed][0]) for f in score}) == POOL  # distinct seeds: distinct noise
+    sample = api_load_feeds(loads[3], make, 5)
+    assert [int(f[T.n][0]) for f in sample] == [64] * POOL
+    detect = api_load_feeds(loads[4], make, 5)
+    assert set(detect[0]) == {T.images, T.seed} and detect[0][T.images].shape[0] == 1
+
+
+def test_busy_answers_are_retried_after_their_wait() -> None:
+    """The API sweep's clients, as biva_client: a busy answer waits its Retry-After, anything else is an error."""
+    from tritonclient.utils import InferenceServerException
+
+    from biva_bench.loadgen import busy_wait
+    from biva_core.contract import BUSY_PREFIX, RETRY_AFTER_S
+
+    assert busy_wait(InferenceServerException(f"{BUSY_PREFIX} queue full; retry after 3 s", status="429")) == 3.0
+    assert busy_wait(InferenceServerException("Exceeds maximum queue size", status="StatusCode.UNAVAILABLE")) \
+        == RETRY_AFTER_S
+    assert busy_wait(InferenceServerException("images: expected 4 dims", status="400")) is None
+    assert busy_wait(RuntimeError("connection reset")) is None
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_quick_api_sweep_through_the_fronts(tmp_path: Path, tiny_ckpt, tiny_repo) -> None:
+    """The API sweep on the tiny model: each request over gRPC and HTTP through the fronts of tritonserver as
+    users start it, Triton's statistics of the API and graph models, the ratio to the in-process ceiling."""
+    from biva_bench.config import QUICK
+    from biva_bench.run import run_bench
+    from biva_core.contract import SAMPLER, SCORER
+
+    cfg = replace(QUICK, threads=1, cases=("sampler", "ood_mode"), backends=("ort", "served"), sweeps=("api",),
+                  concurrency=(1, 16), measure=replace(QUICK.measure, window_s=0.05, max_windows=3))
+    out = tmp_path / "bench_out"
+    lines = []
+    result = run_bench(tiny_ckpt, out, cfg, repo=tiny_repo, log=lines.append)
+    on_disk = json.loads((out / "bench.json").read_text())
+    assert on_disk["ratios"] == json.loads(json.dumps(result["ratios"]))
+    assert "concurrency" not in on_disk  # the graph sweep was not asked for
+    sweep = on_disk["api_sweep"]
+    assert sweep["protocols"] == ["grpc", "http"] and sweep["levels"] == [1, 16] and "fronts" in sweep["server"]
+    assert set(sweep["loads"]) == {"score_ood_b1", "score_ood_b16", "sample_n1", "sample_n64"}  # no detector here
+    assert "biva_detect" in sweep["note"]
+    graph_of = {"biva_score": SCORER, "biva_sample": SAMPLER}
+    for name, load in sweep["loads"].items():
+        graph = graph_of[load["model"]]
+        assert load["graphs"] == [graph]
+        for proto in ("grpc", "http"):
+            assert set(load[proto]) == {"1", "16"}, (name, proto)
+            for n, m in load[proto].items():
+                assert m["images_per_call"] == load["images_per_request"] and m["concurrency"] == int(n)
+                assert m["images_per_s"] > 0 and m["latency_ms"]["p99"] >= m["latency_ms"]["p90"] >= \
+                    m["latency_ms"]["p50"] > 0
+                assert m["load"]["protocol"] == proto and m["load"]["client_processes"] == min(2, int(n))
+                api, g = m["server"][load["model"]], m["server"][graph]
+                # Triton saw the level's requests at the API model and the calls it made to its graph
+                assert api["requests"] > 0 and g["requests"] > 0
+                assert api["compute_infer_us"] > 0 and g["compute_infer_us"] > 0 and g["mean_batch_rows"] >= 0.95
+        if name == "sample_n1":  # one image per request, one graph call each: a mean batch above 1 is batching
+            assert load["grpc"]["1"]["server"][graph]["mean_batch_rows"] == pytest.approx(1.0, abs=0.05)
+    ratios = on_disk["ratios"]["api_of_ceiling"]
+    for name in ("score_ood_b1", "sample_n1"):
+        case = sweep["loads"][name]["ceiling_case"]
+        best = max(m["images_per_s"] for b in ("ort", "served")
+                   for m in on_disk["graphs"][case]["results"][b].values())
+        for proto in ("grpc", "http"):
+            r = ratios[name][proto]
+            assert r["ceiling"] == pytest.approx(best) and r["target"] == 0.9
+            assert r["value"] == pytest.approx(sweep["loads"][name][proto]["16"]["images_per_s"] / best)
+    md = (out / "bench.md").read_text()
+    assert "## API sweep" in md and "| score_ood_b1 | grpc | 16 |" in md and "| sample_n64 | http | 1 |" in md
+    assert "16 grpc clients through the fronts / the ceiling" in md
+    assert any("score_ood_b1 over grpc" in line for line in lines)

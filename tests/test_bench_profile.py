@@ -1,4 +1,4 @@
-"""biva_bench.ort_profile: the per-operator account the README's torch.compile comparison rests on."""
+"""studies.ort_profile: the per-operator account the README's torch.compile comparison rests on."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,7 @@ def test_op_times_cover_the_graphs_operators(tiny_ckpt, tiny_repo: Path) -> None
     the per-run node count of Conv is at least the exported graph's (ORT may split, never drop them)."""
     import onnx
 
-    from biva_bench.ort_profile import op_times
+    from studies.ort_profile import op_times
     from biva_core.checkpoint import load_model
     from biva_export.graphs import graph_specs, inference_copy
     from biva_export.onnx_export import example_inputs
@@ -29,7 +29,7 @@ def test_op_times_cover_the_graphs_operators(tiny_ckpt, tiny_repo: Path) -> None
 def test_cli_names_the_graphs_when_one_is_unknown(tiny_ckpt, tiny_repo: Path) -> None:
     from click.testing import CliRunner
 
-    from biva_bench.ort_profile import main
+    from studies.ort_profile import main
 
     r = CliRunner().invoke(main, ["--ckpt", str(tiny_ckpt), "--repo", str(tiny_repo), "--graph", "nope"])
     assert r.exit_code == 2 and "biva_graph_encoder" in r.output, r.output

@@ -1,4 +1,4 @@
-"""biva_bench.iw_floor: the operator account behind the README's IW-vs-GEMM analysis."""
+"""studies.iw_floor: the operator account behind the README's IW-vs-GEMM analysis."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +12,7 @@ def test_recorded_ops_match_torch_flop_counter_and_shapes(tiny_ckpt: Path) -> No
     independent count), and each recorded operator, rerun alone, gives the output shape its module gave."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from biva_bench.iw_floor import record_ops, scorer_call
+    from studies.iw_floor import record_ops, scorer_call
 
     rows = int(torch.randint(3, 9, ()).item())
     graph, inputs = scorer_call(tiny_ckpt, rows, seed=int(torch.randint(2**31, ()).item()))
@@ -37,7 +37,7 @@ def test_recorded_ops_match_torch_flop_counter_and_shapes(tiny_ckpt: Path) -> No
 def test_cli_reports_every_route_against_the_gemm_limit(tiny_ckpt: Path) -> None:
     from click.testing import CliRunner
 
-    from biva_bench.iw_floor import main
+    from studies.iw_floor import main
 
     r = CliRunner().invoke(main, ["--ckpt", str(tiny_ckpt), "--rows", "4", "--threads", "1", "--rounds", "1",
                                   "--top", "3"])

@@ -121,7 +121,7 @@ def test_biva_eval_ood_reports_auroc_kl_and_histograms(tiny_trained, tmp_path):
 
 
 def test_study_scores_every_snapshot_of_a_run(tiny_trained):
-    from biva_bench.ood_study import CANDIDATES, markdown, score_run
+    from studies.ood_study import CANDIDATES, markdown, score_run
 
     rows = score_run(tiny_trained, n=20, last_only=False)
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -138,7 +138,7 @@ def test_study_scores_every_snapshot_of_a_run(tiny_trained):
 
 
 def test_training_speed_levers_compute_the_same_step():
-    from biva_bench.train_speed import measure
+    from studies.train_speed import measure
 
     cfg = preset("tiny")
     ips, loss, grad = measure(cfg, 8, warmup=1, steps=2)
@@ -151,7 +151,7 @@ def test_training_speed_levers_compute_the_same_step():
 
 
 def test_study_progress_appends_a_row_for_the_run_state(tiny_trained, tmp_path):
-    from biva_bench.ood_study import cli
+    from studies.ood_study import cli
 
     out = tmp_path / "progress.jsonl"
     for _ in range(2):
@@ -163,7 +163,7 @@ def test_study_progress_appends_a_row_for_the_run_state(tiny_trained, tmp_path):
 
 
 def test_log_fit_recovers_a_known_growth_and_where_it_reaches_the_target():
-    from biva_bench.ood_study import log_fit
+    from studies.ood_study import log_fit
 
     steps = [1000, 2000, 4000, 8000]
     fit = log_fit(steps, [0.80 + 0.02 * np.log2(s / 1000) for s in steps], target=0.90)
@@ -173,7 +173,7 @@ def test_log_fit_recovers_a_known_growth_and_where_it_reaches_the_target():
 
 
 def test_study_curves_fit_the_progress_rows_and_plot(tiny_trained, tmp_path):
-    from biva_bench.ood_study import cli
+    from studies.ood_study import cli
 
     out = tmp_path / "progress.jsonl"
     base = {"run": "r", "epoch": 1, "minutes": 1.0, "val_elbo": -100.0, "test_elbo": -100.0}
