@@ -2,7 +2,7 @@
 
 A *case* is a graph call (the sampler, the encoder, the scorer with one draw and one k) or a biva_score request
 (`scorer_iw`: the IW likelihood with K importance samples per image; `ood_mode`, `ood_mean1/4/16`: the OOD
-statistics by each estimator, with the default ks 1..L-1). In process, a score case runs contract.run_score,
+statistics by each estimator, with the default ks 1..L-1). In process, a score case runs scoring.run_score,
 the plan Triton's biva_score front model runs (its noise drawn from a seed inside the call, as the server does),
 on the backend's scorer; through Triton it is one biva_score request.
 
@@ -20,8 +20,9 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 import torch
 
-from biva_core.contract import (DETECT, ENCODE, ENCODER, SAMPLE, SAMPLER, SCORE, SCORER, GraphSpec, ScoreRequest, T,
-                                call_rows, noise_rng, run_in_slices, run_score, served_runtime)
+from biva_core.contract import DETECT, ENCODE, ENCODER, SAMPLE, SAMPLER, SCORE, SCORER, GraphSpec, T, noise_rng
+from biva_core.routing import call_rows, run_in_slices, served_runtime
+from biva_core.scoring import ScoreRequest, run_score
 
 from .loadgen import infer_inputs
 
@@ -102,10 +103,10 @@ class CompiledRunner(TorchRunner):
 
 class AotiRunner:
     """The repository's AOTInductor package of the graph (biva-export --runtime aoti), loaded as the served
-    graph model loads it (contract.aoti_runner); numpy in, numpy out, like OrtRunner."""
+    graph model loads it (runtimes.aoti_runner); numpy in, numpy out, like OrtRunner."""
 
     def __init__(self, path, spec: GraphSpec, threads: int):
-        from biva_core.contract import aoti_runner
+        from biva_core.runtimes import aoti_runner
 
         self.run, self.names = aoti_runner(str(path), threads), spec.input_names
 
@@ -117,7 +118,7 @@ class AotiRunner:
 
 
 class ServedRunner:
-    """The route the served graph models take (contract.served_runtime) on `threads` threads: the AOTInductor package
+    """The route the served graph models take (routing.served_runtime) on `threads` threads: the AOTInductor package
     from AOTI_MIN_ROWS rows and AOTI_MIN_THREADS threads (in slices of AOTI_SLICE_ROWS, full slices on the slice
     package where exported), ONNX Runtime for the rest, in process: numpy in, numpy out."""
 
@@ -176,7 +177,7 @@ def rows_key(feeds: dict[str, np.ndarray]) -> str:
 def inprocess_call(runner, case: Case, make_inputs: Callable[..., dict[str, np.ndarray]], batch: int,
                    graph_max: int, seed: int, spec: GraphSpec) -> Callable[[int], Any]:
     """A call(i) running `batch` images of `case` on `runner`; make_inputs(rows, seed) gives raw graph inputs.
-    A score case runs contract.run_score on the runner's scorer (`spec`), call i drawing from seed + i."""
+    A score case runs scoring.run_score on the runner's scorer (`spec`), call i drawing from seed + i."""
     if case.score is None:
         pool = [runner.prepare(make_inputs(batch, seed + j)) for j in range(POOL)]
         return lambda i: runner(pool[i % POOL])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from biva_core.contract import AOTI_MIN_ROWS
+from biva_core.routing import AOTI_MIN_ROWS
 
 from .config import (ALTERNATED, ALTERNATED_API, BACKENDS, CASES, EXTRA_BACKENDS, LOADS, ORT_LEVELS, PRESETS,
                      SMALL_TURN, SWEEPS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from biva_core.contract import ORT_LEVELS as _ORT_LEVELS
+from biva_core.runtimes import ORT_LEVELS as _ORT_LEVELS
 
 from .measure import MeasureConfig
 from .triton import Variant

@@ -27,9 +27,11 @@ from typing import Any, Callable
 import torch
 
 from biva_core.checkpoint import sha256_file
-from biva_core.contract import (AOTI_MIN_ROWS, DETECT, ENCODE, ENCODER, FRONT_GRAPHS, IW_CALL_ROWS, KS, PACKAGE_FILE,
-                                REPORT, SAMPLE, SAMPLES, SCORER, SLICE_PACKAGE_FILE, OrtOptions, T, ort_session,
-                                read_meta, score_plan)
+from biva_core.contract import (DETECT, ENCODE, ENCODER, FRONT_GRAPHS, KS, PACKAGE_FILE, REPORT, SAMPLE, SAMPLES,
+                                SCORER, SLICE_PACKAGE_FILE, T, read_meta)
+from biva_core.routing import AOTI_MIN_ROWS
+from biva_core.runtimes import OrtOptions, ort_session
+from biva_core.scoring import IW_CALL_ROWS, score_plan
 
 from .backends import (POOL, AotiRunner, Case, CompiledRunner, OrtRunner, ServedRunner, TorchRunner,
                        alternated_medians, api_case, api_feeds, api_load_feeds, api_loads, async_call, inprocess_call,

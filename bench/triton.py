@@ -14,7 +14,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from biva_core.contract import FRONT_GRAPHS, REPORT, ServingConfig, read_meta
+from biva_core.contract import FRONT_GRAPHS, REPORT, read_meta
+from biva_export.serving_config import ServingConfig
 from biva_export.repository import graph_config
 
 

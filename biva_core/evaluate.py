@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_model, sha256_file
-from .contract import DEFAULT_ESTIMATOR, ESTIMATORS, ScoreRequest, parse_ks
+from .contract import DEFAULT_ESTIMATOR, ESTIMATORS, parse_ks
+from .scoring import ScoreRequest
 from .data import DATA_SPEC_HELP, load_for_model
 from .model import Biva
 from .noise import NoiseStream

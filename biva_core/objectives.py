@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import Biva, repeat_rows
-from .contract import ScoreRequest
+from .scoring import ScoreRequest
 from .noise import NoiseStream
 
 

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .contract import IDENTITY, ScoreRequest
+from .contract import IDENTITY
+from .scoring import ScoreRequest
 
 PERCENTILES = (50, 90, 95, 99)
 FPR_AT_TPR = 0.95  # detection metrics: the false-positive rate where this fraction of the OOD set is flagged

@@ -31,7 +31,8 @@ import numpy as np
 
 from biva_core import contract
 from biva_core.contract import (BUSY_PREFIX, DEFAULT_ESTIMATOR, DETECTOR_PARAMETER, META_PARAMETER, MODEL_PREFIX,
-                                RENAMED, RETRY_AFTER_S, ModelMeta, RequestError, ScoreRequest, T)
+                                RETRY_AFTER_S, ModelMeta, RequestError, T)
+from biva_core.scoring import ScoreRequest
 from biva_core.stats import request_of
 
 PROTOCOLS = ("http", "grpc")
@@ -338,8 +339,7 @@ class BivaClient:
             return
         kw = {} if self.protocol == "http" else {"client_timeout": self.timeout}
         if not self._retry(lambda c: c.is_model_ready(name, **kw), f"model {name}"):
-            renamed = f" ({name} is now {RENAMED[name]})" if name in RENAMED else ""
-            raise ModelNotReady(f"model {name!r} is not ready on {self._where()}{renamed}; check --model-prefix "
+            raise ModelNotReady(f"model {name!r} is not ready on {self._where()}; check --model-prefix "
                                 "and the server log")
         self._ready.add(name)
 

@@ -31,7 +31,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from biva_core.contract import ESTIMATORS, MODEL_PREFIX, OOD_ESTIMATOR, ScoreRequest
+from biva_core.contract import ESTIMATORS, MODEL_PREFIX, OOD_ESTIMATOR
+from biva_core.scoring import ScoreRequest
 from biva_core.data import DATA_SPEC_HELP
 from biva_core.stats import DETECTOR, SCORE_NAMES, needs_iw, request_of, score_help, statistic_names
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from biva_core.contract import T, ScoreRequest, parse_ks
+from biva_core.contract import T, parse_ks
+from biva_core.scoring import ScoreRequest
 from biva_core.stats import bits_per_dim, mean_se, ood_scores, statistics
 
 from .api import BivaClient, Encoding, InputError, ModelMeta, Scores, _as_input_error, check_score_request, check_seed

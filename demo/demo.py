@@ -29,7 +29,8 @@ from pathlib import Path
 import click
 
 from biva_client.api import EXIT_ERROR, EXIT_INTERRUPTED, BivaClient, ClientError
-from biva_core.contract import OOD_ESTIMATOR, ScoreRequest
+from biva_core.contract import OOD_ESTIMATOR
+from biva_core.scoring import ScoreRequest
 
 
 def _step(msg: str, t0: float) -> None:
@@ -53,7 +54,7 @@ class DemoConfig:
 
 
 def _export(ckpt: Path, repo: Path, runtime: str, t0: float) -> None:
-    from biva_core.contract import ServingConfig
+    from biva_export.serving_config import ServingConfig
     from biva_export.pipeline import ExportConfig, run_export
 
     with tempfile.TemporaryDirectory(prefix="biva-demo-") as tmp:
@@ -90,7 +91,7 @@ def _likelihood(client: BivaClient, cfg: DemoConfig, out_dir: Path, outputs: dic
 
 def _ood(client: BivaClient, cfg: DemoConfig, x, out_dir: Path, outputs: dict, t0: float) -> None:
     from biva_client.tasks import Job, detect_images, load_inputs, parse_k_list, score_images
-    from biva_core.contract import ScoreRequest
+    from biva_core.scoring import ScoreRequest
     from biva_core.plots import plot_ood
     from biva_core.stats import detection_table, format_table
 

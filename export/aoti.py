@@ -10,7 +10,7 @@ in alternated calls (docs/speed.md). Packages are validated against PyTorch at t
 (onnx_export.compare_with_torch) before anything is written.
 
 A package is machine code for the exporting processor's instruction sets (`package_isa`, recorded in the graph
-model's config, checked when the model loads: contract.check_package_isa). The packages compile in worker
+model's config, checked when the model loads: runtimes.check_package_isa). The packages compile in worker
 processes beside the ONNX export, and land in a cache keyed by everything they are made from (the checkpoint's
 hash, the graph, torch's version, the instruction sets, the model code), so exporting the same checkpoint again on
 the same kind of machine reuses them (validated again), and another processor compiles its own.
@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from biva_core.checkpoint import sha256_file
-from biva_core.contract import GraphSpec, aoti_runner
+from biva_core.contract import GraphSpec
+from biva_core.runtimes import aoti_runner
 from biva_core.model import Biva
 
 from .graphs import GRAPH_MODULES
@@ -100,7 +101,7 @@ def package_isa() -> dict:
     """The processor a package compiled here is for: its name and the instruction sets inductor builds with."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    from biva_core.contract import cpu_info
+    from biva_core.runtimes import cpu_info
 
     flags = [f[2:] for f in pick_vec_isa().build_arch_flags().split() if f.startswith("-m")]
     return {"cpu": cpu_info()[0], "flags": sorted({_CPUINFO.get(f, f.replace("-", "_")) for f in flags})}

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import click
 
-from biva_core.contract import ServingConfig
-
 from .pipeline import ExportConfig, ExportError, run_export
+from .serving_config import ServingConfig
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 ELU (alpha 1) is BIVA's only activation: 34 nodes in the sampler, 78 in the encoder, 120 in the scorer.
 ONNX Runtime's CPU `Elu` kernel runs about five times slower than its `Exp` on the same tensor, and the
 NCHWc layout pass cannot keep a blocked tensor through it, so each one costs a layout reorder as well
-(`python -m biva_bench.ort_profile`). The same function written with operators that have vectorised
+(`python -m studies.ort_profile`). The same function written with operators that have vectorised
 kernels,
 
     ELU(x) = Max(x, Exp(Min(x, 0)) - 1),

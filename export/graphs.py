@@ -15,7 +15,7 @@ different k or temperature can share one batch.
              be 0). For every draw: its log w (B, S), the log w of its L^{>k} (eq. 2) for each k (B, S, J),
              sharing its noise, and its KL per group (B, S, G). Noise zero is the mode estimator (every
              latent at its mean). The bottom-up stages that see x alone run once per image, so biva_score
-             runs every estimator and L_K here, several draws per image and call (contract.run_score).
+             runs every estimator and L_K here, several draws per image and call (scoring.run_score).
 """
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ import numpy as np
 import onnx
 import torch
 
-from biva_core.contract import (KS, NATS_ATOL, SAMPLES, SCORE, GraphSpec, ModelMeta, ScoreRequest, T, TensorSpec,
-                                noise_rng, ort_session, run_score)
+from biva_core.contract import KS, NATS_ATOL, SAMPLES, SCORE, GraphSpec, ModelMeta, T, TensorSpec, noise_rng
+from biva_core.runtimes import ort_session
+from biva_core.scoring import ScoreRequest, run_score
 from biva_core.model import Biva
 from biva_core.noise import NoiseStream
 from biva_core.objectives import evaluate_request
@@ -196,7 +197,7 @@ def score_routes(n_layers: int) -> tuple[ScoreRequest, ...]:
 
 def validate_score_routes(model: Biva, path: Path, meta: ModelMeta, detector=None, batch: int = 5,
                           seed: int = 777) -> list[GraphReport]:
-    """biva_score's served plan (contract.run_score) on the scorer graph in ONNX Runtime, for every estimator (and
+    """biva_score's served plan (scoring.run_score) on the scorer graph in ONNX Runtime, for every estimator (and
     the detector's request and score), against PyTorch's evaluate_request on fresh images drawn from the model; 16
     graph rows, so requests span several blocks."""
     sess = ort_session(str(path))

@@ -20,13 +20,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from biva_core.contract import (AOTI_MIN_ROWS, AOTI_MIN_THREADS, AOTI_SLICE_ROWS, DEFAULT_ESTIMATOR, DETECT,
-                                DETECTOR_FILE, PACKAGE_FILE, REPORT, SLICE_PACKAGE_FILE, Caps, ModelMeta,
-                                ServingConfig, package_threads, served_ranges)
+from biva_core.contract import (DEFAULT_ESTIMATOR, DETECT, DETECTOR_FILE, PACKAGE_FILE, REPORT, SLICE_PACKAGE_FILE,
+                                Caps, ModelMeta)
+from biva_core.routing import AOTI_MIN_ROWS, AOTI_MIN_THREADS, AOTI_SLICE_ROWS, served_ranges
 
 from biva_core.checkpoint import binarization, sha256_file
 
 from .repository import front_config, graph_config, staging_dir, swap_into_place, write_model_files, written_by_others
+from .serving_config import ServingConfig, package_threads
 
 
 class ExportError(RuntimeError):
@@ -163,7 +164,7 @@ def _export_and_validate(model, plain, specs: dict, tmp: Path, cfg: ExportConfig
 
 def _checked_routes(model, graph_files: dict, meta: ModelMeta, detector, log, out: Path) -> dict:
     """biva_score's route for every estimator (and biva_detect's), run on the exported scorer in ONNX Runtime with
-    the served plan (contract.run_score), against PyTorch's evaluate_request on fresh images; ExportError beyond the
+    the served plan (scoring.run_score), against PyTorch's evaluate_request on fresh images; ExportError beyond the
     graphs' tolerances."""
     from biva_core.contract import SCORER
 

@@ -11,8 +11,8 @@
 
 Every config.pbtxt is generated here from the contract's specs (biva_core.contract: graph_specs, front_specs) and
 parsed back into Triton's ModelConfig protobuf before anything is written. Beside every python-backend model.py
-go copies of biva_core's torch-free modules (SERVED_CORE), so the server imports the contract under the name the
-rest of the project does, `biva_core.contract`. The model code itself is export/triton_python/.
+go copies of the biva_core modules the model code imports (SERVED_CORE, torch-free), so the server imports them
+under the names the rest of the project does (`biva_core.contract`, `biva_core.scoring`, ...). The model code itself is export/triton_python/.
 """
 from __future__ import annotations
 
@@ -23,13 +23,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from biva_core.contract import (AOTI_THREADS_PARAMETER, DETECTOR_PARAMETER, DTYPES, GRAPH_INSTANCES_PARAMETER, META_PARAMETER,
-                                ONNX_FILE_PARAMETER, PACKAGE_ISA_PARAMETER, ROLE_PARAMETER, RUNTIME_PARAMETER, SPINNING_PARAMETER,
-                                THREADS_PARAMETER, FrontSpec, GraphSpec, ModelMeta, ServingConfig, TensorSpec)
+from biva_core.contract import (AOTI_THREADS_PARAMETER, DETECTOR_PARAMETER, DTYPES, GRAPH_INSTANCES_PARAMETER,
+                                META_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_ISA_PARAMETER, ROLE_PARAMETER,
+                                RUNTIME_PARAMETER, SPINNING_PARAMETER, THREADS_PARAMETER, FrontSpec, GraphSpec,
+                                ModelMeta, TensorSpec)
+
+from .serving_config import ServingConfig
 
 PYTHON_DIR = Path(__file__).parent / "triton_python"  # the python-backend model code this step writes
 CORE_DIR = Path(__file__).resolve().parent.parent / "biva_core"
-SERVED_CORE = ("__init__.py", "contract.py", "stats.py")  # numpy only: what the served model code imports
+# what the served model code (triton_python/) imports of biva_core, transitively, and nothing else (a test checks it)
+SERVED_CORE = ("__init__.py", "contract.py", "inflight.py", "routing.py", "runtimes.py", "scoring.py", "stats.py")
 
 
 def _tensor_block(kind: str, tensors: tuple[TensorSpec, ...], optional: tuple[str, ...] = ()) -> str:
@@ -127,16 +131,6 @@ def write_model_files(root: Path, configs: dict[str, str], graph_files: dict[str
             shutil.copyfile(src, version / file_name)
         if name not in graph_files or backend == "python":
             _served_code(version, graph=name in graph_files)
-
-
-def generated_copies(root: Path) -> dict[Path, Path]:
-    """Every python file biva-export copied into repository `root` -> the source file it must equal."""
-    out = {}
-    for model_py in sorted(root.glob("*/1/model.py")):
-        graph = ONNX_FILE_PARAMETER in (model_py.parent.parent / "config.pbtxt").read_text()
-        out[model_py] = PYTHON_DIR / ("graph_model.py" if graph else "front_model.py")
-        out.update({model_py.parent / "biva_core" / n: CORE_DIR / n for n in SERVED_CORE})
-    return out
 
 
 def _exchange(a: Path, b: Path) -> bool:

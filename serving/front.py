@@ -19,8 +19,7 @@ h11's (the sans-IO parser under httpcore and uvicorn); this module owns the I/O,
   hangs up before the answer, writes the token into the cancel folder, where the front models see it and stop;
 - drains on request (`drain()`, on SIGTERM): ready endpoints answer 503 at once, new infer requests 503 with
   Retry-After and `Connection: close` (a load balancer retries them on another replica), requests already
-  forwarded finish; `idle()` tells when none is left;
-- answers 404 naming the new name for a model the project renamed (contract.RENAMED).
+  forwarded finish; `idle()` tells when none is left.
 
 Everything else is relayed over one keep-alive upstream connection per client connection.
 """
@@ -38,7 +37,7 @@ from typing import Callable
 
 import h11
 
-from biva_core.contract import BUSY_PREFIX, RENAMED, RETRY_AFTER_S
+from biva_core.contract import BUSY_PREFIX, RETRY_AFTER_S
 
 from .validate import Limits, Refused, Validator, check_tensor, json_depth  # noqa: F401 - the fronts' checks
 
@@ -427,8 +426,6 @@ class Front:
                                "repository, logging and trace APIs are closed)")
         parts = path.split(b"/")  # /v2/models/NAME/...
         model = parts[3].decode(errors="replace") if len(parts) > 3 and parts[2] == b"models" else None
-        if model in RENAMED:
-            raise Refused(404, f"model {model} is now {RENAMED[model]}")
         ready = READY_PATH.match(path)
         if ready and self.draining:
             raise Refused(503, "not ready: " + DRAIN_MESSAGE)

@@ -22,8 +22,7 @@ loop beside the HTTP front), which
   FrontConfig.stream_idle_s (DEADLINE_EXCEEDED); its upstream stream opens only with its first message;
 - names every infer request with a token (the request parameter contract.TOKEN_PARAMETER) and writes the token
   into the cancel folder when the client cancels or its deadline passes before the answer (Triton also marks the
-  request cancelled: the front models see either);
-- answers NOT_FOUND naming the new name for a model the project renamed (contract.RENAMED).
+  request cancelled: the front models see either).
 
 Forwarded calls keep Triton's status codes and messages (a full queue stays UNAVAILABLE "Exceeds maximum
 queue size", which clients read as busy), the client's deadline and metadata; a client that goes away cancels
@@ -36,8 +35,6 @@ from typing import Callable
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
-
-from biva_core.contract import RENAMED
 
 from .front import DRAIN_MESSAGE, FrontConfig, InFlight, mark_abandoned, new_token
 from .validate import Refused, Validator, parse
@@ -134,8 +131,6 @@ class GrpcFront:
             name = parse(pb.ModelReadyRequest, raw).name
         except Refused as e:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if name in RENAMED:
-            await ctx.abort(grpc.StatusCode.NOT_FOUND, f"model {name} is now {RENAMED[name]}")
         if self.draining or self.not_ready(name):
             return pb.ModelReadyResponse(ready=False).SerializeToString()
         return await self.relay("ModelReady", raw, ctx)
@@ -231,8 +226,7 @@ class GrpcFront:
 
 def _code(e: Refused) -> grpc.StatusCode:
     """The gRPC status of a refusal by its HTTP status."""
-    return {404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
-            503: grpc.StatusCode.UNAVAILABLE}.get(
+    return {408: grpc.StatusCode.DEADLINE_EXCEEDED, 503: grpc.StatusCode.UNAVAILABLE}.get(
         e.status, grpc.StatusCode.INVALID_ARGUMENT)
 
 

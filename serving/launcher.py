@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from biva_core.contract import REPORT, check_package_isa
+from biva_core.contract import REPORT
+from biva_core.runtimes import check_package_isa
 
 from .binary import resolve
 from .net import DIRECT_FLAG, take_flag

@@ -25,7 +25,7 @@ unchanged), is loaded again, which Triton does beside the serving version (it st
 are expected to exit, and any still alive `grace_s` after the load are killed once not at work.
 
 At work: Triton counts a request when it ends, so a model in the middle of a long request looks idle by its counts;
-each stub also holds a lock while it executes (contract.InFlight, in the cancel folder), and a model with a stub at
+each stub also holds a lock while it executes (inflight.InFlight, in the cancel folder), and a model with a stub at
 work is never loaded again for memory, and an old stub at work is never killed: it is left to finish its request.
 
 The launcher's process is a child subreaper (prctl), so stubs orphaned by a server that went down are
@@ -50,7 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from biva_core.contract import FRONT_GRAPHS, stub_busy
+from biva_core.contract import FRONT_GRAPHS
+from biva_core.inflight import stub_busy
 
 STUB_NAME = b"triton_python_backend_stub"
 SHM_DIR = Path("/dev/shm")
@@ -140,7 +141,7 @@ def reap_children(on_exit: Callable[[int, int], None] = lambda pid, code: None) 
 @dataclass(frozen=True)
 class Settings:
     reload: bool = True  # False when the server runs without explicit model control: a death stays not ready
-    cancel_dir: str | None = None  # where the stubs mark themselves at work (contract.InFlight); None: no marks
+    cancel_dir: str | None = None  # where the stubs mark themselves at work (inflight.InFlight); None: no marks
     poll_s: float = 0.5  # how often the stubs are listed (to find the ones a load started; exits come by pidfd)
     retry_s: float = 10.0  # a failed reload is tried again after this
     grace_s: float = 3.0  # an old stub still alive this long after its model loaded again is killed, once not at work

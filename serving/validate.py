@@ -35,7 +35,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
-from biva_core.contract import RENAMED, TOKEN_PARAMETER
+from biva_core.contract import TOKEN_PARAMETER
 
 DTYPE_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2, "UINT32": 4,
                "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
@@ -201,8 +201,6 @@ def parse(message_type, raw: bytes):
 def check_grpc_infer(req: pb.ModelInferRequest, limits: Limits) -> None:
     """Refused unless every input's declared shape matches its raw or typed contents and the inputs' declared bytes
     fit within the body limit and the model's caps (the HTTP checks, on gRPC's fields)."""
-    if req.model_name in RENAMED:
-        raise Refused(404, f"model {req.model_name} is now {RENAMED[req.model_name]}")
     raw = req.raw_input_contents
     if raw and len(raw) != len(req.inputs):
         raise Refused(400, f"raw_input_contents holds {len(raw)} tensors for {len(req.inputs)} inputs")

@@ -2,9 +2,9 @@
 `python -m studies.<name> ...`). The harness they build on is `biva_bench` (bench/); each module's first line
 says what it measured and where the result went.
 
-    crossover      the row threshold (contract.AOTI_MIN_ROWS)             docs/speed.md
+    crossover      the row threshold (routing.AOTI_MIN_ROWS)             docs/speed.md
     route          the served route against torch.compile, alternated     docs/speed.md
-    iw_rows        IW rows on the scorer vs the encoder graph             contract.iw_calls, IW_CALL_ROWS
+    iw_rows        IW rows on the scorer vs the encoder graph             scoring.iw_calls, IW_CALL_ROWS
     iw_floor       an IW scorer call against the GEMM limit               docs/speed_history.md
     ort_profile    ONNX Runtime's time per operator type                  docs/speed_history.md
     memory         server memory around a burst of large requests        docs/speed.md, docs/serving.md

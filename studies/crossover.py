@@ -1,5 +1,5 @@
 """Study: where the AOTInductor package overtakes ONNX Runtime per row count.
-Fed: contract.AOTI_MIN_ROWS = 8, docs/speed.md "The row threshold".
+Fed: routing.AOTI_MIN_ROWS = 8, docs/speed.md "The row threshold".
 
 Where the AOTInductor package overtakes ONNX Runtime: the row threshold of the served route.
 
@@ -9,7 +9,7 @@ For each graph and row count, the repository's ONNX graph (ONNX Runtime) and its
 the same inputs alternately, call by call, `--reps` times after a warm-up, with `--threads` intra-op threads each;
 the ratio package / ONNX Runtime of the median images/s is reported. Alternating makes a machine whose speed drifts
 (shared cores) slow both runtimes alike, so the ratio holds where absolute rates from separate windows do not. The
-package is called whole (no slicing), as the graph model calls it for one slice. contract.AOTI_MIN_ROWS is set from
+package is called whole (no slicing), as the graph model calls it for one slice. routing.AOTI_MIN_ROWS is set from
 these ratios.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 import click
 import torch
 
-from biva_core.contract import GRAPHS, PACKAGE_FILE, OrtOptions, aoti_runner, cpu_info, ort_session
+from biva_core.contract import GRAPHS, PACKAGE_FILE
+from biva_core.runtimes import OrtOptions, aoti_runner, cpu_info, ort_session
 
 from biva_bench.backends import alternated_medians
 from .route import packaged_repository

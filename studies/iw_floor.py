@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from biva_core.contract import IW_CALL_ROWS
+from biva_core.scoring import IW_CALL_ROWS
 
 
 @dataclass(frozen=True)

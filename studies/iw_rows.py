@@ -1,5 +1,5 @@
 """Study: importance-weighted rows on the scorer vs the encoder graph.
-Fed: biva_score's IW route (contract.iw_calls, IW_CALL_ROWS = 32).
+Fed: biva_score's IW route (scoring.iw_calls, IW_CALL_ROWS = 32).
 
 Importance-weighted rows on the scorer vs the encoder graph: why biva_score runs samples 1..K-1 on the scorer.
 
@@ -10,7 +10,7 @@ K importance samples of one random binary image, the same noise, in ONNX Runtime
     encoder      K rows (the image tiled) in calls of up to the graph's max batch: every sample through the whole
                  pass, biva_score's first route;
     encoder/32   the same rows in calls of IW_CALL_ROWS rows (what smaller calls alone give: the caches);
-    scorer       the calls biva_score makes now (contract.iw_calls): each image with up to IW_CALL_ROWS samples
+    scorer       the calls biva_score makes now (scoring.iw_calls): each image with up to IW_CALL_ROWS samples
                  per call, the stages that see x alone once per call.
 
 Prints the largest log_w difference from the encoder's (all must agree), L_K of each, and the median seconds of
@@ -29,7 +29,8 @@ import numpy as np
 def _routes(sessions: dict, image: np.ndarray, noise: np.ndarray, graph_rows: int, call_rows: int
             ) -> dict[str, Callable[[], np.ndarray]]:
     """name -> a function giving log w of the K samples (K,), each route as described above."""
-    from biva_core.contract import ENCODER, SCORER, T, iw_calls
+    from biva_core.contract import ENCODER, SCORER, T
+    from biva_core.scoring import iw_calls
 
     K = noise.shape[0]
     images = np.repeat(image, K, axis=0)
@@ -54,9 +55,11 @@ def _routes(sessions: dict, image: np.ndarray, noise: np.ndarray, graph_rows: in
 @click.option("--rows", default=1000, show_default=True, help="Importance samples K of one image.")
 @click.option("--reps", default=4, show_default=True, help="Alternating timed runs per route (after one warm-up).")
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
-@click.option("--call-rows", default=None, type=int, help="Rows per scorer call [contract.IW_CALL_ROWS].")
+@click.option("--call-rows", default=None, type=int, help="Rows per scorer call [scoring.IW_CALL_ROWS].")
 def main(repo: Path, rows: int, reps: int, threads: int, call_rows: int | None) -> None:
-    from biva_core.contract import ENCODER, IW_CALL_ROWS, SCORER, LogMeanExp, ort_session
+    from biva_core.contract import ENCODER, SCORER
+    from biva_core.runtimes import ort_session
+    from biva_core.scoring import IW_CALL_ROWS, LogMeanExp
     from biva_core.contract import read_meta
 
     meta = read_meta(repo)

@@ -53,7 +53,7 @@ def tree_rss_mb(root_pid: int, field: str = "Rss") -> float:
 
 def burst(client, rounds: int) -> None:
     """Large requests of every kind, `rounds` times."""
-    from biva_core.contract import ScoreRequest
+    from biva_core.scoring import ScoreRequest
 
     meta = client.meta
     caps = meta.caps

@@ -29,7 +29,7 @@ import torch
 from biva_core.checkpoint import load_model, read_checkpoint
 from biva_core.config import BivaConfig, preset
 from biva_core.data import load_for_model
-from biva_core.contract import ScoreRequest
+from biva_core.scoring import ScoreRequest
 from biva_core.evaluate import per_image, scores_of
 from biva_core.stats import auroc
 from biva_core.train import TrainConfig, train

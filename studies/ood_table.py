@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from biva_core.contract import ScoreRequest
+from biva_core.scoring import ScoreRequest
 from biva_core.stats import score_order
 
 ROWS = {  # label -> the request (ks filled in per model)

@@ -26,7 +26,7 @@ def op_times(path: Path, feeds: dict[str, np.ndarray], threads: int, runs: int) 
     """{op type: kernel microseconds per run}, {op type: nodes run per run}, from ONNX Runtime's profiler."""
     import onnxruntime as ort
 
-    from biva_core.contract import ORT_LEVELS
+    from biva_core.runtimes import ORT_LEVELS
 
     with tempfile.TemporaryDirectory(prefix="biva-ortprof-") as tmp:
         opts = ort.SessionOptions()

@@ -21,7 +21,8 @@ from pathlib import Path
 import click
 import torch
 
-from biva_core.contract import GRAPHS, PACKAGE_FILE, SLICE_PACKAGE_FILE, OrtOptions, cpu_info, ort_session
+from biva_core.contract import GRAPHS, PACKAGE_FILE, SLICE_PACKAGE_FILE
+from biva_core.runtimes import OrtOptions, cpu_info, ort_session
 
 from biva_bench.backends import AotiRunner, CompiledRunner, OrtRunner, ServedRunner, alternated_medians
 

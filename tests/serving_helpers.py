@@ -20,7 +20,7 @@ PROTOCOLS = {"http": thttp, "grpc": tgrpc}
 def export_repo(tmp_path_factory, ckpt: Path, name: str, max_batch: int, front_instances: int) -> Path:
     """biva-export of `ckpt` into a fresh folder (python backend, one thread per graph)."""
     from biva_export.pipeline import ExportConfig, run_export
-    from biva_core.contract import ServingConfig
+    from biva_export.serving_config import ServingConfig
 
     out = tmp_path_factory.mktemp(name) / "triton_models"
     serving = ServingConfig(max_batch=max_batch, threads=1, front_instances=front_instances, runtime="onnxruntime")

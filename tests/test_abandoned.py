@@ -189,7 +189,6 @@ def test_clients_faults_get_a_4xx_naming_the_field(server) -> None:
         (b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-A: 1\nX-B: 2\r\n\r\n", 400, "bare LF"),
         (b"POST /v2/models/biva_sample/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
          400, "content-length"),
-        (b"GET /v2/models/biva_sampler/ready HTTP/1.1\r\nHost: x\r\n\r\n", 404, "biva_graph_sampler"),
         (b"GET /v2/health/ready HTTP/1.1\r\n\r\n", 400, "host"),  # HTTP/1.1 requires Host (RFC 9112)
     ]
     for raw, status, word in cases:
@@ -201,8 +200,6 @@ def test_clients_faults_get_a_4xx_naming_the_field(server) -> None:
     conn.request("GET", "/v2/health/ready")
     assert conn.getresponse().status == 200  # still serving
     conn.close()
-    with pytest.raises(InferenceServerException, match="biva_graph_scorer"):
-        infer(server, "grpc", "biva_scorer", {"images": np.zeros((1, 1, 28, 28), np.float32)}, ["kl"])
 
 
 @pytest.mark.slow
@@ -287,8 +284,8 @@ def test_a_model_that_kept_a_bursts_memory_is_loaded_again_once_idle(tiny_repo, 
     """With a slack of 1 MB per stub, a burst of large requests leaves the graph models holding more than after
     loading: once idle, the supervisor loads them again (no death, no reload), their stubs are new, and they serve
     the same numbers."""
-    from studies.memory import tree_rss_mb
     from biva_serving.process import start_server
+    from studies.memory import tree_rss_mb
 
     env = {**os.environ, "BIVA_MEMORY_SLACK_MB": "1"}
     x = {"images": np.zeros((1024, 1, 28, 28), np.float32), "seed": i64(5)}

@@ -13,10 +13,10 @@ from biva_core.checkpoint import load_model
 from biva_core.data import load_for_model
 from biva_core.noise import NoiseStream
 from biva_core.objectives import evaluate_bounds
-from biva_core.contract import (AOTI_MIN_ROWS, AOTI_MIN_THREADS, AOTI_SLICE_ROWS, PACKAGE_FILE, REPORT,
-                                SLICE_PACKAGE_FILE, served_ranges, served_runtime)
+from biva_core.contract import PACKAGE_FILE, REPORT, SLICE_PACKAGE_FILE
+from biva_core.routing import AOTI_MIN_ROWS, AOTI_MIN_THREADS, AOTI_SLICE_ROWS, served_ranges, served_runtime
 from biva_export.pipeline import ExportConfig, ExportError, run_export
-from biva_core.contract import ServingConfig
+from biva_export.serving_config import ServingConfig
 from biva_export.repository import parse_config
 from serving_helpers import i64, infer, serve
 
@@ -41,7 +41,7 @@ def aoti_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def aoti_repo(tiny_ckpt, tmp_path_factory, aoti_cache):
     out = tmp_path_factory.mktemp("aoti") / "triton_models"
-    # two package threads per instance: one-thread instances serve ONNX Runtime alone (contract.AOTI_MIN_THREADS)
+    # two package threads per instance: one-thread instances serve ONNX Runtime alone (routing.AOTI_MIN_THREADS)
     serving = ServingConfig(runtime="aoti", max_batch=64, threads=1, aoti_threads=2)
     run_export(tiny_ckpt, out, ExportConfig(serving=serving), log=lambda *_: None)
     return out
@@ -306,7 +306,7 @@ def test_a_served_repository_without_packages_on_two_threads_says_so_once_per_gr
 def test_a_package_for_another_processor_is_refused_in_one_line(tmp_path) -> None:
     """A package compiled for instruction sets this processor lacks: the graph model's check and the launcher's
     (before Triton starts) name both processors."""
-    from biva_core.contract import check_package_isa, cpu_info
+    from biva_core.runtimes import check_package_isa, cpu_info
     from biva_serving.launcher import check_repository
 
     isa = {"cpu": "Imaginary CPU 9000", "flags": ["avx512f", "imaginary_isa"]}
@@ -371,7 +371,7 @@ def test_the_route_by_rows_and_package_threads() -> None:
 def test_full_slices_go_to_the_slice_package() -> None:
     """run_in_slices: a call of 70 images is two full 32-image slices on `full` and a 6-image rest on `run`, in
     order; the scorer's many-draw slices (fewer images than the slice's rows) never go to `full`."""
-    from biva_core.contract import run_in_slices
+    from biva_core.routing import run_in_slices
 
     calls = []
 

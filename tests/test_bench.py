@@ -11,7 +11,7 @@ import pytest
 
 from biva_bench.measure import MeasureConfig, Window, is_stable, measure_sync
 from biva_bench.triton import Variant, parse_layout, stats_delta
-from biva_core.contract import ServingConfig
+from biva_export.serving_config import ServingConfig
 
 
 def _window(ips: float, p50: float) -> Window:
@@ -175,7 +175,7 @@ def test_served_over_compile_comes_from_the_alternated_calls_when_measured() -> 
 
 
 def test_ort_session_spinning_option(tiny_repo) -> None:
-    from biva_core.contract import OrtOptions, ort_session
+    from biva_core.runtimes import OrtOptions, ort_session
 
     path = str(tiny_repo / "biva_graph_scorer" / "1" / "model.onnx")
     for spinning, flag in ((False, "0"), (True, "1")):

@@ -86,7 +86,7 @@ def reference_bounds(model, x: np.ndarray, seed: int, batch_size: int, iw: int, 
     import torch
 
     from biva_core.noise import NoiseStream
-    from biva_core.contract import ScoreRequest
+    from biva_core.scoring import ScoreRequest
     from biva_core.objectives import evaluate_request
 
     out = {"elbo": [], "iw": [], "kl": [], **{k: [] for k in ks}}

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biva_core import contract
-from biva_core.contract import Caps, LogMeanExp, ModelMeta, RequestError, ScoreRequest, score_blocks
+from biva_core import contract, scoring
+from biva_core.contract import Caps, ModelMeta, RequestError
+from biva_core.scoring import LogMeanExp, ScoreRequest, score_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [p for d in ("biva_core", "export", "client", "bench", "serving", "demo") for p in (ROOT / d).rglob("*.py")]
+SOURCES = [p for d in ("biva_core", "export", "client", "bench", "studies", "serving", "demo")
+           for p in (ROOT / d).rglob("*.py")]
 
 
 def _meta(**kw) -> ModelMeta:
@@ -25,19 +27,45 @@ def _meta(**kw) -> ModelMeta:
     return ModelMeta(**{**base, **kw})
 
 
+def _served_core() -> tuple[str, ...]:
+    from biva_export.repository import SERVED_CORE
+
+    return SERVED_CORE
+
+
 def test_contract_imports_without_torch() -> None:
-    code = ("import sys; import biva_core.contract, biva_core.stats; "
+    modules = ", ".join(f"biva_core.{n[:-3]}" for n in _served_core() if n != "__init__.py")
+    code = (f"import sys; import {modules}; "
             "print('torch' in sys.modules, 'tritonclient' in sys.modules, 'sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "False"]
 
 
+def _project_imports(text: str) -> set[str]:
+    """The biva_core modules a file imports ("contract" for `from .contract` or `from biva_core.contract`), and any
+    other step of the project it imports (as "biva_export", ...)."""
+    found = re.findall(r"^\s*from (?:biva_core)?\.(\w+) import|^\s*(?:from|import) (biva_\w+)", text, re.M)
+    return {rel or top for rel, top in found}
+
+
 def test_the_served_modules_import_nothing_of_the_project() -> None:
-    """contract.py and stats.py are copied into the model repository as biva_core/: beside each other only."""
-    for name in ("contract.py", "stats.py"):
-        text = (ROOT / "biva_core" / name).read_text()
-        found = re.findall(r"^\s*(?:from|import) (\.\w*|biva_\w+)", text, re.M)
-        assert set(found) <= {".stats", ".contract"} - {f".{name[:-3]}"}, (name, found)
+    """The biva_core modules copied into the model repository (SERVED_CORE) import each other only."""
+    served = {n[:-3] for n in _served_core() if n != "__init__.py"}
+    for name in served:
+        found = _project_imports((ROOT / "biva_core" / f"{name}.py").read_text())
+        assert found <= served - {name}, (name, found)
+
+
+def test_the_repository_holds_the_modules_the_served_code_imports_and_no_other() -> None:
+    """SERVED_CORE is what export/triton_python/ imports of biva_core, transitively: nothing missing, nothing unused."""
+    todo = set().union(*(_project_imports(p.read_text()) for p in (ROOT / "export" / "triton_python").glob("*.py")))
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        assert (ROOT / "biva_core" / f"{name}.py").exists(), f"the served code imports {name}, not of biva_core"
+        seen.add(name)
+        todo |= _project_imports((ROOT / "biva_core" / f"{name}.py").read_text()) - seen
+    assert sorted(_served_core()) == sorted(["__init__.py", *(f"{n}.py" for n in seen)])
 
 
 def test_meta_round_trips_and_rejects_foreign_keys() -> None:
@@ -142,7 +170,7 @@ def test_iw_calls_cover_every_sample_of_every_image_once(samples, batch, rows) -
     """The scorer calls of L_K's samples: each (image, sample) once, at most `rows` rows (images x samples) a call,
     as many samples per image as fit (so the stages that see x alone run as few times as the row limit allows)."""
     seen = np.zeros((batch, samples), int)
-    calls = contract.iw_calls(samples, batch, rows)
+    calls = scoring.iw_calls(samples, batch, rows)
     for imgs, smp in calls:
         assert (imgs.stop - imgs.start) * (smp.stop - smp.start) <= max(rows, 1) and smp.stop > smp.start
         seen[imgs, smp] += 1
@@ -172,7 +200,7 @@ def test_names_and_caps_are_written_once() -> None:
     quoted = [*contract.GRAPHS, contract.MODEL_PREFIX, contract.META_PARAMETER, contract.DETECTOR_PARAMETER,
               contract.ROLE_PARAMETER, contract.GRAPH_INSTANCES_PARAMETER, contract.ONNX_FILE_PARAMETER,
               contract.THREADS_PARAMETER, contract.SPINNING_PARAMETER, contract.RUNTIME_PARAMETER,
-              contract.CANCEL_DIR_ENV, contract.TOKEN_PARAMETER, *contract.RENAMED]
+              contract.CANCEL_DIR_ENV, contract.TOKEN_PARAMETER]
     caps = [f.name for f in __import__("dataclasses").fields(Caps)]
     for lit in quoted + caps:  # a quoted literal, or (caps) a field declaration such as "max_rows: int"
         pattern = rf"[\"']{lit}[\"']" + (rf"|\b{lit}: " if lit in caps else "")
@@ -194,8 +222,8 @@ def test_tensor_names_are_written_once() -> None:
     """Every file that builds or reads a served tensor takes its name from contract.T (JSON / CSV column names
     of the client's outputs and click parameter names are other things and may match)."""
     wire = [ROOT / "client" / "api.py", *(ROOT / "export").rglob("*.py"),
-            *(ROOT / "serving").rglob("*.py"), *(ROOT / "bench" / n for n in ("backends.py", "iw_rows.py",
-                                                                            "front_latency.py", "run.py"))]
+            *(ROOT / "serving").rglob("*.py"), *(ROOT / "bench" / n for n in ("backends.py", "run.py")),
+            *(ROOT / "studies" / n for n in ("iw_rows.py", "front_latency.py"))]
     names = [v for k, v in vars(contract.T).items() if not k.startswith("_")]
     assert len(names) == 22
     for p in wire:
@@ -204,11 +232,23 @@ def test_tensor_names_are_written_once() -> None:
         assert not found, f"{p.relative_to(ROOT)} writes tensor names {found}; use contract.T"
 
 
+def _generated_copies(root: Path) -> dict[Path, Path]:
+    """Every python file biva-export copied into repository `root` -> the source file it must equal."""
+    from biva_export.repository import CORE_DIR, PYTHON_DIR, SERVED_CORE
+
+    out = {}
+    for model_py in sorted(root.glob("*/1/model.py")):
+        graph = contract.ONNX_FILE_PARAMETER in (model_py.parent.parent / "config.pbtxt").read_text()
+        out[model_py] = PYTHON_DIR / ("graph_model.py" if graph else "front_model.py")
+        out.update({model_py.parent / "biva_core" / n: CORE_DIR / n for n in SERVED_CORE})
+    return out
+
+
 def test_generated_copies_equal_their_sources(tiny_repo) -> None:
     """The repository's model code and biva_core modules, in the repository this test run exported."""
-    from biva_export.repository import SERVED_CORE, generated_copies
+    from biva_export.repository import SERVED_CORE
 
-    copies = generated_copies(tiny_repo)
+    copies = _generated_copies(tiny_repo)
     assert len(copies) == 7 * (1 + len(SERVED_CORE))  # 4 front models and 3 graph models
     for copy, source in copies.items():
         assert copy.read_bytes() == source.read_bytes(), f"{copy} differs from {source}"

@@ -22,7 +22,7 @@ def _mode_l1(ckpt, npy, n: int) -> np.ndarray:
     from biva_core.checkpoint import load_model
     from biva_core.data import load_for_model
     from biva_core.noise import NoiseStream
-    from biva_core.contract import ScoreRequest
+    from biva_core.scoring import ScoreRequest
     from biva_core.objectives import evaluate_request
 
     model, meta = load_model(ckpt)

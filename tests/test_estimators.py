@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from biva_core.config import preset
-from biva_core.contract import ScoreRequest, T, noise_rng, run_score
+from biva_core.contract import T, noise_rng
+from biva_core.scoring import ScoreRequest, run_score
 from biva_core.model import Biva
 from biva_core.noise import NoiseStream
 from biva_core.objectives import draw_log_weights, evaluate_bounds, evaluate_request, log_weights
@@ -32,7 +33,7 @@ def _images(model: Biva, n: int, seed: int) -> np.ndarray:
 
 
 def _torch_exec(model: Biva):
-    """The scorer's computation in PyTorch, as contract.run_score calls a runtime."""
+    """The scorer's computation in PyTorch, as scoring.run_score calls a runtime."""
     def exec_calls(feeds, with_ks):
         with torch.no_grad():
             return [tuple(t.numpy() for t in draw_log_weights(model, torch.from_numpy(f[T.images]),
@@ -45,7 +46,7 @@ def _torch_exec(model: Biva):
                                  ScoreRequest("mean", 3, 12, ()), ScoreRequest("mode", 1, 1, (1, 2), False),
                                  ScoreRequest("mode", 1, 6, (3,))])
 def test_the_served_plan_equals_the_pytorch_reference(model, req) -> None:
-    """contract.run_score (what the front models run, here on the PyTorch scorer with 8 graph rows, so requests
+    """scoring.run_score (what the front models run, here on the PyTorch scorer with 8 graph rows, so requests
     span blocks) against objectives.evaluate_request (chunks of 3 draws) on fresh images and seeds."""
     rng = np.random.default_rng()
     x, seed = _images(model, 4, int(rng.integers(2**31))), int(rng.integers(2**62))

@@ -16,10 +16,12 @@ from biva_core.config import preset
 from biva_core.model import Biva
 from biva_core.noise import NoiseStream
 from biva_core.objectives import evaluate_bounds, evaluate_request
-from biva_core.contract import AOTI_SLICE_ROWS, REPORT, Caps, ModelMeta, ScoreRequest, front_specs
+from biva_core.contract import REPORT, Caps, ModelMeta, front_specs
+from biva_core.routing import AOTI_SLICE_ROWS
+from biva_core.scoring import ScoreRequest
 from biva_export.pipeline import ExportConfig, ExportError, run_export
 from biva_export.graphs import graph_specs
-from biva_core.contract import ServingConfig
+from biva_export.serving_config import ServingConfig
 from biva_export.repository import front_config, graph_config, parse_config
 from serving_helpers import i64, infer
 

@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper
 
 from biva_core.checkpoint import load_model
-from biva_core.contract import OrtOptions, ort_session
+from biva_core.runtimes import OrtOptions, ort_session
 from biva_export.graph_passes import ELU_FORMS, apply_elu_form, compose_elu, decompose_elu
 from biva_export.graphs import graph_specs, inference_copy
 from biva_export.onnx_export import example_inputs, export_graph, validate_graph

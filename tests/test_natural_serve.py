@@ -77,7 +77,7 @@ def test_export_sizes_graph_batches_and_caps_to_memory(name, rows, images):
     from biva_core.model import Biva
     from biva_core.contract import Caps
     from biva_export.pipeline import ExportConfig, fit_to_memory
-    from biva_core.contract import ServingConfig
+    from biva_export.serving_config import ServingConfig
 
     m = Biva(preset(name))
     got = fit_to_memory(ExportConfig(), m.latent_dim, m.noise_dim, m.cfg.image_shape)

@@ -1,8 +1,9 @@
 """Triton python-backend front model: the request API in front of the three graph models.
 
-biva-export writes this file into the model repository with biva_core/contract.py and biva_core/stats.py beside
-it; it depends only on numpy and Triton's triton_python_backend_utils, so it runs in NVIDIA's container beside
-the native onnxruntime backend. One file serves five roles (config parameter contract.ROLE_PARAMETER):
+biva-export writes this file into the model repository with the biva_core modules it imports beside it (contract,
+scoring, inflight, stats: export/repository.py's SERVED_CORE); it depends only on numpy and Triton's
+triton_python_backend_utils, so it runs in NVIDIA's container beside the native onnxruntime backend. One file
+serves five roles (config parameter contract.ROLE_PARAMETER):
 
     biva_sample      n, [seed], [temperature]                          -> images, seed
     biva_regenerate  z, k, [seed], [temperature]                       -> images, seed      (Figure 12)
@@ -15,11 +16,11 @@ order biva_core.noise.NoiseStream draws it, so PyTorch reproduces every number. 
 a fresh one, returned in the response. The graphs are called through BLS, in slices of at most the graph's max
 batch size, so memory stays bounded whatever K is. Every bad request gets INVALID_ARG naming the field.
 
-Scoring requests (biva_score, biva_detect) run contract.run_score's plan and stop between scorer calls when their
+Scoring requests (biva_score, biva_detect) run scoring.run_score's plan and stop between scorer calls when their
 client has gone: Triton marks a request whose gRPC client cancelled or passed its deadline (request.is_cancelled),
 and the launcher's fronts name each request with a token they mark in the cancel folder when its client hangs
 up, its deadline passes or the server shuts down (contract.CANCEL_DIR_ENV). A request costing more than
-contract.HEAVY_ROWS runs only while fewer than instances - 1 others do, so one instance is always left to small
+scoring.HEAVY_ROWS runs only while fewer than instances - 1 others do, so one instance is always left to small
 requests: the others are answered "busy" (UNAVAILABLE; HTTP 429 with Retry-After through the front).
 """
 import asyncio
@@ -31,11 +32,12 @@ import tempfile
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from biva_core.contract import (BUSY_PREFIX, CALL_ROWS, CANCEL_DIR_ENV, DETECTOR_FILE, ENCODER, GRAPH_INSTANCES_PARAMETER,
-                                HEAVY_ROWS, META_PARAMETER, ROLE_PARAMETER, SAMPLER, SCORER, SHUTDOWN_MARK,
-                                TOKEN_PARAMETER, Busy, Cancelled, InFlight, ModelMeta, RequestError, ScoreRequest, T,
-                                check_images, check_k, check_ks, check_n, check_seed, check_temperature,
-                                check_vectors, draw_noise, noise_rng, run_score)
+from biva_core.contract import (BUSY_PREFIX, CANCEL_DIR_ENV, DETECTOR_FILE, ENCODER, GRAPH_INSTANCES_PARAMETER,
+                                META_PARAMETER, ROLE_PARAMETER, SAMPLER, SCORER, SHUTDOWN_MARK, TOKEN_PARAMETER, Busy,
+                                Cancelled, ModelMeta, RequestError, T, check_images, check_k, check_ks, check_n,
+                                check_seed, check_temperature, check_vectors, draw_noise, noise_rng)
+from biva_core.inflight import InFlight
+from biva_core.scoring import CALL_ROWS, HEAVY_ROWS, ScoreRequest, run_score
 from biva_core.stats import Detector
 
 
@@ -92,7 +94,7 @@ class TritonPythonModel:
         # slices, one call per instance in flight. A second call queued behind a busy instance is merged by the
         # dynamic batcher into the next free instance's batch with the first waiting one, so both land on one
         # instance and the other idles (docs/speed.md: the served IW path); calls sent at once are kept apart by the
-        # graph models' preferred batch size (a full slice: contract.ServingConfig.preferred)
+        # graph models' preferred batch size (a full slice: biva_export.serving_config.ServingConfig.preferred)
         self.instances = max(1, int(params.get(GRAPH_INSTANCES_PARAMETER, "1")))
         self.cancel_dir = os.environ.get(CANCEL_DIR_ENV) or None
         self.in_flight = InFlight(self.cancel_dir)  # the supervisor sees this stub at work (its graph calls included)
@@ -192,7 +194,7 @@ class TritonPythonModel:
         return images
 
     def _score(self, req, x, score_req, rng):
-        """contract.run_score on the scorer graph, heavy requests within their slots, stopped once abandoned."""
+        """scoring.run_score on the scorer graph, heavy requests within their slots, stopped once abandoned."""
         gate = _Gate(req, self.cancel_dir)
         outputs = {True: [T.log_w, T.log_w_gt_k, T.kl], False: [T.log_w]}
         run = lambda: run_score(score_req, x, rng, self.N, self.graph_rows, len(self.meta.groups),  # noqa: E731

@@ -5,8 +5,9 @@ package compiled for that batch, where exported). A repository exported without 
 them only for instances of AOTI_MIN_THREADS threads or more) and served on more threads per instance says so in
 one line at load and serves ONNX Runtime.
 
-biva-export writes this file into the model repository with biva_core/contract.py beside it; it depends only on
-numpy, onnxruntime (and torch for "aoti") and Triton's triton_python_backend_utils. The
+biva-export writes this file into the model repository with the biva_core modules it imports beside it (contract,
+routing, runtimes, inflight: export/repository.py's SERVED_CORE); it depends only on numpy, onnxruntime (and torch
+for "aoti") and Triton's triton_python_backend_utils. The
 dynamic batcher hands over a list of requests: each is checked as the API models check theirs (finite values
 in range, binary pixels for a binary model, k in 0..L, 0 < temperature <= cap), the good ones are stacked,
 run once, and the outputs split back by row counts; a row whose output is not finite is answered with an
@@ -19,12 +20,12 @@ import sys
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from biva_core.contract import (AOTI_MIN_ROWS, AOTI_MIN_THREADS, AOTI_THREADS_PARAMETER, ARENA_KEEP_ROWS,
-                                CANCEL_DIR_ENV, META_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_FILE,
-                                PACKAGE_ISA_PARAMETER, RUNTIME_PARAMETER, SLICE_PACKAGE_FILE, SPINNING_PARAMETER,
-                                THREADS_PARAMETER, InFlight, ModelMeta, OrtOptions, RequestError, aoti_runner,
-                                call_rows, check_graph_inputs, check_package_isa, ort_session, ort_shrinking_run,
-                                run_in_slices, served_runtime)
+from biva_core.contract import (AOTI_THREADS_PARAMETER, CANCEL_DIR_ENV, META_PARAMETER, ONNX_FILE_PARAMETER,
+                                PACKAGE_FILE, PACKAGE_ISA_PARAMETER, RUNTIME_PARAMETER, SLICE_PACKAGE_FILE,
+                                SPINNING_PARAMETER, THREADS_PARAMETER, ModelMeta, RequestError, check_graph_inputs)
+from biva_core.inflight import InFlight
+from biva_core.routing import AOTI_MIN_ROWS, AOTI_MIN_THREADS, ARENA_KEEP_ROWS, call_rows, run_in_slices, served_runtime
+from biva_core.runtimes import OrtOptions, aoti_runner, check_package_isa, ort_session, ort_shrinking_run
 
 
 def _param(config, key, default):
