@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import click
 import yaml
 
-from biva_serving.net import LOOPBACK, free_ports
+from biva_serving.net import LOOPBACK, LoopbackUrls, free_ports
 from biva_serving.process import ServerHandle
 
 DEPLOYMENT_YAML = Path(__file__).resolve().parent / "k8s" / "base" / "deployment.yaml"
@@ -226,7 +226,7 @@ def _is_200(url: str, timeout: float = 1.0) -> bool:
 
 # ---- a replica --------------------------------------------------------------------------------------------------
 @dataclass
-class Replica:
+class Replica(LoopbackUrls):
     """One replica: its fixed local ports, its current process, what happened to it."""
 
     index: int
@@ -253,14 +253,6 @@ class Replica:
     @property
     def metrics_port(self) -> int:
         return self.ports["metrics"]
-
-    @property
-    def http_url(self) -> str:
-        return f"{LOOPBACK}:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{LOOPBACK}:{self.grpc_port}"
 
     @property
     def name(self) -> str:
@@ -408,7 +400,7 @@ def server_states(stats_socket: Path) -> dict[tuple[str, str], str]:
 
 
 # ---- the deployment ---------------------------------------------------------------------------------------------
-class LocalDeployment:
+class LocalDeployment(LoopbackUrls):
     """N replicas of the Deployment's container behind HAProxy on loopback. A context manager:
 
         with LocalDeployment("triton_models", replicas=2) as d:
@@ -449,15 +441,6 @@ class LocalDeployment:
         self._terminating: set[int] = set()  # replicas being terminated on purpose (rolling restart)
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-
-    # ---- addresses --------------------------------------------------------------------------------------------
-    @property
-    def http_url(self) -> str:
-        return f"{LOOPBACK}:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{LOOPBACK}:{self.grpc_port}"
 
     # ---- life -------------------------------------------------------------------------------------------------
     def __enter__(self) -> LocalDeployment:

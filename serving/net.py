@@ -41,3 +41,14 @@ def free_ports(n: int) -> list[int]:
         for s in socks:
             s.close()
 
+
+class LoopbackUrls:
+    """`http_url` and `grpc_url` ("127.0.0.1:PORT") of something that has `http_port` and `grpc_port`."""
+
+    @property
+    def http_url(self) -> str:
+        return f"{LOOPBACK}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{LOOPBACK}:{self.grpc_port}"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Sequence
 
 from .binary import ADDRESS_FLAGS
-from .net import LOOPBACK, free_ports
+from .net import LOOPBACK, LoopbackUrls, free_ports
 
 _ERROR_LINE = re.compile(r"E\d{4} ")
 
@@ -54,7 +54,7 @@ def _failure_report(path: Path) -> str:
 
 
 @dataclass
-class ServerHandle:
+class ServerHandle(LoopbackUrls):
     """A running server started by `start_server`; use as a context manager or call `stop()`."""
 
     process: subprocess.Popen
@@ -63,14 +63,6 @@ class ServerHandle:
     metrics_port: int
     log_path: Path
     _log_file: IO[bytes] | None = field(default=None, repr=False)
-
-    @property
-    def http_url(self) -> str:
-        return f"{LOOPBACK}:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{LOOPBACK}:{self.grpc_port}"
 
     def log_tail(self, n: int = 20) -> str:
         return _tail(self.log_path, n)
