@@ -39,7 +39,7 @@ import h11
 
 from biva_core.contract import BUSY_PREFIX, RETRY_AFTER_S
 
-from .validate import Limits, Refused, Validator, check_tensor, json_depth  # noqa: F401 - the fronts' checks
+from .validate import Limits, Refused, Validator
 
 ALLOWED_PATH = re.compile(rb"^/v2(/health/(live|ready)|/models/stats|/models/[A-Za-z0-9_.-]+(/versions/[0-9]+)?"
                           rb"(/ready|/config|/stats|/infer)?)?/?$")
