@@ -27,9 +27,8 @@ from typing import Any, Callable
 import torch
 
 from biva_core.checkpoint import sha256_file
-from biva_core.contract import (DETECT, ENCODE, ENCODER, FRONT_GRAPHS, KS, PACKAGE_FILE, REPORT, SAMPLE, SAMPLES,
-                                SCORER, SLICE_PACKAGE_FILE, T, read_meta)
-from biva_core.routing import AOTI_MIN_ROWS
+from biva_core.contract import DETECT, ENCODE, ENCODER, FRONT_GRAPHS, KS, REPORT, SAMPLE, SAMPLES, SCORER, T, read_meta
+from biva_core.routing import AOTI_MIN_ROWS, PACKAGE_FILE, SLICE_PACKAGE_FILE
 from biva_core.runtimes import OrtOptions, ort_session
 from biva_core.scoring import IW_CALL_ROWS, score_plan
 

@@ -6,14 +6,14 @@ model.py, with the other modules the served code imports: export/repository.py's
 (graph and front models, config parameters, estimators, every tensor name on the wire: `T`); the tensor specs of
 every served model, and the graphs' outputs as named tuples; the request caps and the metadata record
 (`ModelMeta`) every config.pbtxt carries; the request checks shared by the served models and the client, and the
-protocol constants the fronts and the served models share; the seed -> noise stream (biva_core.noise wraps it for
+busy answer's protocol; the seed -> noise stream (biva_core.noise wraps it for
 PyTorch). What is done with them lives beside it: scoring.py (a biva_score request's plan and reduction),
-routing.py (a graph call's slices and runtime), inflight.py (which stub is at work), runtimes.py (the loaders).
+routing.py (a graph call's slices and runtime, and the graph models' config parameters), inflight.py (which stub
+is at work, the cancel folder), runtimes.py (the loaders).
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -34,16 +34,6 @@ META_PARAMETER = "biva_meta"  # config.pbtxt parameter holding ModelMeta.to_json
 DETECTOR_PARAMETER = "biva_detector"  # biva_detect's parameter: the deployed detector's summary (no points)
 ROLE_PARAMETER = "role"  # config.pbtxt parameter naming a front model's role
 GRAPH_INSTANCES_PARAMETER = "graph_instances"  # a front model's parameter: instances of each graph model
-# a graph model's config.pbtxt parameters (python backend): its ONNX file, intra-op threads, "1"/"0" spinning
-ONNX_FILE_PARAMETER, THREADS_PARAMETER, SPINNING_PARAMETER = "onnx_file", "intra_op_threads", "intra_op_spinning"
-# and the runtime that runs it: ONNX Runtime on model.onnx, or the AOTInductor package PACKAGE_FILE (export/aoti.py)
-RUNTIME_PARAMETER, RUNTIMES, PACKAGE_FILE = "runtime", ("onnxruntime", "aoti"), "model.pt2"
-# beside it, the same graph compiled for exactly routing.AOTI_SLICE_ROWS images (the batch axis static, the scorer's
-# samples and ks still free): a full slice runs on it, 0-10% faster than on the package that holds every batch size
-# (docs/speed.md: the sampler gains most, the scorer nothing measurable); the other slices run on PACKAGE_FILE
-SLICE_PACKAGE_FILE = "model_slice.pt2"
-AOTI_THREADS_PARAMETER = "aoti_threads"  # intra-op threads of a graph model's package (0: as ONNX Runtime's)
-PACKAGE_ISA_PARAMETER = "aoti_isa"  # the CPU the package was compiled on: {"cpu": name, "flags": [cpuinfo flags]}
 DETECTOR_FILE = "detector.json"  # beside biva_detect's model.py: the fitted detector (biva_core.stats.Detector)
 REPORT = "export_report.json"  # written by biva-export at the repository's root
 # the estimators of L_1 and L^{>k} a biva_score request may name (what each computes: biva_core.scoring)
@@ -89,7 +79,6 @@ class T:
 
 SAMPLES, KS = "samples", "ks"  # the scorer's free per-row axes: draws S, values of k J (may be 0)
 DTYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "bool": "TYPE_BOOL", "bytes": "TYPE_STRING"}
-ITEM_BYTES = {"float32": 4, "int64": 8, "bool": 1, "bytes": 16}  # "bytes": an estimator name, at most 16
 WIRE_TYPES = {"float32": "FP32", "int64": "INT64", "bool": "BOOL", "object": "BYTES"}  # numpy dtype -> wire
 
 
@@ -259,20 +248,6 @@ class ModelMeta:
     def front_specs(self) -> dict[str, FrontSpec]:
         return front_specs(self.image_shape, self.latent_dim, len(self.groups))
 
-    def max_request_bytes(self) -> dict[str, int]:
-        """model -> bytes of the largest request its caps allow (every input at its largest), so a front can
-        refuse a larger declared size before anything is allocated."""
-        out = {}
-        for name, spec in self.front_specs().items():  # a free dimension is rows (images, z) or, alone, the ks
-            free = lambda t: self.caps.max_images if len(t.dims) > 1 else self.n_layers + 1  # noqa: E731
-            out[name] = sum(ITEM_BYTES[t.dtype] * math.prod(free(t) if d < 0 else d for d in t.dims)
-                            for t in spec.inputs)
-        free = {SAMPLES: 1, KS: self.n_layers + 1}  # rows x samples <= the graph's max batch; J <= L + 1
-        for name, spec in self.graph_specs().items():
-            row = lambda t: math.prod([d for d in t.dims if d > 0] + [free[a] for a in t.free])  # noqa: E731
-            out[name] = sum(ITEM_BYTES[t.dtype] * self.graph_max_batch * row(t) for t in spec.inputs)
-        return out
-
 
 def read_meta(repo: Path) -> ModelMeta:
     """The model metadata of a repository written by biva-export (from its report)."""
@@ -298,11 +273,6 @@ class Cancelled(RuntimeError):
 
 BUSY_PREFIX = "busy:"  # starts the message of every "busy, retry later" answer of the served models
 RETRY_AFTER_S = 1  # what the fronts answer busy requests with (HTTP Retry-After, gRPC retry-after metadata)
-# Abandoned requests: the launcher makes a cancel folder and names it to the stubs in CANCEL_DIR_ENV; each front
-# request carries a token (request parameter TOKEN_PARAMETER) that its front writes as a file there when the
-# client goes away, and SHUTDOWN_MARK there stops every request when the server shuts down
-CANCEL_DIR_ENV, TOKEN_PARAMETER, SHUTDOWN_MARK = "BIVA_CANCEL_DIR", "biva_token", "shutdown"
-
 
 
 def check_rows(name: str, a: np.ndarray, row_shape: tuple[int, ...], cap: int) -> None:
@@ -375,10 +345,10 @@ def check_iw(iw: int, caps: Caps) -> int:
     return _check_count(T.iw, iw, caps.max_iw, "max_iw")
 
 
-
 def check_samples(samples: int, caps: Caps) -> int:
     """Draws S per image of the "mean" estimator."""
     return _check_count(T.samples, samples, caps.max_samples, "max_samples")
+
 
 def check_ks(ks: np.ndarray, n_layers: int) -> np.ndarray:
     ks = np.asarray(ks).reshape(-1).astype(np.int64)
@@ -406,6 +376,7 @@ def check_seed(seed: int, what: str = T.seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= INT64_MAX:
         raise RequestError(f"{what}: expected an integer in 0..2^63-1, got {seed!r}")
     return int(seed)
+
 
 def check_graph_inputs(graph: str, feeds: dict[str, np.ndarray], meta: ModelMeta) -> None:
     """The inputs of one graph request (rows already within max_batch_size, shapes checked by Triton)."""

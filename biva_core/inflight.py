@@ -1,4 +1,5 @@
-"""Cross-process coordination of the python-backend stubs: which stub is inside an execute() right now.
+"""Cross-process coordination of the python-backend stubs: which stub is inside an execute() right now, and the
+cancel folder through which the fronts and the launcher stop abandoned requests.
 
 Copied beside every python-backend model.py (export/repository.py's SERVED_CORE); the supervisor
 (serving/supervisor.py) reads what the stubs mark. Standard library only.
@@ -8,6 +9,11 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+
+# Abandoned requests: the launcher makes a cancel folder and names it to the stubs in CANCEL_DIR_ENV; each front
+# request carries a token (request parameter TOKEN_PARAMETER) that its front writes as a file there when the
+# client goes away, and SHUTDOWN_MARK there stops every request when the server shuts down
+CANCEL_DIR_ENV, TOKEN_PARAMETER, SHUTDOWN_MARK = "BIVA_CANCEL_DIR", "biva_token", "shutdown"
 
 # In flight: a request in a stub's execute() holds a shared lock on BUSY_FILE in the cancel folder. Triton counts a
 # request only when it ends and keeps no count of the running ones, so this is how the supervisor knows that a stub

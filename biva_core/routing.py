@@ -8,7 +8,18 @@ from typing import Callable
 
 import numpy as np
 
-from .contract import PACKAGE_FILE, SLICE_PACKAGE_FILE, T
+from .contract import T
+
+# A graph model's config.pbtxt parameters (python backend): its ONNX file, intra-op threads, "1"/"0" spinning
+ONNX_FILE_PARAMETER, THREADS_PARAMETER, SPINNING_PARAMETER = "onnx_file", "intra_op_threads", "intra_op_spinning"
+# and the runtime that runs it: ONNX Runtime on model.onnx, or the AOTInductor package PACKAGE_FILE (export/aoti.py)
+RUNTIME_PARAMETER, PACKAGE_FILE = "runtime", "model.pt2"
+# beside it, the same graph compiled for exactly AOTI_SLICE_ROWS images (the batch axis static, the scorer's
+# samples and ks still free): a full slice runs on it, 0-10% faster than on the package that holds every batch size
+# (docs/speed.md: the sampler gains most, the scorer nothing measurable); the other slices run on PACKAGE_FILE
+SLICE_PACKAGE_FILE = "model_slice.pt2"
+AOTI_THREADS_PARAMETER = "aoti_threads"  # intra-op threads of a graph model's package (0: as ONNX Runtime's)
+PACKAGE_ISA_PARAMETER = "aoti_isa"  # the CPU the package was compiled on: {"cpu": name, "flags": [cpuinfo flags]}
 
 # the aoti runtime keeps ONNX Runtime for calls of fewer rows, where it leads (docs/speed.md: the row threshold,
 # measured on an AMD EPYC and an Intel Xeon with 2 threads)

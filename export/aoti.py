@@ -5,7 +5,7 @@ Why: inductor fuses BIVA's elementwise work (the ELU before every convolution, t
 into the loops around its convolutions, which ONNX Runtime's CPU provider cannot; from 8 rows it is the
 faster runtime here (docs/speed.md). One package per graph holds every batch size (a dynamic batch axis, as
 the ONNX graph), so a server compiles nothing; for models of small weights a second one is compiled for exactly
-the 32 images of a full slice (contract.SLICE_PACKAGE_FILE), which inductor specialises: 0-10% faster per graph
+the 32 images of a full slice (routing.SLICE_PACKAGE_FILE), which inductor specialises: 0-10% faster per graph
 in alternated calls (docs/speed.md). Packages are validated against PyTorch at the same tolerances as the ONNX graphs
 (onnx_export.compare_with_torch) before anything is written.
 

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from biva_core.contract import (DEFAULT_ESTIMATOR, DETECT, DETECTOR_FILE, PACKAGE_FILE, REPORT, SLICE_PACKAGE_FILE,
-                                Caps, ModelMeta)
-from biva_core.routing import AOTI_MIN_ROWS, AOTI_MIN_THREADS, AOTI_SLICE_ROWS, served_ranges
+from biva_core.contract import DEFAULT_ESTIMATOR, DETECT, DETECTOR_FILE, REPORT, Caps, ModelMeta
+from biva_core.routing import (AOTI_MIN_ROWS, AOTI_MIN_THREADS, AOTI_SLICE_ROWS, PACKAGE_FILE, SLICE_PACKAGE_FILE,
+                               served_ranges)
 
 from biva_core.checkpoint import binarization, sha256_file
 

@@ -23,10 +23,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from biva_core.contract import (AOTI_THREADS_PARAMETER, DETECTOR_PARAMETER, DTYPES, GRAPH_INSTANCES_PARAMETER,
-                                META_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_ISA_PARAMETER, ROLE_PARAMETER,
-                                RUNTIME_PARAMETER, SPINNING_PARAMETER, THREADS_PARAMETER, FrontSpec, GraphSpec,
-                                ModelMeta, TensorSpec)
+from biva_core.contract import (DETECTOR_PARAMETER, DTYPES, GRAPH_INSTANCES_PARAMETER, META_PARAMETER, ROLE_PARAMETER,
+                                FrontSpec, GraphSpec, ModelMeta, TensorSpec)
+from biva_core.routing import (AOTI_THREADS_PARAMETER, ONNX_FILE_PARAMETER, PACKAGE_ISA_PARAMETER, RUNTIME_PARAMETER,
+                               SPINNING_PARAMETER, THREADS_PARAMETER)
 
 from .serving_config import ServingConfig
 

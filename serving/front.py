@@ -15,7 +15,7 @@ h11's (the sans-IO parser under httpcore and uvicorn); this module owns the I/O,
 - answers not-ready (503) on the ready endpoints while the supervisor reloads a model whose stub died or while
   the replica drains, and 503 with Retry-After (not Triton's 500) for a request that reached a dead stub;
 - answers 429 with Retry-After (busy, retry later) wherever Triton or a served model says busy;
-- names every infer request with a token (the request parameter contract.TOKEN_PARAMETER) and, when the client
+- names every infer request with a token (the request parameter inflight.TOKEN_PARAMETER) and, when the client
   hangs up before the answer, writes the token into the cancel folder, where the front models see it and stop;
 - drains on request (`drain()`, on SIGTERM): ready endpoints answer 503 at once, new infer requests 503 with
   Retry-After and `Connection: close` (a load balancer retries them on another replica), requests already
@@ -63,7 +63,7 @@ class FrontConfig:
     body_timeout_s: float = 60.0  # to send the body
     max_connections: int = 512
     model_bytes: dict[str, int] | None = None  # model -> largest request its caps allow (ModelMeta)
-    cancel_dir: str | None = None  # where abandoned requests' tokens go (contract.CANCEL_DIR_ENV); None: no tokens
+    cancel_dir: str | None = None  # where abandoned requests' tokens go (inflight.CANCEL_DIR_ENV); None: no tokens
     max_open_streams: int = 64  # gRPC: ModelStreamInfer streams open at once (the rest of the RPC limit stays free)
     stream_idle_s: float = 30.0  # gRPC: a stream that sends nothing for this long is ended
 

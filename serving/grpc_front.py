@@ -20,7 +20,7 @@ loop beside the HTTP front), which
 - bounds the ModelStreamInfer streams open at once (FrontConfig.max_open_streams: RESOURCE_EXHAUSTED beyond, so
   the rest of the RPC limit stays free for unary calls and health) and ends a stream whose client sends nothing for
   FrontConfig.stream_idle_s (DEADLINE_EXCEEDED); its upstream stream opens only with its first message;
-- names every infer request with a token (the request parameter contract.TOKEN_PARAMETER) and writes the token
+- names every infer request with a token (the request parameter inflight.TOKEN_PARAMETER) and writes the token
   into the cancel folder when the client cancels or its deadline passes before the answer (Triton also marks the
   request cancelled: the front models see either).
 

@@ -11,7 +11,7 @@ parsers except through a front. Models load with explicit model control (`--load
 supervisor can use, so a model whose stub died is reloaded (supervisor.py). User flags still come last and
 win; `--allow-grpc=false` leaves gRPC off; `--biva-direct` (launcher.py) skips all of this.
 
-Abandoned work: this process makes a cancel folder, named to the stubs in contract.CANCEL_DIR_ENV. The fronts name
+Abandoned work: this process makes a cancel folder, named to the stubs in inflight.CANCEL_DIR_ENV. The fronts name
 every infer request with a token and write it there when its client goes away.
 
 Shutdown, as an orchestrator sends it:
@@ -46,12 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Sequence
 
-from biva_core.contract import CANCEL_DIR_ENV, SHUTDOWN_MARK, read_meta
+from biva_core.contract import read_meta
+from biva_core.inflight import CANCEL_DIR_ENV, SHUTDOWN_MARK
 
 from .front import Front, FrontConfig
 from .grpc_front import GrpcFront
 from .net import LOOPBACK, free_ports, take_flag
 from .supervisor import Settings, Supervisor, become_subreaper, list_stubs, reap_children
+from .validate import model_bytes
 
 SECRET_HEADER = "biva-admin-key"
 DRAIN_S = 20.0  # SIGTERM: how long in-flight requests may finish (--exit-timeout-secs overrides)
@@ -154,7 +156,7 @@ def _model_bytes(args: list[str]) -> dict[str, int] | None:
     write (the front's body limit still applies)."""
     repo, _ = take_flag(list(args), "--model-repository", "")
     try:
-        return read_meta(Path(repo)).max_request_bytes() if repo else None
+        return model_bytes(read_meta(Path(repo))) if repo else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -10,7 +10,7 @@ outside their type. Before a front forwards an infer request, `http_infer` (HTTP
   JSON `data` or gRPC typed contents holding exactly the declared number of elements;
 - checks the values of JSON `data` and gRPC float contents: integers within their type's range, finite floats;
 - refuses inputs whose declared bytes exceed what the model's caps allow (nothing that large reaches a stub);
-- names the request with its token (the request parameter contract.TOKEN_PARAMETER).
+- names the request with its token (the request parameter inflight.TOKEN_PARAMETER).
 
 Every refusal is `Refused(status, one line naming the input and what was expected)`.
 
@@ -35,7 +35,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
-from biva_core.contract import TOKEN_PARAMETER
+from biva_core.contract import KS, SAMPLES, ModelMeta
+from biva_core.inflight import TOKEN_PARAMETER
 
 DTYPE_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2, "UINT32": 4,
                "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
@@ -66,6 +67,23 @@ class Limits:
     max_json_depth: int = 32  # a request for a (B, C, H, W) tensor nests 6 deep
     model_bytes: dict[str, int] = field(default_factory=dict)  # model -> largest request its caps allow
 
+
+ITEM_BYTES = {"float32": 4, "int64": 8, "bool": 1, "bytes": 16}  # "bytes": an estimator name, at most 16
+
+
+def model_bytes(meta: ModelMeta) -> dict[str, int]:
+    """model -> bytes of the largest request its caps allow (every input at its largest), so a front can refuse a
+    larger declared size before anything is allocated (Limits.model_bytes)."""
+    out = {}
+    for name, spec in meta.front_specs().items():  # a free dimension is rows (images, z) or, alone, the ks
+        free = lambda t: meta.caps.max_images if len(t.dims) > 1 else meta.n_layers + 1  # noqa: E731
+        out[name] = sum(ITEM_BYTES[t.dtype] * math.prod(free(t) if d < 0 else d for d in t.dims)
+                        for t in spec.inputs)
+    free = {SAMPLES: 1, KS: meta.n_layers + 1}  # rows x samples <= the graph's max batch; J <= L + 1
+    for name, spec in meta.graph_specs().items():
+        row = lambda t: math.prod([d for d in t.dims if d > 0] + [free[a] for a in t.free])  # noqa: E731
+        out[name] = sum(ITEM_BYTES[t.dtype] * meta.graph_max_batch * row(t) for t in spec.inputs)
+    return out
 
 def json_depth(text: bytes) -> int:
     """Deepest nesting of [ and { outside strings (vectorised: no recursion, no per-byte Python)."""

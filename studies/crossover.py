@@ -20,7 +20,8 @@ from pathlib import Path
 import click
 import torch
 
-from biva_core.contract import GRAPHS, PACKAGE_FILE
+from biva_core.contract import GRAPHS
+from biva_core.routing import PACKAGE_FILE
 from biva_core.runtimes import OrtOptions, aoti_runner, cpu_info, ort_session
 
 from biva_bench.backends import alternated_medians

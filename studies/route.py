@@ -7,7 +7,7 @@ The served route against torch.compile at one batch, every runtime called altern
 
 For each graph, on the same inputs (the scorer with one draw and one k, as the bench's scorer_k1): torch.compile
 (static shapes, as biva-bench's compile backend), ONNX Runtime, the served route with the package for every batch
-size alone, and the served route with full slices on the slice package (contract.SLICE_PACKAGE_FILE, what a
+size alone, and the served route with full slices on the slice package (routing.SLICE_PACKAGE_FILE, what a
 default export serves). One call of each in turn (or `--turn` calls in a row), `--reps` times after a warm-up,
 `--threads` intra-op threads each; medians. Alternating makes the machine's drift (shared cores) slow every
 runtime alike, so the ratios hold where windowed rates taken minutes apart do not (the full bench's batch-64 cells
@@ -21,7 +21,8 @@ from pathlib import Path
 import click
 import torch
 
-from biva_core.contract import GRAPHS, PACKAGE_FILE, SLICE_PACKAGE_FILE
+from biva_core.contract import GRAPHS
+from biva_core.routing import PACKAGE_FILE, SLICE_PACKAGE_FILE
 from biva_core.runtimes import OrtOptions, cpu_info, ort_session
 
 from biva_bench.backends import AotiRunner, CompiledRunner, OrtRunner, ServedRunner, alternated_medians

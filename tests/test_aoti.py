@@ -13,8 +13,9 @@ from biva_core.checkpoint import load_model
 from biva_core.data import load_for_model
 from biva_core.noise import NoiseStream
 from biva_core.objectives import evaluate_bounds
-from biva_core.contract import PACKAGE_FILE, REPORT, SLICE_PACKAGE_FILE
-from biva_core.routing import AOTI_MIN_ROWS, AOTI_MIN_THREADS, AOTI_SLICE_ROWS, served_ranges, served_runtime
+from biva_core.contract import REPORT
+from biva_core.routing import (AOTI_MIN_ROWS, AOTI_MIN_THREADS, AOTI_SLICE_ROWS, PACKAGE_FILE, SLICE_PACKAGE_FILE,
+                               served_ranges, served_runtime)
 from biva_export.pipeline import ExportConfig, ExportError, run_export
 from biva_export.serving_config import ServingConfig
 from biva_export.repository import parse_config

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biva_core import contract, scoring
+from biva_core import contract, inflight, routing, scoring
 from biva_core.contract import Caps, ModelMeta, RequestError
 from biva_core.scoring import LogMeanExp, ScoreRequest, score_blocks
+from biva_serving.validate import model_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [p for d in ("biva_core", "export", "client", "bench", "studies", "serving", "demo")
@@ -186,7 +187,7 @@ def test_scorer_spec_names_its_free_axes_and_bounds_its_bytes() -> None:
                     "log_w_gt_k": (contract.SAMPLES, contract.KS), "kl": (contract.SAMPLES,)}
     assert all(t.dims.count(-1) == len(t.free) for t in spec.inputs + spec.outputs)
     # rows x samples within the max batch; up to L + 1 values of k per row
-    assert meta.max_request_bytes()[contract.SCORER] == 16 * (4 * 16 + 4 * 7 + 8 * 4)
+    assert model_bytes(meta)[contract.SCORER] == 16 * (4 * 16 + 4 * 7 + 8 * 4)
 
 
 def _non_test_sources() -> dict[Path, str]:
@@ -195,12 +196,12 @@ def _non_test_sources() -> dict[Path, str]:
 
 def test_names_and_caps_are_written_once() -> None:
     """Each graph / front model name, parameter name, metadata key and cap is a literal in exactly one non-test
-    source (the contract, or stats for the fitted file's keys)."""
+    source (the contract, routing or inflight, or stats for the fitted file's keys)."""
     texts = _non_test_sources()
     quoted = [*contract.GRAPHS, contract.MODEL_PREFIX, contract.META_PARAMETER, contract.DETECTOR_PARAMETER,
-              contract.ROLE_PARAMETER, contract.GRAPH_INSTANCES_PARAMETER, contract.ONNX_FILE_PARAMETER,
-              contract.THREADS_PARAMETER, contract.SPINNING_PARAMETER, contract.RUNTIME_PARAMETER,
-              contract.CANCEL_DIR_ENV, contract.TOKEN_PARAMETER]
+              contract.ROLE_PARAMETER, contract.GRAPH_INSTANCES_PARAMETER, routing.ONNX_FILE_PARAMETER,
+              routing.THREADS_PARAMETER, routing.SPINNING_PARAMETER, routing.RUNTIME_PARAMETER,
+              inflight.CANCEL_DIR_ENV, inflight.TOKEN_PARAMETER]
     caps = [f.name for f in __import__("dataclasses").fields(Caps)]
     for lit in quoted + caps:  # a quoted literal, or (caps) a field declaration such as "max_rows: int"
         pattern = rf"[\"']{lit}[\"']" + (rf"|\b{lit}: " if lit in caps else "")
@@ -238,7 +239,7 @@ def _generated_copies(root: Path) -> dict[Path, Path]:
 
     out = {}
     for model_py in sorted(root.glob("*/1/model.py")):
-        graph = contract.ONNX_FILE_PARAMETER in (model_py.parent.parent / "config.pbtxt").read_text()
+        graph = routing.ONNX_FILE_PARAMETER in (model_py.parent.parent / "config.pbtxt").read_text()
         out[model_py] = PYTHON_DIR / ("graph_model.py" if graph else "front_model.py")
         out.update({model_py.parent / "biva_core" / n: CORE_DIR / n for n in SERVED_CORE})
     return out

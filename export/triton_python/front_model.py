@@ -19,7 +19,7 @@ batch size, so memory stays bounded whatever K is. Every bad request gets INVALI
 Scoring requests (biva_score, biva_detect) run scoring.run_score's plan and stop between scorer calls when their
 client has gone: Triton marks a request whose gRPC client cancelled or passed its deadline (request.is_cancelled),
 and the launcher's fronts name each request with a token they mark in the cancel folder when its client hangs
-up, its deadline passes or the server shuts down (contract.CANCEL_DIR_ENV). A request costing more than
+up, its deadline passes or the server shuts down (inflight.CANCEL_DIR_ENV). A request costing more than
 scoring.HEAVY_ROWS runs only while fewer than instances - 1 others do, so one instance is always left to small
 requests: the others are answered "busy" (UNAVAILABLE; HTTP 429 with Retry-After through the front).
 """
@@ -32,11 +32,11 @@ import tempfile
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from biva_core.contract import (BUSY_PREFIX, CANCEL_DIR_ENV, DETECTOR_FILE, ENCODER, GRAPH_INSTANCES_PARAMETER,
-                                META_PARAMETER, ROLE_PARAMETER, SAMPLER, SCORER, SHUTDOWN_MARK, TOKEN_PARAMETER, Busy,
-                                Cancelled, ModelMeta, RequestError, T, check_images, check_k, check_ks, check_n,
-                                check_seed, check_temperature, check_vectors, draw_noise, noise_rng)
-from biva_core.inflight import InFlight
+from biva_core.contract import (BUSY_PREFIX, DETECTOR_FILE, ENCODER, GRAPH_INSTANCES_PARAMETER, META_PARAMETER,
+                                ROLE_PARAMETER, SAMPLER, SCORER, Busy, Cancelled, ModelMeta, RequestError, T,
+                                check_images, check_k, check_ks, check_n, check_seed, check_temperature, check_vectors,
+                                draw_noise, noise_rng)
+from biva_core.inflight import CANCEL_DIR_ENV, SHUTDOWN_MARK, TOKEN_PARAMETER, InFlight
 from biva_core.scoring import CALL_ROWS, HEAVY_ROWS, ScoreRequest, run_score
 from biva_core.stats import Detector
 

@@ -20,11 +20,12 @@ import sys
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from biva_core.contract import (AOTI_THREADS_PARAMETER, CANCEL_DIR_ENV, META_PARAMETER, ONNX_FILE_PARAMETER,
-                                PACKAGE_FILE, PACKAGE_ISA_PARAMETER, RUNTIME_PARAMETER, SLICE_PACKAGE_FILE,
-                                SPINNING_PARAMETER, THREADS_PARAMETER, ModelMeta, RequestError, check_graph_inputs)
-from biva_core.inflight import InFlight
-from biva_core.routing import AOTI_MIN_ROWS, AOTI_MIN_THREADS, ARENA_KEEP_ROWS, call_rows, run_in_slices, served_runtime
+from biva_core.contract import META_PARAMETER, ModelMeta, RequestError, check_graph_inputs
+from biva_core.inflight import CANCEL_DIR_ENV, InFlight
+from biva_core.routing import (AOTI_MIN_ROWS, AOTI_MIN_THREADS, AOTI_THREADS_PARAMETER, ARENA_KEEP_ROWS,
+                               ONNX_FILE_PARAMETER, PACKAGE_FILE, PACKAGE_ISA_PARAMETER, RUNTIME_PARAMETER,
+                               SLICE_PACKAGE_FILE, SPINNING_PARAMETER, THREADS_PARAMETER, call_rows, run_in_slices,
+                               served_runtime)
 from biva_core.runtimes import OrtOptions, aoti_runner, check_package_isa, ort_session, ort_shrinking_run
 
 
