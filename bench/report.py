@@ -129,6 +129,25 @@ def _batching_ratios(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _api_cpu_lines(sweep: dict[str, Any]) -> list[str]:
+    """Where each API cell's CPU went (bench/cpu.py), per request: when every core is busy, the server's sum plus
+    the clients' bounds the rate at cores / (CPU seconds per request)."""
+    rows = [(name, proto, n, m["cpu"]) for name, load in sweep["loads"].items() for proto in sweep["protocols"]
+            for n, m in load.get(proto, {}).items() if m.get("cpu")]
+    if not rows:
+        return []
+    lines = ["", "CPU per request over the same windows (ms; /proc of the server's processes and the client "
+             "processes' own accounting): the launcher (HTTP and gRPC fronts, supervisor, validation worker), "
+             "tritonserver, the API models' stubs, the graph models' stubs; cores = the server's CPU seconds per "
+             "second.", "",
+             "| request | protocol | clients | server ms | fronts | tritonserver | API stubs | graph stubs | clients "
+             "| server cores |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, proto, n, c in rows:
+        lines.append(f"| {name} | {proto} | {n} | {c['server_ms']:.2f} | {c['fronts_ms']:.2f} | "
+                     f"{c['tritonserver_ms']:.2f} | {c['api_stubs_ms']:.2f} | {c['graph_stubs_ms']:.2f} | "
+                     f"{_fmt(c.get('clients_ms'), '.2f')} | {c['server_cores']:.2f} |")
+    return lines
+
 def ceiling(result: dict[str, Any], case: str) -> float | None:
     """The best in-process images/s of `case` on what the graph models run (CEILING_BACKENDS), over its batches."""
     measured = result["graphs"].get(case, {}).get("results", {})
@@ -286,6 +305,7 @@ def _api_lines(result: dict[str, Any]) -> list[str]:
                     f"{_fmt(s.get('queue_us'), '.0f')} | {_fmt(s.get('compute_infer_us'), '.0f')} | "
                     f"{_fmt(g.get('queue_us'), '.0f')} | {_fmt(g.get('compute_infer_us'), '.0f')} | "
                     f"{_fmt(per, '.1f')} | {_fmt(g.get('mean_batch_rows'), '.1f')} |")
+    lines += _api_cpu_lines(sweep)
     ceilings = {load["ceiling_case"]: ceiling(result, load["ceiling_case"]) for load in sweep["loads"].values()}
     lines += ["", "Ceilings: " + ", ".join(f"{c} {_fmt(v)} images/s" for c, v in ceilings.items()) + "."]
     if sweep.get("note"):

@@ -36,6 +36,7 @@ from .backends import (POOL, AotiRunner, Case, CompiledRunner, OrtRunner, Served
                        alternated_medians, api_case, api_feeds, api_load_feeds, api_loads, async_call, inprocess_call,
                        make_cases, request_feeds, sync_call, triton_inputs)
 from .config import ALTERNATED, ALTERNATED_API, SMALL_TURN, BenchConfig
+from .cpu import CPU_KEY, cpu_per_request, tree_cpu
 from .flops import gemm_rate, onnx_flops_per_row, torch_flops_per_row
 from .loadgen import infer_inputs
 from .measure import MeasureConfig, measure_async, measure_sync
@@ -422,7 +423,8 @@ def bench_api_sweep(cfg: BenchConfig, repo: Path, run: "_Servers") -> dict:
                 for i, (load, proto) in enumerate(cells):
                     models = (load.model, *FRONT_GRAPHS[load.model])
                     snap = lambda models=models: {  # noqa: E731
-                        m: stats_snapshot(client.get_inference_statistics(m, as_json=True), m) for m in models}
+                        **{m: stats_snapshot(client.get_inference_statistics(m, as_json=True), m) for m in models},
+                        CPU_KEY: tree_cpu(server.process.pid)}
                     entry = out["loads"].setdefault(load.name, {
                         "model": load.model, "images_per_request": load.images, "ceiling_case": load.case.name,
                         "graphs": list(FRONT_GRAPHS[load.model])})
@@ -431,6 +433,11 @@ def bench_api_sweep(cfg: BenchConfig, repo: Path, run: "_Servers") -> dict:
                         cell = m.to_dict()
                         before, after = snaps[max(0, len(snaps) - 4)], snaps[-1]
                         cell["server"] = {model: stats_delta(before[model], after[model]) for model in models}
+                        cell["cpu"] = cpu_per_request(before[CPU_KEY], after[CPU_KEY],
+                                                      cell["server"][load.model].get("requests", 0))
+                        client_us = (cell.get("load") or {}).get("client_cpu_us_per_call")
+                        if cell["cpu"] and client_us is not None:
+                            cell["cpu"]["clients_ms"] = client_us / 1e3
                         entry.setdefault(proto, {})[str(n)] = cell
                         log(_api_line(load.name, proto, n, cell, models))
         finally:
@@ -445,7 +452,11 @@ def _api_line(name: str, proto: str, n: int, cell: dict, models: tuple[str, ...]
             f"{lat['p99']:8.2f} ms  busy/call {cell['load'].get('busy_per_call') or 0:.2f}  front queue "
             f"{front.get('queue_us', 0):7.0f} compute {front.get('compute_infer_us', 0):7.0f} us  graph queue "
             f"{graph.get('queue_us', 0):7.0f} compute {graph.get('compute_infer_us', 0):7.0f} us  batch "
-            f"{graph.get('mean_batch_rows', 0):.1f}{'' if cell['stable'] else '  (not stable)'}")
+            f"{graph.get('mean_batch_rows', 0):.1f}{'' if cell['stable'] else '  (not stable)'}"
+            + (f"\n  {'':12s} {'':4s}        server CPU {cpu['server_ms']:.2f} ms/request (fronts "
+               f"{cpu['fronts_ms']:.2f}, tritonserver {cpu['tritonserver_ms']:.2f}, API stubs {cpu['api_stubs_ms']:.2f}"
+               f", graph stubs {cpu['graph_stubs_ms']:.2f}), {cpu['server_cores']:.2f} cores busy"
+               if (cpu := cell.get("cpu")) else ""))
 
 
 def _graph_flops(graph: str, path: Path, plain, spec, samples: int, ks: int) -> dict[str, Any]:
