@@ -406,9 +406,14 @@ def test_export_killed_mid_write_leaves_previous_repository_served(tiny_ckpt, ti
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _tree_digest(repo) == before
+    # the served code imports the biva_core copied beside it, not the one installed in this Python
+    copy = repo / "biva_sample" / "1" / "biva_core" / "contract.py"
+    copy.write_text(copy.read_text().replace("(cap {cap_name})", "(cap {cap_name}; the repository's copy)"))
     with start_server(repo, log_path=tmp_path / "server.log") as server:
         imgs, _ = infer(server, "http", "biva_sample", {"n": i64(2), "seed": i64(1)}, ["images", "seed"])
         assert imgs.shape == (2, 1, 28, 28)
+        with pytest.raises(InferenceServerException, match="the repository's copy"):
+            infer(server, "http", "biva_sample", {"n": i64(0)}, ["images"])
         server.stop()
     run_export(tiny_ckpt, repo, ExportConfig(validate=False, serving=ONNX_ONLY), log=lambda *_: None)
     assert not list(tmp_path.glob(".triton_models.staging-*"))

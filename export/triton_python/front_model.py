@@ -27,10 +27,15 @@ import asyncio
 import fcntl
 import json
 import os
+import sys
 import tempfile
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+# the biva_core copied beside this file comes first: a repository serves the code it was exported with, whatever
+# biva_core the server's Python has installed (an image rolled out before the repository was exported again)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from biva_core.contract import (BUSY_PREFIX, DETECTOR_FILE, ENCODER, GRAPH_INSTANCES_PARAMETER, META_PARAMETER,
                                 ROLE_PARAMETER, SAMPLER, SCORER, Busy, Cancelled, ModelMeta, RequestError, T,

@@ -20,6 +20,10 @@ import sys
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+# the biva_core copied beside this file comes first: a repository serves the code it was exported with, whatever
+# biva_core the server's Python has installed (an image rolled out before the repository was exported again)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 from biva_core.contract import META_PARAMETER, ModelMeta, RequestError, check_graph_inputs
 from biva_core.inflight import CANCEL_DIR_ENV, InFlight
 from biva_core.routing import (AOTI_MIN_ROWS, AOTI_MIN_THREADS, AOTI_THREADS_PARAMETER, ARENA_KEEP_ROWS,
