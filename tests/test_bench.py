@@ -428,6 +428,14 @@ def test_quick_api_sweep_through_the_fronts(tmp_path: Path, tiny_ckpt, tiny_repo
                 # the statistics are two snapshots taken while requests run: an execution may be counted before its
                 # inferences (a fresh-clone run saw 18 / 19 = 0.947), so the mean batch is only near 1 or above
                 assert api["compute_infer_us"] > 0 and g["compute_infer_us"] > 0 and g["mean_batch_rows"] >= 0.75
+                # the server's CPU over the same windows (whole 10 ms ticks, so a part may read 0 in windows this
+                # short): the server worked, and the parts add up
+                cpu = m["cpu"]
+                assert all(cpu[f"{p}_ms"] >= 0 for p in ("fronts", "tritonserver", "api_stubs", "graph_stubs")), cpu
+                assert cpu["server_ms"] > 0, cpu
+                assert cpu["server_ms"] == pytest.approx(sum(cpu[f"{p}_ms"] for p in (
+                    "fronts", "tritonserver", "api_stubs", "graph_stubs")))
+                assert 0 < cpu["server_cores"] and cpu["clients_ms"] > 0
         if name == "sample_n1":  # one image per request, one graph call each: a mean batch above 1 is batching
             assert load["grpc"]["1"]["server"][graph]["mean_batch_rows"] == pytest.approx(1.0, abs=0.1)
     ratios = on_disk["ratios"]["api_of_ceiling"]
@@ -442,4 +450,37 @@ def test_quick_api_sweep_through_the_fronts(tmp_path: Path, tiny_ckpt, tiny_repo
     md = (out / "bench.md").read_text()
     assert "## API sweep" in md and "| score_ood_b1 | grpc | 16 |" in md and "| sample_n64 | http | 1 |" in md
     assert "16 grpc clients through the fronts / the ceiling" in md
+    assert "| request | protocol | clients | server ms | fronts | tritonserver | API stubs |" in md
     assert any("score_ood_b1 over grpc" in line for line in lines)
+
+
+def test_tree_cpu_sorts_a_servers_processes_into_parts(tmp_path: Path) -> None:
+    """bench/cpu.py: under a root process (the launcher's place), a child named as a graph model's stub is counted
+    as one with the CPU it burnt (measured by the child itself), and no other part gets any."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from biva_bench.cpu import cpu_per_request, tree_cpu
+
+    model = tmp_path / "biva_graph_sampler" / "1" / "model.py"
+    model.parent.mkdir(parents=True)
+    model.write_text("import time\nwhile time.process_time() < 0.3:\n    pass\nprint('burnt', flush=True)\n"
+                     "time.sleep(120)\n")
+    stub = tmp_path / "triton_python_backend_stub"  # argv[0] as Triton starts the stubs, argv[1] the model file
+    root = subprocess.Popen(["bash", "-c", f'exec -a "{stub}" "{sys.executable}" "{model}" & wait'],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert root.stdout.readline().strip() == "burnt"
+        cpu = tree_cpu(root.pid)
+    finally:
+        os.killpg(root.pid, signal.SIGKILL)
+        root.wait(timeout=30)
+    assert cpu["graph_stubs"] >= 0.29 and cpu["api_stubs"] == 0 and cpu["tritonserver"] == 0, cpu
+    assert cpu["fronts"] < 0.29  # the root (bash) only waited
+    after = dict(cpu, graph_stubs=cpu["graph_stubs"] + 1.0, t=cpu["t"] + 2.0)
+    per = cpu_per_request(cpu, after, 4)
+    assert per["graph_stubs_ms"] == pytest.approx(250.0) and per["fronts_ms"] == 0
+    assert per["server_cores"] == pytest.approx(0.5)
+    assert cpu_per_request(cpu, after, 0) is None
