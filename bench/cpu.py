@@ -46,9 +46,11 @@ def _part(pid: int, root: int) -> str | None:
     return "tritonserver" if Path(argv[0].decode(errors="replace")).name == "tritonserver" else "fronts"
 
 
-def tree_cpu(root: int) -> dict[str, float] | None:
-    """CPU seconds so far of every live process under `root` (root included), summed by PARTS, and "t", the
-    monotonic time of the reading. Processes that exited are not counted: compare readings of a steady server."""
+def tree_cpu(root: int) -> dict | None:
+    """A reading of every live process under `root` (root included): {"t": monotonic time, "pids": {pid: (part,
+    CPU seconds so far)}}. The supervisor replaces stubs (a memory recycle, a death), so readings are compared per
+    process (cpu_per_request): one that started between two readings counts from zero, one that exited loses
+    what it used after the first (an undercount of its last moments, never a negative)."""
     if not Path("/proc/self/stat").exists():
         return None
     t = time.monotonic()
@@ -59,24 +61,34 @@ def tree_cpu(root: int) -> dict[str, float] | None:
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
-    out = dict.fromkeys(PARTS, 0.0)
+    pids = {}
     todo = [root] if root in stats else []
     while todo:
         pid = todo.pop()
         todo.extend(children.get(pid, ()))
         part = _part(pid, root)
         if part is not None:
-            out[part] += stats[pid][1]
-    out["t"] = t
+            pids[pid] = (part, stats[pid][1])
+    return {"t": t, "pids": pids}
+
+
+def parts(reading: dict) -> dict[str, float]:
+    """CPU seconds so far of a reading's live processes, summed by PARTS."""
+    out = dict.fromkeys(PARTS, 0.0)
+    for part, cpu in reading["pids"].values():
+        out[part] += cpu
     return out
 
 
 def cpu_per_request(before: dict | None, after: dict | None, requests: int) -> dict[str, float] | None:
-    """CPU milliseconds per request of each part between two readings, their sum, and the cores the server kept
-    busy (CPU seconds per second)."""
+    """CPU milliseconds per request of each part between two readings (per process: see tree_cpu), their sum, and
+    the cores the server kept busy (CPU seconds per second)."""
     if not before or not after or requests <= 0:
         return None
-    d = {p: after[p] - before[p] for p in PARTS}
+    d = dict.fromkeys(PARTS, 0.0)
+    for pid, (part, cpu) in after["pids"].items():
+        was = before["pids"].get(pid)
+        d[part] += cpu - (was[1] if was and was[0] == part else 0.0)
     out = {f"{p}_ms": d[p] * 1e3 / requests for p in PARTS}
     out["server_ms"] = sum(d.values()) * 1e3 / requests
     out["server_cores"] = sum(d.values()) / max(1e-9, after["t"] - before["t"])

@@ -462,7 +462,7 @@ def test_tree_cpu_sorts_a_servers_processes_into_parts(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from biva_bench.cpu import cpu_per_request, tree_cpu
+    from biva_bench.cpu import cpu_per_request, parts, tree_cpu
 
     model = tmp_path / "biva_graph_sampler" / "1" / "model.py"
     model.parent.mkdir(parents=True)
@@ -472,15 +472,22 @@ def test_tree_cpu_sorts_a_servers_processes_into_parts(tmp_path: Path) -> None:
     root = subprocess.Popen(["bash", "-c", f'exec -a "{stub}" "{sys.executable}" "{model}" & wait'],
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
+        start = tree_cpu(root.pid)
         assert root.stdout.readline().strip() == "burnt"
-        cpu = tree_cpu(root.pid)
+        reading = tree_cpu(root.pid)
     finally:
         os.killpg(root.pid, signal.SIGKILL)
         root.wait(timeout=30)
+    cpu = parts(reading)
     assert cpu["graph_stubs"] >= 0.29 and cpu["api_stubs"] == 0 and cpu["tritonserver"] == 0, cpu
     assert cpu["fronts"] < 0.29  # the root (bash) only waited
-    after = dict(cpu, graph_stubs=cpu["graph_stubs"] + 1.0, t=cpu["t"] + 2.0)
-    per = cpu_per_request(cpu, after, 4)
-    assert per["graph_stubs_ms"] == pytest.approx(250.0) and per["fronts_ms"] == 0
-    assert per["server_cores"] == pytest.approx(0.5)
-    assert cpu_per_request(cpu, after, 0) is None
+    # per process: the stub counts from where the first reading saw it (or from zero, had it not been there yet)
+    seen = sum(c for part, c in start["pids"].values() if part == "graph_stubs")
+    per = cpu_per_request(start, reading, 4)
+    assert per["graph_stubs_ms"] == pytest.approx((cpu["graph_stubs"] - seen) * 1e3 / 4)
+    assert per["api_stubs_ms"] == 0 and per["server_cores"] > 0
+    # a stub replaced between two readings (a supervisor's recycle): the new one counts from zero, never negative
+    replaced = {"t": reading["t"] + 2.0, "pids": {1 << 30: ("graph_stubs", 0.5)}}
+    per = cpu_per_request(reading, replaced, 1)
+    assert per["graph_stubs_ms"] == pytest.approx(500.0) and per["server_cores"] == pytest.approx(0.25)
+    assert cpu_per_request(reading, replaced, 0) is None
