@@ -31,7 +31,7 @@ data:
 	fi
 
 test: install
-	$(VENV)/bin/pytest -q -ra
+	$(VENV)/bin/pytest -q -ra --durations=30
 
 test-fast: install
 	$(VENV)/bin/pytest -q -ra -m "not slow and not server"
