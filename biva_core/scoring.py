@@ -29,7 +29,13 @@ IW_CALL_ROWS = 32
 # Rows per graph call of the other front models (sample, regenerate, encode): small calls for the same reason, and
 # each graph instance's memory arena grows only to what its largest call needs (routing.ARENA_KEEP_ROWS)
 CALL_ROWS = 64
-HEAVY_ROWS = 4096  # a score request costing more rows is heavy: at most instances - 1 of them run at once
+HEAVY_ROWS = 4096  # a score request costing more rows is heavy: only heavy_slots() of them run at once
+
+
+def heavy_slots(front_instances: int, graph_instances: int) -> int:
+    """Heavy requests a scoring model runs at once: fewer than its own instances and than the scorer's instances
+    (a heavy request's calls fill every scorer instance), so small requests keep an instance of each; at least one."""
+    return max(1, min(front_instances, graph_instances) - 1)
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,10 @@ def one_line_errors(debug: bool, *kinds: type[BaseException]):
               help=f"Dynamic batcher preferred batch size of the graph models (repeatable; 0: none, batch whatever "
                    f"has arrived) [default: {ServingConfig.preferred[0]}, so a front's calls to both instances never "
                    "merge into one; none with --backend onnxruntime].")
-@click.option("--front-instances", default=2, show_default=True, help="Instances per front (API) model.")
+@click.option("--front-instances", default=ServingConfig.front_instances, show_default=True, type=click.IntRange(1),
+              help="Instances per front (API) model: requests each model runs at once (each waits on its graph "
+                   "calls, so more let concurrent requests reach the graph models together); its queue holds "
+                   f"{ServingConfig.front_queue_per_instance} more per instance.")
 @click.option("--threads", default=0, show_default=True,
               help="ONNX Runtime intra-op threads per python-backend graph instance (0: the cores / --instances).")
 @click.option("--target-threads", default=0, show_default=True, type=click.IntRange(0),

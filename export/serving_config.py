@@ -19,7 +19,11 @@ class ServingConfig:
     # (graph_queue below) misses the wake-up when a lone instance frees up, so requests that arrive then wait
     # its 500 ms timeout; with two the other instance takes them (docs/speed.md: batching)
     instances: int = 2
-    front_instances: int = 2  # instances per front (API) model
+    # instances per front (API) model: each runs one request at a time and waits on its graph calls, so they bound
+    # how many requests reach the graph models together. 4, not 2: at 16 gRPC clients on 2 cores the p99 fell from
+    # 1.0-1.5 s (busy answers, then their 1 s Retry-After) to 0.1-0.23 s at the same images/s; 8 and 16 gained
+    # 0-10% more for 2-4x the stubs (22 MB each; docs/speed.md: front instances)
+    front_instances: int = 4
     threads: int = 0  # ONNX Runtime intra-op threads per python-backend graph instance (0: cores / instances)
     # the package's threads per instance (0: as ONNX Runtime's, the instance's share of the cores). Every core per
     # instance ran a lone direct 64-row call faster, but two at once fell to half (OpenMP's threads spin-wait and take
@@ -44,9 +48,14 @@ class ServingConfig:
     # queued at once (under load the queue still forms batches: 16 clients 0.93-0.97 of the ceiling vs 0.94 with
     # 500 us); a delay merges the calls a front model sends to both instances at once into one instance's batch
     queue_delay_us: int = 0
-    front_queue: int = 8  # requests waiting per front model beyond those running; more are refused as busy
+    front_queue_per_instance: int = 4  # requests waiting per front instance beyond those running; more: busy
     front_queue_timeout_us: int = 1_000_000  # longest a front request waits for an instance, then "busy"
     graph_queue: int = 256  # requests waiting per graph model (front models' slices and direct callers)
+
+    @property
+    def front_queue(self) -> int:
+        """Requests waiting per front model beyond those running; more are refused as busy (HTTP 429)."""
+        return self.front_queue_per_instance * self.front_instances
 
 
 def package_threads(sc: ServingConfig, cores: int) -> int:

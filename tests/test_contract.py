@@ -13,7 +13,7 @@ import pytest
 
 from biva_core import contract, inflight, routing, scoring
 from biva_core.contract import Caps, ModelMeta, RequestError
-from biva_core.scoring import LogMeanExp, ScoreRequest, score_blocks
+from biva_core.scoring import LogMeanExp, ScoreRequest, heavy_slots, score_blocks
 from biva_serving.validate import model_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,3 +275,10 @@ def test_no_step_imports_a_later_one() -> None:
         for p in (ROOT / FOLDERS[step]).rglob("*.py"):
             bad = [s for s in later if re.search(rf"^\s*(from|import) {s}\b", p.read_text(), re.M)]
             assert not bad, f"{p.relative_to(ROOT)} imports {bad}"
+
+
+def test_heavy_requests_leave_an_instance_of_the_model_and_of_the_scorer_to_small_ones() -> None:
+    assert heavy_slots(2, 2) == 1  # the tests' layout: one heavy request at a time
+    assert heavy_slots(4, 2) == 1  # the default on 2 cores: more front instances admit no more heavy requests
+    assert heavy_slots(8, 4) == 3 and heavy_slots(3, 8) == 2
+    assert heavy_slots(1, 2) == heavy_slots(4, 1) == 1  # at least one, even where nothing can be left over

@@ -73,7 +73,10 @@ def test_every_generated_config_parses_into_model_config(backend):
                      tuple(model.group_names()), 64, "cd" * 32, "sample", Caps(max_n=7))
     for spec in front_specs((1, 28, 28), model.latent_dim, len(model.groups)).values():
         cfg = parse_config(front_config(spec, meta, ServingConfig(front_instances=2, instances=3)))
-        assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 8
+        assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 8  # 4 waiting per instance
+        default = parse_config(front_config(spec, meta, ServingConfig()))
+        assert default.instance_group[0].count == 4
+        assert default.dynamic_batching.default_queue_policy.max_queue_size == 16
         assert cfg.parameters["graph_instances"].string_value == "3"  # the front splits its calls over them
         assert cfg.backend == "python" and cfg.max_batch_size == 0
         assert {i.name for i in cfg.input if i.optional} == set(spec.optional)

@@ -20,8 +20,9 @@ Scoring requests (biva_score, biva_detect) run scoring.run_score's plan and stop
 client has gone: Triton marks a request whose gRPC client cancelled or passed its deadline (request.is_cancelled),
 and the launcher's fronts name each request with a token they mark in the cancel folder when its client hangs
 up, its deadline passes or the server shuts down (inflight.CANCEL_DIR_ENV). A request costing more than
-scoring.HEAVY_ROWS runs only while fewer than instances - 1 others do, so one instance is always left to small
-requests: the others are answered "busy" (UNAVAILABLE; HTTP 429 with Retry-After through the front).
+scoring.HEAVY_ROWS runs only while fewer than scoring.heavy_slots() others do, so an instance of the model and of
+the scorer is always left to small requests: the others are answered "busy" (UNAVAILABLE; HTTP 429 with
+Retry-After through the front).
 """
 import asyncio
 import fcntl
@@ -42,7 +43,7 @@ from biva_core.contract import (BUSY_PREFIX, DETECTOR_FILE, ENCODER, GRAPH_INSTA
                                 check_images, check_k, check_ks, check_n, check_seed, check_temperature, check_vectors,
                                 draw_noise, noise_rng)
 from biva_core.inflight import CANCEL_DIR_ENV, SHUTDOWN_MARK, TOKEN_PARAMETER, InFlight
-from biva_core.scoring import CALL_ROWS, HEAVY_ROWS, ScoreRequest, run_score
+from biva_core.scoring import CALL_ROWS, HEAVY_ROWS, ScoreRequest, heavy_slots, run_score
 from biva_core.stats import Detector
 
 
@@ -104,7 +105,7 @@ class TritonPythonModel:
         self.cancel_dir = os.environ.get(CANCEL_DIR_ENV) or None
         self.in_flight = InFlight(self.cancel_dir)  # the supervisor sees this stub at work (its graph calls included)
         count = sum(g.get("count", 1) for g in config.get("instance_group", [])) or 1
-        self.heavy_slots = max(1, count - 1)
+        self.heavy_slots = heavy_slots(count, self.instances)
         self.detector = None
         if self.role == "detect":
             here = os.path.join(args["model_repository"], args["model_version"])
