@@ -15,7 +15,8 @@ from biva_core.scoring import ScoreRequest, run_score
 from biva_core.model import Biva
 from biva_core.noise import NoiseStream
 from biva_core.objectives import draw_log_weights, evaluate_bounds, evaluate_request, log_weights
-from biva_core.stats import DETECTOR, Detector, fit_detector, statistic_names, statistics
+from biva_core.stats import (DETECTOR, Detector, _kde_log_density, fit_detector, request_of, statistic_names,
+                             statistics)
 
 NATS_ATOL = 1e-3
 
@@ -115,8 +116,13 @@ def test_the_detector_flags_what_its_fitting_set_does_not_look_like() -> None:
     assert float((far > det.threshold).mean()) > 0.95
     again = Detector.from_json(det.to_json())
     assert again == det and again.request() == ScoreRequest("mode", 1, 1, (1, 2), False)
+    assert again.request() == request_of(again.summary())  # the served model's request, as the client reads it
     probe = draws(7, 10)  # the same numbers and code: equal by construction
     assert np.array_equal(again.kde_scores(probe), det.kde_scores(probe))
+    # the points' array is made once and is the points: the densities straight from the tuples agree
+    z = (probe - np.asarray(det.mean)) / np.asarray(det.std)
+    direct = -sum(_kde_log_density(z[:, j], np.asarray(p), det.bandwidth) for j, p in enumerate(det.points))
+    assert np.array_equal(det.kde_scores(probe), direct)
 
 
 def test_a_fitted_file_is_checked_when_read() -> None:
