@@ -72,14 +72,6 @@ def tree_cpu(root: int) -> dict | None:
     return {"t": t, "pids": pids}
 
 
-def parts(reading: dict) -> dict[str, float]:
-    """CPU seconds so far of a reading's live processes, summed by PARTS."""
-    out = dict.fromkeys(PARTS, 0.0)
-    for part, cpu in reading["pids"].values():
-        out[part] += cpu
-    return out
-
-
 def cpu_per_request(before: dict | None, after: dict | None, requests: int) -> dict[str, float] | None:
     """CPU milliseconds per request of each part between two readings (per process: see tree_cpu), their sum, and
     the cores the server kept busy (CPU seconds per second)."""

@@ -148,6 +148,7 @@ def _api_cpu_lines(sweep: dict[str, Any]) -> list[str]:
                      f"{_fmt(c.get('clients_ms'), '.2f')} | {c['server_cores']:.2f} |")
     return lines
 
+
 def ceiling(result: dict[str, Any], case: str) -> float | None:
     """The best in-process images/s of `case` on what the graph models run (CEILING_BACKENDS), over its batches."""
     measured = result["graphs"].get(case, {}).get("results", {})

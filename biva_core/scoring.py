@@ -84,8 +84,6 @@ class ScoreRequest:
         return self
 
 
-
-
 @dataclass(frozen=True)
 class Block:
     """Draws of every image taken (and reduced) together: `start` .. `start + count` of the stream, or the one
@@ -202,5 +200,3 @@ def run_score(req: ScoreRequest, x: np.ndarray, rng: np.random.Generator, noise_
                 lgk[imgs, drw], kl[imgs, drw] = outs[1], outs[2]
         sums.add(block, log_w, lgk, kl)
     return sums.result()
-
-

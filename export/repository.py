@@ -12,7 +12,9 @@
 Every config.pbtxt is generated here from the contract's specs (biva_core.contract: graph_specs, front_specs) and
 parsed back into Triton's ModelConfig protobuf before anything is written. Beside every python-backend model.py
 go copies of the biva_core modules the model code imports (SERVED_CORE, torch-free), so the server imports them
-under the names the rest of the project does (`biva_core.contract`, `biva_core.scoring`, ...). The model code itself is export/triton_python/.
+under the names the rest of the project does (`biva_core.contract`, `biva_core.scoring`, ...); model.py puts its
+folder first on sys.path, so these copies win over an installed biva_core. The model code itself is
+export/triton_python/.
 """
 from __future__ import annotations
 

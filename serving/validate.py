@@ -35,7 +35,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
-from biva_core.contract import KS, SAMPLES, ModelMeta
+from biva_core.contract import KS, SAMPLES, WIRE_TYPES, ModelMeta
 from biva_core.inflight import TOKEN_PARAMETER
 
 DTYPE_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2, "UINT32": 4,
@@ -68,7 +68,8 @@ class Limits:
     model_bytes: dict[str, int] = field(default_factory=dict)  # model -> largest request its caps allow
 
 
-ITEM_BYTES = {"float32": 4, "int64": 8, "bool": 1, "bytes": 16}  # "bytes": an estimator name, at most 16
+# the contract's dtypes (TensorSpec.dtype) in bytes per element; "bytes": an estimator name, at most 16
+ITEM_BYTES = {**{d: DTYPE_BYTES[WIRE_TYPES[d]] for d in ("float32", "int64", "bool")}, "bytes": 16}
 
 
 def model_bytes(meta: ModelMeta) -> dict[str, int]:
